@@ -1,0 +1,43 @@
+"""napari-convlora: fine-tune SAM with Conv-LoRA on napari annotations and predict multi-class labels.
+
+The public core API is imported lazily, so that ``import napari_convlora`` (for example when napari
+reads the plugin manifest) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_sam": "sam_loading",
+    "tiny_sam_checkpoint": "sam_loading",
+    "random_sam": "sam_loading",
+    "save_sam_checkpoint": "sam_loading",
+    "SamArchitecture": "sam_architecture",
+    "CheckpointError": "sam_architecture",
+    "ConvLoRASAM": "model",
+    "ModelConfig": "config",
+    "AdapterConfig": "config",
+    "HeadConfig": "config",
+    "save_adapter": "files",
+    "save_merged": "files",
+    "load_model": "files",
+    "describe": "files",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

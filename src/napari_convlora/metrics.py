@@ -1,0 +1,171 @@
+"""Semantic-segmentation metrics from a confusion matrix (numpy only, no torch, no Qt).
+
+Labels here are *class indices* ``0..K-1`` (class 0 is background); target pixels equal to
+:data:`~napari_convlora.constants.IGNORE_INDEX` are not annotated and are skipped.
+
+A class absent from both prediction and target has no defined IoU or Dice: it is reported
+as NaN and left out of every mean, so an image without, say, class 3 neither rewards nor
+punishes the model for class 3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .constants import IGNORE_INDEX
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite entries; NaN (without a RuntimeWarning) when there are none."""
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+@dataclass
+class SegmentationMetrics:
+    """Scores of a multi-class segmentation; every score in 0..1, NaN where undefined.
+
+    ``per_class_*`` lists have one entry per class index ``0..K-1``. ``mean_iou`` and
+    ``mean_dice`` average over all classes including background (0); ``mean_iou_foreground``
+    over classes ``1..K-1``. NaN entries (class absent from prediction and target) are
+    excluded from the means. ``num_pixels`` counts the annotated (non-ignored) pixels and
+    ``per_class_pixels`` the annotated pixels of each target class.
+    """
+
+    per_class_iou: list[float]
+    per_class_dice: list[float]
+    mean_iou: float
+    mean_iou_foreground: float
+    mean_dice: float
+    pixel_accuracy: float
+    num_pixels: int
+    per_class_pixels: list[int] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.per_class_iou)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (NaN becomes ``None``; plain Python floats and ints only)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, list):
+                out[key] = [_json_float(v) if isinstance(v, float) else int(v) for v in value]
+            elif isinstance(value, float):
+                out[key] = _json_float(value)
+            else:
+                out[key] = int(value)
+        return out
+
+    def format(self, class_names: Sequence[str] | None = None) -> str:
+        """A small human-readable table: one row per class, then the summary scores."""
+
+        def num(value: float) -> str:
+            return "   -  " if math.isnan(value) else f"{value:6.3f}"
+
+        names = list(class_names) if class_names is not None else []
+        names += [f"class {i}" for i in range(len(names), self.num_classes)]
+        width = max([len("class")] + [len(n) for n in names[: self.num_classes]])
+        pixels = self.per_class_pixels or [0] * self.num_classes
+        lines = [f"{'class':<{width}}     IoU    Dice  pixels"]
+        for i in range(self.num_classes):
+            lines.append(
+                f"{names[i]:<{width}}  {num(self.per_class_iou[i])}  "
+                f"{num(self.per_class_dice[i])}  {pixels[i]}"
+            )
+        lines.append(
+            f"mean IoU {num(self.mean_iou).strip()} "
+            f"(foreground {num(self.mean_iou_foreground).strip()}), "
+            f"mean Dice {num(self.mean_dice).strip()}, "
+            f"pixel accuracy {num(self.pixel_accuracy).strip()}, "
+            f"{self.num_pixels} pixels"
+        )
+        return "\n".join(lines)
+
+
+class ConfusionMatrix:
+    """Accumulates a ``K x K`` int64 confusion matrix: rows = target class, columns = predicted.
+
+    Call :meth:`update` once per image (or batch) and :meth:`compute` at the end; the
+    result equals one update on all the pixels concatenated.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self._matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Copy of the ``K x K`` int64 counts, ``matrix[target, pred]``."""
+        return self._matrix.copy()
+
+    def reset(self) -> None:
+        self._matrix[:] = 0
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        """Add one prediction / target pair.
+
+        Args:
+            pred: integer class indices in ``0..K-1``, any shape.
+            target: integer class indices in ``0..K-1`` or ``IGNORE_INDEX``, same shape as
+                ``pred``. Ignored pixels are skipped whatever ``pred`` says there.
+        """
+        pred = np.asarray(pred)
+        target = np.asarray(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
+        for name, arr in (("pred", pred), ("target", target)):
+            if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+                raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        pred = pred.reshape(-1).astype(np.int64, copy=False)
+        target = target.reshape(-1).astype(np.int64, copy=False)
+        keep = target != IGNORE_INDEX
+        pred, target = pred[keep], target[keep]
+        k = self.num_classes
+        if target.size and (target.min() < 0 or target.max() >= k):
+            raise ValueError(f"target values must be in 0..{k - 1} or {IGNORE_INDEX}")
+        if pred.size and (pred.min() < 0 or pred.max() >= k):
+            raise ValueError(f"pred values must be in 0..{k - 1}")
+        counts = np.bincount(target * k + pred, minlength=k * k)
+        self._matrix += counts.reshape(k, k)
+
+    def compute(self) -> SegmentationMetrics:
+        """Scores of everything accumulated since construction or the last :meth:`reset`."""
+        m = self._matrix.astype(np.float64)
+        tp = np.diag(m)
+        fp = m.sum(axis=0) - tp
+        fn = m.sum(axis=1) - tp
+        union = tp + fp + fn
+        present = union > 0
+        iou = np.full(self.num_classes, np.nan)
+        dice = np.full(self.num_classes, np.nan)
+        iou[present] = tp[present] / union[present]
+        dice[present] = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
+        total = int(self._matrix.sum())
+        return SegmentationMetrics(
+            per_class_iou=[float(v) for v in iou],
+            per_class_dice=[float(v) for v in dice],
+            mean_iou=_nanmean(iou),
+            mean_iou_foreground=_nanmean(iou[1:]),
+            mean_dice=_nanmean(dice),
+            pixel_accuracy=float(tp.sum() / total) if total else math.nan,
+            num_pixels=total,
+            per_class_pixels=[int(v) for v in self._matrix.sum(axis=1)],
+        )
+
+
+def evaluate_arrays(pred: np.ndarray, target: np.ndarray, num_classes: int) -> SegmentationMetrics:
+    """Metrics of one prediction (class indices) against one target (indices or IGNORE_INDEX)."""
+    matrix = ConfusionMatrix(num_classes)
+    matrix.update(pred, target)
+    return matrix.compute()

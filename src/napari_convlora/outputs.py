@@ -1,0 +1,21 @@
+"""The raw outputs of the segmentation model, as the losses consume them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SegmentationOutput:
+    """Raw model outputs for a batch of B images of side S.
+
+    mask_logits: B x Q x S/4 x S/4 low-resolution mask logits (Q = 1 for binary models).
+    class_logits: B x Q x (K+1) class logits, the last being "no object"; None for binary models.
+    balance_loss: scalar, Conv-LoRA's gate load-balancing loss summed over blocks (0 without Conv-LoRA).
+    """
+
+    mask_logits: torch.Tensor
+    class_logits: torch.Tensor | None
+    balance_loss: torch.Tensor

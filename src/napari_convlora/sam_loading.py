@@ -1,0 +1,181 @@
+"""Load SAM checkpoints safely, and write tiny or random SAMs in the official format.
+
+Every ``torch.load`` here is ``map_location="cpu", weights_only=True``: a pickle that would
+run code is refused. Nothing is ever downloaded; checkpoints come from the user.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .atomic import atomic_path
+from .sam_architecture import PRESETS, TINY, CheckpointError, SamArchitecture, build_sam, infer_architecture
+
+#: Keys under which training frameworks nest a SAM state dict (micro-sam, lightning, ...).
+_WRAPPER_KEYS = ("model_state", "state_dict", "model")
+#: Key prefixes that exporters put in front of SAM's own names.
+_PREFIXES = ("sam.", "model.", "module.")
+_SAM_KEY = "image_encoder.patch_embed.proj.weight"
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``.pth``/``.pt`` (torch zip or legacy pickle) or ``.safetensors`` file safely.
+
+    Raises:
+        CheckpointError: missing, truncated, unsafe (would execute code) or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load. The file holds Python objects beyond tensors, which could run code "
+            "when unpickled (torch.load weights_only=True rejected it). If you trust its origin, re-save "
+            "only its state dict: torch.save(model.state_dict(), 'clean.pth')."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: could not read it as a PyTorch checkpoint; it may be truncated or of another format ({e})"
+        ) from e
+
+
+def extract_sam_state(obj: Any, path: str | os.PathLike = "<state dict>") -> dict[str, torch.Tensor]:
+    """Find SAM's state dict in a loaded object: plain, wrapped (``{"model_state": ...}``) or prefixed (``sam.``)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), found {type(obj).__name__}")
+    for key in _WRAPPER_KEYS:
+        if _SAM_KEY not in obj and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if _SAM_KEY not in obj:
+        for prefix in _PREFIXES:
+            if prefix + _SAM_KEY in obj:
+                obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+                break
+    if _SAM_KEY not in obj:
+        sample = ", ".join(list(obj)[:4]) or "nothing"
+        raise CheckpointError(
+            f"{path}: not a SAM checkpoint. Expected SAM's keys such as '{_SAM_KEY}' "
+            f"(an official sam_vit_*.pth, MedSAM or a micro-sam export); found {sample}"
+        )
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != len(obj):
+        odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:4]
+        raise CheckpointError(f"{path}: entries that are not tensors in the state dict: {odd}")
+    return tensors
+
+
+def _check_keys(sam: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
+    expected = set(sam.state_dict())
+    missing = sorted(expected - set(state))
+    extra = sorted(set(state) - expected)
+    if missing or extra:
+        hint = " (an HQ-SAM checkpoint? its HQ decoder is not supported yet)" if any("hf_" in k for k in extra) else ""
+        raise CheckpointError(
+            f"{path}: the state dict does not match the SAM geometry read from its tensors{hint}. "
+            f"Missing {len(missing)} keys {missing[:5]}; unexpected {len(extra)} keys {extra[:5]}"
+        )
+    for name, target in sam.state_dict().items():
+        if state[name].shape != target.shape:
+            raise CheckpointError(f"{path}: '{name}' has shape {tuple(state[name].shape)}, expected {tuple(target.shape)}")
+
+
+def sam_from_state(
+    state: Mapping[str, torch.Tensor],
+    arch: SamArchitecture | None = None,
+    path: Any = "<state dict>",
+    decoder_num_heads: int = 8,
+) -> "torch.nn.Module":
+    """Build ``segment_anything``'s ``Sam`` for ``state`` (geometry inferred unless given) and load it strictly."""
+    if arch is None:
+        try:
+            arch = infer_architecture(state, decoder_num_heads=decoder_num_heads)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: SAM tensor {e} is missing, so the architecture cannot be read") from None
+    sam = build_sam(arch)
+    _check_keys(sam, state, path)
+    sam.load_state_dict(state, strict=True)
+    sam.architecture = arch  # plain attribute, not a module: remembered for saving adapters
+    return sam.eval()
+
+
+def load_sam(path: str | os.PathLike, model_type: str | None = None, decoder_num_heads: int = 8) -> "torch.nn.Module":
+    """Load a SAM checkpoint into ``segment_anything.modeling.Sam``, with its architecture read off the tensors.
+
+    Args:
+        path: an official checkpoint (``sam_vit_b_01ec64.pth`` ...), any state dict with SAM's key names
+            (MedSAM; ``{"model_state": ...}`` or ``sam.``-prefixed as micro-sam exports), ``.pth`` or ``.safetensors``.
+        model_type: ``"vit_b"``, ``"vit_l"`` or ``"vit_h"`` to check the inferred geometry against; None accepts any.
+        decoder_num_heads: attention heads of the decoder (not stored in the tensors; 8 in every known SAM).
+
+    Returns:
+        ``Sam`` on the CPU in eval mode, with ``.architecture`` set to the inferred :class:`SamArchitecture`.
+
+    Raises:
+        CheckpointError: unsafe, truncated, foreign or mismatching file; the message names the file.
+    """
+    state = extract_sam_state(read_tensors(path), path)
+    sam = sam_from_state(state, path=path, decoder_num_heads=decoder_num_heads)
+    if model_type is not None:
+        if model_type not in PRESETS:
+            raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(PRESETS)} or None")
+        found = sam.architecture.model_type
+        if found != model_type:
+            raise CheckpointError(
+                f"{path}: expected a {model_type} checkpoint but its tensors describe "
+                f"{found or 'a non-standard SAM'} (embed dim {sam.architecture.encoder_embed_dim}, "
+                f"depth {sam.architecture.encoder_depth})"
+            )
+    return sam
+
+
+def random_sam(arch: SamArchitecture | str, seed: int = 0) -> "torch.nn.Module":
+    """A SAM with random weights (for benchmarks and tests): ``arch`` is a geometry or ``"vit_b"|"vit_l"|"vit_h"|"tiny"``."""
+    if isinstance(arch, str):
+        arch = TINY if arch == "tiny" else SamArchitecture.preset(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_sam(arch)
+        # Zero-initialised tables would hide bugs in their interpolation: give them small random values.
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name or name.endswith("pos_embed"):
+                torch.nn.init.normal_(p, std=0.02)
+    sam.architecture = arch
+    return sam
+
+
+def save_sam_checkpoint(sam: "torch.nn.Module", path: str | os.PathLike) -> Path:
+    """Write ``sam.state_dict()`` exactly as the official checkpoints are stored (a torch zip of tensors)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(sam.state_dict(), tmp)
+    return path
+
+
+def tiny_sam_checkpoint(path: str | os.PathLike, image_size: int = 256, seed: int = 0) -> Path:
+    """Write a tiny SAM (``segment_anything`` classes, random weights) in the official checkpoint format.
+
+    It is an untrained toy (about 0.3 M parameters): it lets the whole pipeline run in seconds on a CPU,
+    but it knows nothing about images until fine-tuned.
+    """
+    if image_size % 16 or image_size < 64:
+        raise ValueError(f"image_size must be a multiple of 16 and at least 64, got {image_size}")
+    arch = SamArchitecture(**{**TINY.to_dict(), "image_size": image_size, "encoder_global_attn_indexes": (1,)})
+    return save_sam_checkpoint(random_sam(arch, seed=seed), path)

@@ -1,0 +1,234 @@
+"""Sliding-window prediction of any image size with a model that takes fixed square tiles.
+
+Core module: numpy, torch and scikit-image only (no napari, no Qt). Progress and stopping
+go through plain callbacks, so a napari worker, the CLI and the tests drive the same code.
+
+Overlapping tiles are blended with weights that fall smoothly to (almost) zero at a tile
+edge shared with a neighbouring tile, so the result has no seams; at the image border a
+tile keeps full weight, so a single tile reproduces ``prob_fn`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from skimage.measure import label as connected_components
+
+ProbFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PredictionCancelled(Exception):
+    """Raised by :func:`predict_tiled` when ``should_stop()`` returned True."""
+
+
+def _check_tile_overlap(tile: int, overlap: float) -> None:
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+
+
+def overlap_pixels(tile: int, overlap: float) -> int:
+    """Minimum overlap in pixels between neighbouring tiles: ``ceil(tile * overlap)``, < tile."""
+    _check_tile_overlap(tile, overlap)
+    margin = math.ceil(round(tile * overlap, 9))
+    return min(margin, tile - 1)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
+
+    The first start is 0, the last is ``length - tile`` (flush with the end), and starts
+    are spread evenly so that neighbours overlap by at least :func:`overlap_pixels`
+    (``>= overlap * tile``, capped at ``tile - 1`` so tiles advance by at least one
+    pixel). Returns ``[0]`` when ``length <= tile``.
+    """
+    _check_tile_overlap(tile, overlap)
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap_pixels(tile, overlap)
+    span = length - tile
+    count = math.ceil(span / stride) + 1
+    # Evenly spaced, rounded: consecutive gaps are <= ceil(span / (count - 1)) <= stride.
+    return [int(round(i * span / (count - 1))) for i in range(count)]
+
+
+def _ramp(margin: int) -> np.ndarray:
+    """Raised-cosine ramp of ``margin`` float64 values rising strictly inside (0, 1).
+
+    ``ramp + ramp[::-1] == 1``, so two ramps crossing over the same pixels sum to one.
+    """
+    return 0.5 - 0.5 * np.cos(np.pi * (np.arange(margin) + 0.5) / margin)
+
+
+def _window_1d(tile: int, margin: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
+    weights = np.ones(tile, dtype=np.float64)
+    if margin > 0:
+        ramp = _ramp(margin)
+        if ramp_start:
+            weights[:margin] *= ramp
+        if ramp_end:
+            weights[tile - margin :] *= ramp[::-1]
+    return weights
+
+
+def blending_window(
+    tile: int,
+    overlap: float,
+    *,
+    top: bool = True,
+    bottom: bool = True,
+    left: bool = True,
+    right: bool = True,
+) -> np.ndarray:
+    """``tile x tile`` float32 blending weights, strictly > 0, 1 in the middle.
+
+    A separable raised-cosine ramp over ``overlap_pixels(tile, overlap)`` pixels on each
+    side whose flag is True; a side whose flag is False (a tile at the image border) keeps
+    weight 1 up to the edge. ``overlap == 0`` gives all ones.
+    """
+    margin = overlap_pixels(tile, overlap)
+    rows = _window_1d(tile, margin, top, bottom)
+    cols = _window_1d(tile, margin, left, right)
+    return np.outer(rows, cols).astype(np.float32)
+
+
+def _axis_windows(starts: list[int], tile: int, margin: int, length: int) -> list[np.ndarray]:
+    """One 1-D window per start: ramps only on sides that have a neighbouring tile."""
+    return [
+        _window_1d(tile, margin, ramp_start=s > 0, ramp_end=s + tile < length).astype(np.float32)
+        for s in starts
+    ]
+
+
+def predict_tiled(
+    prob_fn: ProbFn,
+    image: np.ndarray,
+    tile: int,
+    num_classes: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Class probabilities of a whole image from overlapping, blended tiles.
+
+    Args:
+        prob_fn: maps a ``B x 3 x tile x tile`` float32 CPU tensor (values 0..255) to
+            ``B x K x tile x tile`` class probabilities summing to 1 over K (any device or
+            float dtype; it moves the batch to its own device). Called under
+            ``torch.inference_mode()`` with ``B <= batch_size``.
+        image: ``Y x X x 3`` array, RGB in 0..255 (already normalised to that range).
+        tile: the model's square input size in pixels.
+        num_classes: K.
+        overlap: minimum fraction of a tile shared by neighbouring tiles, in [0, 1).
+        batch_size: tiles per ``prob_fn`` call.
+        progress: called as ``progress(done_tiles, total_tiles)`` after each batch.
+        should_stop: polled before each batch; when it returns True,
+            :class:`PredictionCancelled` is raised.
+
+    Returns:
+        ``K x Y x X`` float32 probabilities: per pixel, the weighted average
+        ``sum(w * p) / sum(w)`` over the tiles covering it (still summing to 1 over K).
+        A side shorter than ``tile`` is zero-padded to ``tile`` and cropped back.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be Y x X x 3, got shape {image.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_tile_overlap(tile, overlap)
+    height, width = image.shape[:2]
+    pad_h, pad_w = max(height, tile), max(width, tile)
+    if (pad_h, pad_w) != (height, width):
+        padded = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
+        padded[:height, :width] = image
+        image = padded
+
+    ys, xs = tile_starts(pad_h, tile, overlap), tile_starts(pad_w, tile, overlap)
+    margin = overlap_pixels(tile, overlap)
+    y_windows = _axis_windows(ys, tile, margin, pad_h)
+    x_windows = _axis_windows(xs, tile, margin, pad_w)
+    positions = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
+    total = len(positions)
+
+    accum = np.zeros((num_classes, pad_h, pad_w), dtype=np.float32)
+    weight_sum = np.zeros((pad_h, pad_w), dtype=np.float32)
+    for first in range(0, total, batch_size):
+        if should_stop is not None and should_stop():
+            raise PredictionCancelled(f"prediction stopped after {first} of {total} tiles")
+        chunk = positions[first : first + batch_size]
+        batch = np.stack(
+            [image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk]
+        )
+        batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
+        with torch.inference_mode():
+            probs_t = prob_fn(batch_t)
+        expected = (len(chunk), num_classes, tile, tile)
+        if tuple(probs_t.shape) != expected:
+            raise ValueError(f"prob_fn returned shape {tuple(probs_t.shape)}, expected {expected}")
+        probs = probs_t.detach().to("cpu", torch.float32).numpy()
+        for (iy, ix), tile_probs in zip(chunk, probs):
+            y0, x0 = ys[iy], xs[ix]
+            window = np.outer(y_windows[iy], x_windows[ix])
+            accum[:, y0 : y0 + tile, x0 : x0 + tile] += tile_probs * window
+            weight_sum[y0 : y0 + tile, x0 : x0 + tile] += window
+        if progress is not None:
+            progress(first + len(chunk), total)
+
+    accum /= weight_sum
+    return np.ascontiguousarray(accum[:, :height, :width])
+
+
+def probabilities_to_labels(probs: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
+    """``Y x X`` label image: the most probable class per pixel, mapped to its label value.
+
+    Args:
+        probs: ``K x Y x X`` (or ``K x ...``) class probabilities.
+        class_values: the label value of each of the K classes (non-negative, < 65536).
+
+    Returns:
+        uint8 when ``max(class_values) < 256``, else uint16. Ties go to the lower index.
+    """
+    probs = np.asarray(probs)
+    values = np.asarray(class_values, dtype=np.int64)
+    if values.ndim != 1 or len(values) != probs.shape[0]:
+        raise ValueError(f"{len(values)} class values for {probs.shape[0]} probability channels")
+    if values.size and (values.min() < 0 or values.max() >= 2**16):
+        raise ValueError("class values must be in 0..65535")
+    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
+    return values.astype(dtype)[np.argmax(probs, axis=0)]
+
+
+def instances_from_labels(
+    labels: np.ndarray, background_value: int = 0, connectivity: int | None = None
+) -> np.ndarray:
+    """Instance ids from a semantic label image: connected components of each class.
+
+    Args:
+        labels: integer label image, any number of dimensions.
+        background_value: label value left as instance 0.
+        connectivity: as in ``skimage.measure.label`` (None: full connectivity).
+
+    Returns:
+        Same shape; ids ``1..N`` unique across all classes (two touching components of
+        different classes get different ids), uint16 when ``N < 65536`` else uint32.
+    """
+    labels = np.asarray(labels)
+    instances = np.zeros(labels.shape, dtype=np.uint32)
+    next_id = 0
+    for value in np.unique(labels):
+        if value == background_value:
+            continue
+        components, count = connected_components(
+            labels == value, connectivity=connectivity, return_num=True
+        )
+        mask = components > 0
+        instances[mask] = components[mask] + next_id
+        next_id += count
+    return instances.astype(np.uint16) if next_id < 2**16 else instances

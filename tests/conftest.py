@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny SAM checkpoints written in the official format, so the real loading code runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SAM (segment_anything classes, random weights) saved as an official-format .pth, 256 px."""
+    from napari_convlora import tiny_sam_checkpoint
+
+    return tiny_sam_checkpoint(tmp_path_factory.mktemp("sam") / "tiny_sam.pth", image_size=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_checkpoint(tmp_path_factory) -> Path:
+    """Same geometry, other weights (a different base)."""
+    from napari_convlora import tiny_sam_checkpoint
+
+    return tiny_sam_checkpoint(tmp_path_factory.mktemp("sam2") / "other_sam.pth", image_size=256, seed=1)

@@ -1,0 +1,134 @@
+"""Tests of the confusion-matrix metrics (numpy only)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from napari_convlora.constants import IGNORE_INDEX
+from napari_convlora.metrics import ConfusionMatrix, SegmentationMetrics, evaluate_arrays
+
+
+def test_hand_computed_two_classes() -> None:
+    target = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 1, 1, 1]])
+    m = evaluate_arrays(pred, target, num_classes=2)
+    # class 0: tp 1, fp 0, fn 1 -> IoU 1/2, Dice 2/3; class 1: tp 2, fp 1, fn 0 -> 2/3, 4/5
+    assert m.per_class_iou == pytest.approx([1 / 2, 2 / 3])
+    assert m.per_class_dice == pytest.approx([2 / 3, 4 / 5])
+    assert m.mean_iou == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m.mean_iou_foreground == pytest.approx(2 / 3)
+    assert m.mean_dice == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert m.pixel_accuracy == pytest.approx(3 / 4)
+    assert m.num_pixels == 4
+    assert m.per_class_pixels == [2, 2]
+
+
+def test_hand_computed_three_classes_matrix() -> None:
+    target = np.array([0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 2, 1, 0, 2, 2, 1])
+    cm = ConfusionMatrix(3)
+    cm.update(pred, target)
+    np.testing.assert_array_equal(cm.matrix, [[1, 0, 1], [1, 1, 0], [0, 1, 2]])
+    m = cm.compute()
+    # IoU = tp / (row + col - tp): class0 1/(2+2-1), class1 1/(2+2-1), class2 2/(3+3-2)
+    assert m.per_class_iou == pytest.approx([1 / 3, 1 / 3, 1 / 2])
+    assert m.pixel_accuracy == pytest.approx(4 / 7)
+
+
+def test_ignore_index_pixels_change_nothing() -> None:
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, size=(32, 32))
+    target[rng.random((32, 32)) < 0.3] = IGNORE_INDEX
+    pred = rng.integers(0, 4, size=(32, 32))
+    pred_changed = pred.copy()
+    ignored = target == IGNORE_INDEX
+    pred_changed[ignored] = (pred[ignored] + 1) % 4
+    a = evaluate_arrays(pred, target, 4)
+    b = evaluate_arrays(pred_changed, target, 4)
+    assert a.to_dict() == b.to_dict()
+    assert a.num_pixels == int((~ignored).sum())
+
+
+def test_all_ignored_gives_nan_and_zero_pixels() -> None:
+    m = evaluate_arrays(np.zeros((3, 3), int), np.full((3, 3), IGNORE_INDEX), 2)
+    assert m.num_pixels == 0
+    assert math.isnan(m.mean_iou) and math.isnan(m.pixel_accuracy)
+
+
+def test_perfect_prediction_scores_one() -> None:
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 5, size=(20, 30))
+    m = evaluate_arrays(target, target, 5)
+    assert m.per_class_iou == pytest.approx([1.0] * 5)
+    assert m.per_class_dice == pytest.approx([1.0] * 5)
+    assert m.mean_iou == m.mean_iou_foreground == m.mean_dice == m.pixel_accuracy == 1.0
+
+
+def test_absent_classes_are_nan_and_excluded_from_means() -> None:
+    target = np.array([0, 0, 1, 1])
+    pred = np.array([0, 0, 1, 0])
+    m = evaluate_arrays(pred, target, num_classes=4)  # classes 2 and 3 never appear
+    assert math.isnan(m.per_class_iou[2]) and math.isnan(m.per_class_iou[3])
+    assert math.isnan(m.per_class_dice[2]) and math.isnan(m.per_class_dice[3])
+    iou0, iou1 = 2 / 3, 1 / 2
+    assert m.mean_iou == pytest.approx((iou0 + iou1) / 2)
+    assert m.mean_iou_foreground == pytest.approx(iou1)
+    assert m.mean_dice == pytest.approx((0.8 + 2 / 3) / 2)
+    # A class predicted but not in the target is present: IoU 0, not NaN.
+    m2 = evaluate_arrays(np.array([0, 2]), np.array([0, 0]), num_classes=3)
+    assert m2.per_class_iou[2] == 0.0 and math.isnan(m2.per_class_iou[1])
+
+
+def test_dice_iou_identity_per_class() -> None:
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 6, size=(40, 40))
+    pred = np.where(rng.random((40, 40)) < 0.6, target, rng.integers(0, 6, size=(40, 40)))
+    m = evaluate_arrays(pred, target, 7)  # class 6 absent
+    for iou, dice in zip(m.per_class_iou, m.per_class_dice):
+        if math.isnan(iou):
+            assert math.isnan(dice)
+        else:
+            assert dice == pytest.approx(2 * iou / (1 + iou))
+
+
+def test_accumulating_equals_concatenation() -> None:
+    rng = np.random.default_rng(3)
+    preds = [rng.integers(0, 3, size=s) for s in [(5, 7), (11,), (2, 3, 4)]]
+    targets = [rng.integers(-1, 3, size=p.shape) for p in preds]
+    cm = ConfusionMatrix(3)
+    for p, t in zip(preds, targets):
+        cm.update(p, t)
+    whole = evaluate_arrays(
+        np.concatenate([p.ravel() for p in preds]), np.concatenate([t.ravel() for t in targets]), 3
+    )
+    assert cm.compute().to_dict() == whole.to_dict()
+    cm.reset()
+    assert cm.compute().num_pixels == 0
+
+
+def test_to_dict_is_json_safe_and_format_readable() -> None:
+    m = evaluate_arrays(np.array([0, 1]), np.array([0, 1]), 3)
+    d = m.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert json.loads(text)["per_class_iou"] == [1.0, 1.0, None]
+    assert isinstance(d["num_pixels"], int)
+    table = m.format(["background", "nucleus"])
+    assert "background" in table and "nucleus" in table and "class 2" in table
+    assert "mean IoU" in table
+    assert isinstance(m, SegmentationMetrics)
+
+
+def test_invalid_inputs_raise() -> None:
+    cm = ConfusionMatrix(2)
+    with pytest.raises(ValueError):
+        cm.update(np.zeros(3, int), np.zeros(4, int))
+    with pytest.raises(ValueError):
+        cm.update(np.array([0, 2]), np.array([0, 1]))
+    with pytest.raises(ValueError):
+        cm.update(np.array([0, 1]), np.array([0, 5]))
+    with pytest.raises(TypeError):
+        cm.update(np.array([0.0, 1.0]), np.array([0, 1]))

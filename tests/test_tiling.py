@@ -1,0 +1,251 @@
+"""Tests of sliding-window prediction, blending and label conversion (no napari, no Qt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_convlora.tiling import (
+    PredictionCancelled,
+    blending_window,
+    instances_from_labels,
+    overlap_pixels,
+    predict_tiled,
+    probabilities_to_labels,
+    tile_starts,
+)
+
+K = 3
+_MIX = torch.tensor([[0.02, -0.01, 0.005], [-0.01, 0.015, 0.0], [0.0, 0.0, -0.012]])
+
+
+def pixelwise_prob_fn(batch: torch.Tensor) -> torch.Tensor:
+    """Translation-equivariant: softmax of a fixed linear map of each pixel's RGB (B x K x t x t)."""
+    logits = torch.einsum("kc,bchw->bkhw", _MIX, batch)
+    return torch.softmax(logits, dim=1)
+
+
+def position_prob_fn(batch: torch.Tensor) -> torch.Tensor:
+    """Depends only on the position inside the tile: p1 = x / (t - 1), p0 = 1 - p1 (B x 2 x t x t)."""
+    b, _, t, _ = batch.shape
+    p1 = torch.linspace(0.0, 1.0, t).expand(b, 1, t, t)
+    return torch.cat([1.0 - p1, p1], dim=1)
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, size=(h, w, 3)).astype(np.float32)
+
+
+def direct(prob_fn, image: np.ndarray) -> np.ndarray:
+    batch = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
+    return prob_fn(batch)[0].numpy()
+
+
+# (a) exactness for one tile ------------------------------------------------------------
+
+
+def test_single_tile_equals_prob_fn_exactly() -> None:
+    image = random_image(64, 64)
+    out = predict_tiled(pixelwise_prob_fn, image, tile=64, num_classes=K)
+    assert out.dtype == np.float32 and out.shape == (K, 64, 64)
+    np.testing.assert_array_equal(out, direct(pixelwise_prob_fn, image))
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (64, 30), (17, 23)])
+def test_small_image_equals_cropped_padded_prediction(shape: tuple[int, int]) -> None:
+    image = random_image(*shape, seed=1)
+    padded = np.zeros((64, 64, 3), np.float32)
+    padded[: shape[0], : shape[1]] = image
+    expected = direct(position_prob_fn, padded)[:, : shape[0], : shape[1]]
+    out = predict_tiled(position_prob_fn, image, tile=64, num_classes=2)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_one_side_smaller_than_tile_is_padded_and_tiled_along_the_other() -> None:
+    image = random_image(50, 300, seed=2)
+    out = predict_tiled(pixelwise_prob_fn, image, tile=64, num_classes=K)
+    assert out.shape == (K, 50, 300)
+    np.testing.assert_allclose(out, direct(pixelwise_prob_fn, image), atol=1e-5)
+
+
+# (b) no seams on a constant image --------------------------------------------------------
+
+
+def test_constant_image_gives_constant_output() -> None:
+    image = np.empty((300, 500, 3), np.float32)
+    image[:] = [200.0, 40.0, 120.0]
+    out = predict_tiled(pixelwise_prob_fn, image, tile=128, num_classes=K, overlap=0.25)
+    expected = direct(pixelwise_prob_fn, image[:1, :1])[:, 0, 0]
+    assert np.abs(out - expected[:, None, None]).max() < 1e-5
+
+
+def test_pixelwise_model_is_reproduced_on_random_image() -> None:
+    image = random_image(150, 210, seed=3)
+    out = predict_tiled(pixelwise_prob_fn, image, tile=64, num_classes=K, batch_size=3)
+    np.testing.assert_allclose(out, direct(pixelwise_prob_fn, image), atol=1e-5)
+
+
+# (c) smooth across tile borders ----------------------------------------------------------
+
+
+def naive_stitch(prob_fn, image: np.ndarray, tile: int, overlap: float) -> np.ndarray:
+    """Last tile wins, no blending: what predict_tiled must improve on."""
+    h, w = image.shape[:2]
+    out = np.zeros((2, h, w), np.float32)
+    for y in tile_starts(h, tile, overlap):
+        for x in tile_starts(w, tile, overlap):
+            out[:, y : y + tile, x : x + tile] = direct(prob_fn, image[y : y + tile, x : x + tile])
+    return out
+
+
+def test_blending_is_smooth_where_naive_stitching_jumps() -> None:
+    tile, overlap = 64, 0.25
+    image = random_image(64, 333, seed=4)
+    blended = predict_tiled(position_prob_fn, image, tile, num_classes=2, overlap=overlap)
+    naive = naive_stitch(position_prob_fn, image, tile, overlap)
+    naive_jump = np.abs(np.diff(naive[1], axis=1)).max()
+    blended_step = np.abs(np.diff(blended[1], axis=1)).max()
+    margin = overlap_pixels(tile, overlap)
+    # A raised-cosine cross-fade of a drop of ~1 over `margin` pixels: slope <= pi / (2 margin).
+    bound = np.pi / (2 * margin) + 1.0 / (tile - 1) + 1e-3
+    assert naive_jump > 0.5
+    assert blended_step < bound < naive_jump / 3
+    np.testing.assert_allclose(blended.sum(axis=0), 1.0, atol=1e-5)
+
+
+# (d) coverage, normalisation, batching, progress, cancellation ---------------------------
+
+
+def test_probabilities_sum_to_one_and_are_finite() -> None:
+    image = random_image(97, 131, seed=5)
+    out = predict_tiled(pixelwise_prob_fn, image, tile=32, num_classes=K, overlap=0.5)
+    assert np.isfinite(out).all() and (out >= 0).all()
+    np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 100])
+def test_batch_size_and_progress(batch_size: int) -> None:
+    image = random_image(150, 200, seed=6)
+    tile, overlap = 64, 0.25
+    total = len(tile_starts(150, tile, overlap)) * len(tile_starts(200, tile, overlap))
+    sizes: list[int] = []
+    reports: list[tuple[int, int]] = []
+
+    def counting_fn(batch: torch.Tensor) -> torch.Tensor:
+        assert torch.is_inference_mode_enabled()
+        assert batch.dtype == torch.float32 and batch.shape[1:] == (3, tile, tile)
+        sizes.append(batch.shape[0])
+        return pixelwise_prob_fn(batch)
+
+    predict_tiled(
+        counting_fn, image, tile, K, overlap, batch_size=batch_size,
+        progress=lambda done, n: reports.append((done, n)),
+    )
+    assert sum(sizes) == total
+    assert all(s == batch_size for s in sizes[:-1]) and 0 < sizes[-1] <= batch_size
+    assert len(sizes) == -(-total // batch_size)
+    dones = [d for d, _ in reports]
+    assert dones == sorted(set(dones)) and dones[-1] == total
+    assert all(n == total for _, n in reports)
+
+
+def test_should_stop_raises_prediction_cancelled() -> None:
+    calls: list[int] = []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return pixelwise_prob_fn(batch)
+
+    with pytest.raises(PredictionCancelled):
+        predict_tiled(
+            fn, random_image(200, 200), 64, K, batch_size=2, should_stop=lambda: len(calls) >= 2
+        )
+    assert len(calls) == 2
+
+
+def test_wrong_prob_fn_output_shape_raises() -> None:
+    with pytest.raises(ValueError, match="prob_fn returned shape"):
+        predict_tiled(pixelwise_prob_fn, random_image(64, 64), 64, num_classes=5)
+
+
+# (e) tile starts and window --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [1, 7, 32, 64, 128])
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.25, 0.5, 0.9])
+def test_tile_starts_properties(tile: int, overlap: float) -> None:
+    min_overlap = min(overlap * tile, tile - 1)  # a stride of at least one pixel
+    for length in range(1, 4 * tile + 50):
+        starts = tile_starts(length, tile, overlap)
+        if length <= tile:
+            assert starts == [0]
+            continue
+        assert starts[0] == 0 and starts[-1] == length - tile
+        gaps = np.diff(starts)
+        assert (gaps > 0).all()
+        assert (tile - gaps >= min_overlap - 1e-9).all()  # overlap and hence coverage
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s : s + tile] = True
+        assert covered.all()
+
+
+def test_blending_window_properties() -> None:
+    for tile, overlap in [(64, 0.25), (128, 0.5), (16, 0.0), (32, 0.9)]:
+        w = blending_window(tile, overlap)
+        assert w.shape == (tile, tile) and w.dtype == np.float32
+        assert (w > 0).all() and w.max() <= 1.0
+        np.testing.assert_allclose(w, w.T)
+        np.testing.assert_allclose(w, w[::-1, ::-1])
+    w = blending_window(64, 0.25)
+    assert (w[16:48, 16:48] == 1.0).all()
+    assert w[0, 0] < w[0, 8] < w[0, 32]
+    # Two ramps crossing over the margin sum to one (a partition of unity).
+    np.testing.assert_allclose(w[32, 48:] + w[32, :16], 1.0, atol=1e-6)
+    assert (blending_window(16, 0.0) == 1.0).all()
+    border = blending_window(64, 0.25, top=False, left=False)
+    assert border[0, 0] == 1.0 and border[-1, -1] < 0.01
+
+
+# (f) labels and instances ----------------------------------------------------------------
+
+
+def test_probabilities_to_labels_mapping_and_dtype() -> None:
+    probs = np.zeros((3, 2, 2), np.float32)
+    probs[0, 0, 0] = probs[1, 0, 1] = probs[2, 1, 0] = probs[2, 1, 1] = 1.0
+    labels = probabilities_to_labels(probs, [0, 5, 255])
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, [[0, 5], [255, 255]])
+    labels16 = probabilities_to_labels(probs, [0, 5, 300])
+    assert labels16.dtype == np.uint16
+    np.testing.assert_array_equal(labels16, [[0, 5], [300, 300]])
+    with pytest.raises(ValueError):
+        probabilities_to_labels(probs, [0, 1])
+
+
+def test_instances_unique_across_classes() -> None:
+    labels = np.array(
+        [
+            [1, 1, 0, 2, 2],
+            [0, 0, 0, 2, 2],
+            [1, 0, 3, 3, 0],
+            [1, 0, 0, 0, 1],
+        ],
+        np.uint8,
+    )
+    inst = instances_from_labels(labels)
+    assert inst.dtype == np.uint16
+    assert (inst[labels == 0] == 0).all() and (inst[labels != 0] > 0).all()
+    # class 1: 3 components, class 2: 1, class 3: 1 (2 and 3 touch but stay apart)
+    assert len(np.unique(inst[inst > 0])) == 5
+    for value in np.unique(inst[inst > 0]):
+        assert len(np.unique(labels[inst == value])) == 1
+    assert len(np.unique(inst[labels == 2])) == 1 and inst[0, 3] != inst[2, 3]
+
+
+def test_instances_dtype_grows_past_uint16() -> None:
+    labels = np.zeros((2, 2 * 70000), np.uint8)
+    labels[0, ::2] = 1  # 70000 isolated pixels with face connectivity
+    inst = instances_from_labels(labels, connectivity=1)
+    assert inst.dtype == np.uint32 and inst.max() == 70000
