@@ -88,12 +88,16 @@ class HeadConfig:
     num_classes counts background as class 0 (binary = 2). A binary head has one mask token;
     a multi-class head has ``num_mask_tokens`` tokens (default ``2 * num_classes``) and a class head.
     class_values maps class index -> label value written into napari Labels (default 0..K-1).
+    label_mode and background_value say how the training labels were read (see ``data.LabelEncoding``),
+    so that ground truth for evaluation is read the same way.
     """
 
     num_classes: int = 2
     num_mask_tokens: int | None = None
     class_names: tuple[str, ...] | None = None
     class_values: tuple[int, ...] | None = None
+    label_mode: str = "dense"
+    background_value: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= 256:

@@ -8,11 +8,13 @@ share SAM's hypernetwork MLP 0, plus a ``Linear(D, K+1)`` class head (last logit
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters.inject import adapter_layers, inject_adapters, set_adapters_enabled
 from .config import AdapterConfig, HeadConfig, ModelConfig, Normalisation
@@ -63,6 +65,8 @@ class ConvLoRASAM(nn.Module):
         class_names: tuple[str, ...] | None = None,
         class_values: tuple[int, ...] | None = None,
         normalisation: Normalisation | None = None,
+        label_mode: str = "dense",
+        background_value: int = 0,
         **adapter_options: Any,
     ):
         super().__init__()
@@ -70,7 +74,7 @@ class ConvLoRASAM(nn.Module):
         self.config = ModelConfig(
             base=base,
             adapter=AdapterConfig(method=adapter, **adapter_options),
-            head=HeadConfig(num_classes, num_mask_tokens, class_names, class_values),
+            head=HeadConfig(num_classes, num_mask_tokens, class_names, class_values, label_mode, background_value),
             input_size=input_size,
             normalisation=normalisation or Normalisation(),
         )
@@ -94,7 +98,8 @@ class ConvLoRASAM(nn.Module):
         head = config.head
         return cls(
             sam, head.num_classes, config.adapter.method, config.input_size, head.num_mask_tokens,
-            head.class_names, head.class_values, config.normalisation, **adapter,
+            head.class_names, head.class_values, config.normalisation, head.label_mode, head.background_value,
+            **adapter,
         )
 
     def _build_head(self) -> None:
@@ -145,6 +150,14 @@ class ConvLoRASAM(nn.Module):
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         set_adapters_enabled(self.sam, enabled)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute encoder blocks in the backward pass instead of storing their activations (less memory)."""
+        for block in self.sam.image_encoder.blocks:
+            if enabled:
+                block.forward = partial(checkpoint, block.__class__.forward.__get__(block), use_reentrant=False)
+            elif "forward" in vars(block):
+                del block.forward
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x S x S float RGB in 0..255 -> image embeddings B x D x S/16 x S/16."""

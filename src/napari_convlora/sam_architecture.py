@@ -104,9 +104,9 @@ TINY = SamArchitecture(
     encoder_num_heads=2,
     encoder_global_attn_indexes=(1,),
     window_size=4,
-    prompt_embed_dim=32,
+    prompt_embed_dim=64,
     mask_in_chans=8,
-    decoder_mlp_dim=64,
+    decoder_mlp_dim=128,
     iou_head_hidden_dim=32,
 )
 

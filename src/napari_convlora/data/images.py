@@ -1,0 +1,261 @@
+"""Image layouts (2D, RGB/RGBA, multichannel, stacks) turned into the RGB planes SAM sees.
+
+Pure numpy: no torch, no napari, no Qt. An image arrives exactly as a napari Image layer holds it;
+:class:`ImageLayout` says how to read its axes. :func:`to_sam_planes` returns float32
+``N x Y x X x 3`` planes in 0..255, one per 2D slice of the image (N = 1 for a 2D image, N = Z for a
+``(Z, Y, X)`` stack, N = T * Z for ``(T, Z, Y, X)``, planes in C order over the leading axes).
+
+Normalisation is computed once per image (the whole array given: one 2D image or the whole stack)
+and per channel: the low percentile maps to 0, the high percentile to 255, clipped. When the two
+percentiles coincide (e.g. a few bright spots on a dark background) the channel's min..max is used
+instead; a constant channel maps to 0. Boolean images map False -> 0 and True -> 255 directly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+#: Above this many elements per channel, percentiles are computed on a strided subsample.
+PERCENTILE_SAMPLE_SIZE = 4_000_000
+
+
+@dataclass
+class ImageLayout:
+    """How to read the axes of an image array.
+
+    rgb: the napari Image layer's ``rgb`` flag: the last axis holds 3 (RGB) or 4 (RGBA) colour
+        channels; alpha is dropped.
+    channel_axis: an axis (negative allowed) holding channels of a multichannel image; exclusive
+        with ``rgb``. The remaining axes are spatial: ``(Y, X)``, ``(Z, Y, X)``, ...
+    channels: which channels to use (1 to 3 indices). Required when there are more than 3
+        channels; default: all channels.
+    rgb_slots: the RGB slots (0, 1, 2) that the used channels go into, one per channel. Default:
+        1 channel -> repeated into all 3 slots; 2 channels -> (0, 1) (blue stays 0);
+        3 channels -> (0, 1, 2).
+    percentiles: (low, high) intensity percentiles mapped to 0 and 255.
+    """
+
+    rgb: bool = False
+    channel_axis: int | None = None
+    channels: tuple[int, ...] | None = None
+    rgb_slots: tuple[int, ...] | None = None
+    percentiles: tuple[float, float] = (1.0, 99.8)
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            self.channels = tuple(int(c) for c in self.channels)
+            if not 1 <= len(self.channels) <= 3:
+                raise ValueError(f"choose 1 to 3 channels, got channels={self.channels}")
+            if len(set(self.channels)) != len(self.channels):
+                raise ValueError(f"channels must be distinct, got {self.channels}")
+        if self.rgb_slots is not None:
+            self.rgb_slots = tuple(int(s) for s in self.rgb_slots)
+            if not self.rgb_slots or not set(self.rgb_slots) <= {0, 1, 2} or len(set(self.rgb_slots)) != len(
+                self.rgb_slots
+            ):
+                raise ValueError(f"rgb_slots must be distinct values among 0, 1, 2; got {self.rgb_slots}")
+        self.percentiles = (float(self.percentiles[0]), float(self.percentiles[1]))
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if self.rgb and self.channel_axis is not None:
+            raise ValueError("an image is either rgb (colour in the last axis) or has a channel_axis, not both")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ImageLayout":
+        """Inverse of :meth:`to_dict`; unknown keys are dropped with a warning."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            warnings.warn(f"ImageLayout: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_image_dtype(image: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` holds real numbers (bool, integer or float)."""
+    kind = image.dtype.kind
+    if kind == "c":
+        raise ValueError(
+            f"image has complex dtype {image.dtype}; expected real intensities (uint8, uint16, int or float). "
+            "Take the magnitude (np.abs) or the real part first."
+        )
+    if kind not in "biuf":
+        raise ValueError(f"image has unsupported dtype {image.dtype}; expected bool, integer or float intensities")
+
+
+def _channel_axis(shape: tuple[int, ...], layout: ImageLayout) -> int | None:
+    """The channel axis as a non-negative index (the last one for rgb), or None for one channel."""
+    if layout.rgb:
+        if len(shape) < 3 or shape[-1] not in (3, 4):
+            raise ValueError(
+                f"rgb=True expects the last axis to hold 3 (RGB) or 4 (RGBA) colour channels and at least "
+                f"2 spatial axes before it; got an image of shape {shape}"
+            )
+        return len(shape) - 1
+    if layout.channel_axis is None:
+        return None
+    axis = layout.channel_axis
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(
+            f"channel_axis={axis} is out of range for an image with {len(shape)} axes (shape {shape}); "
+            f"expected -{len(shape)}..{len(shape) - 1}"
+        )
+    return axis % len(shape)
+
+
+def spatial_shape(image: np.ndarray, layout: ImageLayout) -> tuple[int, ...]:
+    """Shape of the matching Labels array: the image shape without its channel axis.
+
+    E.g. ``(Y, X)`` for a 2D or RGB image, ``(Z, Y, X)`` for a stack. Raises ValueError when the
+    layout does not fit the shape or the image is too small (empty, a side < 2 pixels).
+    """
+    shape = tuple(int(n) for n in np.shape(image))
+    axis = _channel_axis(shape, layout)
+    spatial = shape if axis is None else shape[:axis] + shape[axis + 1 :]
+    if len(spatial) < 2:
+        raise ValueError(
+            f"image of shape {shape} has {len(spatial)} spatial axis/axes; expected at least 2 (Y, X)"
+            + ("" if axis is None else f" besides the channel axis {axis}")
+        )
+    if 0 in shape:
+        raise ValueError(f"image is empty (shape {shape})")
+    if min(spatial[-2:]) < 2:
+        raise ValueError(
+            f"image is too small: its spatial shape is {spatial}; Y and X must be at least 2 pixels"
+        )
+    return spatial
+
+
+def _used_channels(num_channels: int, layout: ImageLayout, axis: int | None) -> tuple[int, ...]:
+    """Indices of the channels to use (alpha of RGBA excluded)."""
+    available = 3 if layout.rgb else num_channels
+    if layout.channels is None:
+        if available > 3:
+            raise ValueError(
+                f"the image has {available} channels along axis {axis}; SAM takes at most 3. "
+                f"Choose up to 3 of them with channels=(i, j, k) (indices 0..{available - 1})"
+            )
+        return tuple(range(available))
+    bad = [c for c in layout.channels if not 0 <= c < available]
+    if bad:
+        raise ValueError(
+            f"channels {bad} do not exist: the image has {available} channel(s) along axis {axis} "
+            f"(valid indices 0..{available - 1})"
+        )
+    return layout.channels
+
+
+def _rgb_slots(num_used: int, layout: ImageLayout) -> tuple[tuple[int, ...], ...]:
+    """For each used channel, the RGB slots it fills."""
+    if layout.rgb_slots is None:
+        if num_used == 1:
+            return ((0, 1, 2),)
+        return tuple((slot,) for slot in range(num_used))
+    if len(layout.rgb_slots) != num_used:
+        raise ValueError(
+            f"rgb_slots={layout.rgb_slots} names {len(layout.rgb_slots)} slot(s) for {num_used} channel(s); "
+            "give one RGB slot per channel used"
+        )
+    return tuple((slot,) for slot in layout.rgb_slots)
+
+
+def _check_finite(image: np.ndarray) -> None:
+    if image.dtype.kind != "f":
+        return
+    low, high = image.min(), image.max()  # both propagate NaN; inf shows up as an extreme
+    if not (np.isfinite(low) and np.isfinite(high)):
+        what = "NaN" if np.isnan(low) or np.isnan(high) else "infinite"
+        raise ValueError(
+            f"image ({image.dtype}, shape {image.shape}) contains {what} values; replace them "
+            "(e.g. np.nan_to_num) before training"
+        )
+
+
+def validate_image(image: np.ndarray, layout: ImageLayout) -> tuple[int, ...]:
+    """All checks of :func:`to_sam_planes` without converting; returns :func:`spatial_shape`."""
+    image = np.asarray(image)
+    check_image_dtype(image)
+    shape = spatial_shape(image, layout)
+    axis = _channel_axis(image.shape, layout)
+    used = _used_channels(1 if axis is None else image.shape[axis], layout, axis)
+    _rgb_slots(len(used), layout)
+    _check_finite(image)
+    return shape
+
+
+def _strided_sample(channel: np.ndarray) -> np.ndarray:
+    """A regular strided subsample of ``channel`` (any ndim) with <= ~PERCENTILE_SAMPLE_SIZE elements."""
+    if channel.size <= PERCENTILE_SAMPLE_SIZE:
+        return channel
+    step = math.ceil((channel.size / PERCENTILE_SAMPLE_SIZE) ** (1.0 / channel.ndim))
+    return channel[(slice(None, None, step),) * channel.ndim]
+
+
+def intensity_range(channel: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) intensities of one channel (any shape) mapped to 0 and 255.
+
+    Percentiles of a strided subsample; falls back to min..max when they coincide. A constant
+    channel returns low == high (callers map it to 0).
+    """
+    sample = _strided_sample(channel)
+    low, high = (float(v) for v in np.percentile(sample, percentiles))
+    if high <= low:
+        low, high = float(channel.min()), float(channel.max())
+    return low, high
+
+
+def to_sam_planes(
+    image: np.ndarray, layout: ImageLayout, plane_indices: Sequence[int] | None = None
+) -> np.ndarray:
+    """The 2D RGB planes SAM sees, normalised over the whole image.
+
+    image: as a napari Image layer holds it: ``(Y, X)``, ``(Y, X, 3|4)`` with ``rgb``,
+        ``(Z, Y, X)``, ``(Z, Y, X, 3|4)``, or channels along ``layout.channel_axis``;
+        bool, integer or float.
+    plane_indices: which planes to return (indices into the N planes); default all. The
+        normalisation still uses the whole image, so a plane looks the same either way.
+    Returns: float32 ``N x Y x X x 3`` in 0..255 (N = number of planes, or len(plane_indices)).
+    """
+    image = np.asarray(image)
+    validate_image(image, layout)
+    axis = _channel_axis(image.shape, layout)
+    channels_last = image[..., None] if axis is None else np.moveaxis(image, axis, -1)
+    used = _used_channels(channels_last.shape[-1], layout, axis)
+    slots = _rgb_slots(len(used), layout)
+    leading = channels_last.shape[:-3]
+    num_planes = math.prod(leading)
+    indices = list(range(num_planes)) if plane_indices is None else [int(i) for i in plane_indices]
+    bad = [i for i in indices if not 0 <= i < num_planes]
+    if bad:
+        raise ValueError(f"plane indices {bad} out of range: the image has {num_planes} plane(s)")
+
+    height, width = channels_last.shape[-3:-1]
+    planes = np.zeros((len(indices), height, width, 3), dtype=np.float32)
+    for channel_index, channel_slots in zip(used, slots):
+        channel = channels_last[..., channel_index]
+        if image.dtype == bool:
+            low, high = 0.0, 1.0
+        else:
+            low, high = intensity_range(channel, layout.percentiles)
+        low32, high32 = np.float32(low), np.float32(high)
+        for out_index, plane_index in enumerate(indices):
+            plane = channel[np.unravel_index(plane_index, leading)] if leading else channel
+            values = plane.astype(np.float32) - low32
+            if high32 > low32:  # divide in float32 so that ``high`` maps to exactly 255
+                values /= high32 - low32
+                values *= np.float32(255.0)
+            else:
+                values[...] = 0.0
+            np.clip(values, 0.0, 255.0, out=values)
+            for slot in channel_slots:
+                planes[out_index, ..., slot] = values
+    return planes

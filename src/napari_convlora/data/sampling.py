@@ -1,0 +1,230 @@
+"""Square training patches drawn at random, and a fixed tiling of the validation pixels.
+
+Pure numpy + scikit-image. Inputs are 2D pairs (planes float32 ``Y x X x 3`` in 0..255, targets
+int64 ``Y x X`` with IGNORE_INDEX for unlabelled pixels), i.e. after encoding, splitting and
+slicing stacks. Patches come out channels-first for torch: images ``3 x S x S`` float32 in 0..255,
+targets ``S x S`` int64. Where a patch reaches past an image, the image is padded with 0 and the
+targets with IGNORE_INDEX (image content sits at the top-left, like SAM's own padding).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from skimage.transform import resize
+
+from ..constants import IGNORE_INDEX
+
+Pair = tuple[np.ndarray, np.ndarray]
+#: Share of patches placed on a labelled pixel when ``labelled_weighting`` is on.
+LABELLED_SHARE = 0.8
+#: Uniform draws tried before falling back to a patch placed on a labelled pixel.
+UNIFORM_TRIES = 4
+GAIN_RANGE = (0.9, 1.1)
+OFFSET_RANGE = (-10.0, 10.0)
+
+
+def _check_pair(image: np.ndarray, targets: np.ndarray, index: int) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"pair {index}: expected an image plane Y x X x 3, got shape {image.shape}")
+    if targets.shape != image.shape[:2]:
+        raise ValueError(f"pair {index}: targets shape {targets.shape} does not match image {image.shape[:2]}")
+    if targets.dtype.kind not in "iu":
+        raise ValueError(f"pair {index}: targets must be integer class indices, got {targets.dtype}")
+
+
+def rescale_pair(image: np.ndarray, targets: np.ndarray, rescale: float) -> Pair:
+    """Resize a pair by ``rescale``: image bilinear (anti-aliased when shrinking), targets nearest.
+
+    Returns (float32 ``Y' x X' x 3``, int64 ``Y' x X'``) with ``Y' = max(1, round(Y * rescale))``.
+    """
+    if rescale <= 0:
+        raise ValueError(f"rescale must be > 0, got {rescale}")
+    image = np.asarray(image, dtype=np.float32)
+    targets = np.asarray(targets).astype(np.int64, copy=False)
+    if rescale == 1.0:
+        return image, targets
+    shape = tuple(max(1, round(n * rescale)) for n in targets.shape)
+    image = resize(image, shape + (3,), order=1, preserve_range=True, anti_aliasing=rescale < 1.0)
+    targets = resize(targets, shape, order=0, preserve_range=True, anti_aliasing=False)
+    return image.astype(np.float32), np.rint(targets).astype(np.int64)
+
+
+def crop_padded(image: np.ndarray, targets: np.ndarray, top: int, left: int, size: int) -> Pair:
+    """The ``size x size`` window at (top, left) (top, left >= 0), padded past the image edge.
+
+    Returns (float32 ``S x S x 3`` with 0 padding, int64 ``S x S`` with IGNORE_INDEX padding).
+    """
+    image_patch = np.zeros((size, size, 3), dtype=np.float32)
+    target_patch = np.full((size, size), IGNORE_INDEX, dtype=np.int64)
+    window_image = image[top : top + size, left : left + size]
+    height, width = window_image.shape[:2]
+    image_patch[:height, :width] = window_image
+    target_patch[:height, :width] = targets[top : top + size, left : left + size]
+    return image_patch, target_patch
+
+
+class PatchSampler:
+    """Random training patches from a list of 2D pairs; all randomness from the ``rng`` passed in.
+
+    pairs: (planes float32 ``Y x X x 3`` in 0..255, targets int64 ``Y x X``) 2D pairs. Pairs
+        without a labelled pixel are dropped; at least one must remain.
+    patch_size: S, the side of the square patches.
+    rescale: resize factor applied once here (image bilinear, targets nearest), e.g. 0.5 when
+        objects are twice as large as SAM expects.
+    labelled_weighting: for sparse annotations: 80% of patches are placed on a random labelled
+        pixel (which lands anywhere inside the patch), 20% uniformly. Without it every patch is
+        placed uniformly (image chosen in proportion to its area).
+    augment: random flips and 90-degree rotations (image and targets alike) and an intensity
+        jitter of the image (gain 0.9..1.1, offset -10..10, clipped to 0..255; padding stays 0).
+
+    A uniformly placed patch without any labelled pixel is redrawn; after a few tries the patch is
+    placed on a labelled pixel, so patches are never entirely unlabelled. The same generator state
+    always gives the same batch (save and restore ``rng.bit_generator.state`` to resume).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        patch_size: int,
+        rescale: float = 1.0,
+        labelled_weighting: bool = False,
+        augment: bool = True,
+    ) -> None:
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        self.patch_size = int(patch_size)
+        self.rescale = float(rescale)
+        self.labelled_weighting = bool(labelled_weighting)
+        self.augment = bool(augment)
+        self.images: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self._labelled_pixels: list[np.ndarray] = []  # flat indices of labelled pixels, per pair
+        for index, (image, targets) in enumerate(pairs):
+            _check_pair(np.asarray(image), np.asarray(targets), index)
+            image, targets = rescale_pair(image, targets, self.rescale)
+            labelled = np.flatnonzero(targets != IGNORE_INDEX)
+            if labelled.size:
+                self.images.append(image)
+                self.targets.append(targets)
+                self._labelled_pixels.append(labelled)
+        if not self.images:
+            raise ValueError("no labelled pixel in any training plane: nothing to learn from")
+        areas = np.array([t.size for t in self.targets], dtype=np.float64)
+        labelled_counts = np.array([p.size for p in self._labelled_pixels], dtype=np.float64)
+        self._area_weights = areas / areas.sum()
+        self._labelled_weights = labelled_counts / labelled_counts.sum()
+
+    def __len__(self) -> int:
+        """Number of pairs (planes) with labelled pixels."""
+        return len(self.images)
+
+    def _uniform_corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        pair = int(rng.choice(len(self.images), p=self._area_weights))
+        height, width = self.targets[pair].shape
+        top = int(rng.integers(0, max(height - self.patch_size, 0) + 1))
+        left = int(rng.integers(0, max(width - self.patch_size, 0) + 1))
+        return pair, top, left
+
+    def _labelled_corner(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """A window placed uniformly among those that contain a random labelled pixel."""
+        pair = int(rng.choice(len(self.images), p=self._labelled_weights))
+        pixels = self._labelled_pixels[pair]
+        height, width = self.targets[pair].shape
+        y, x = divmod(int(pixels[rng.integers(0, pixels.size)]), width)
+        corner = []
+        for position, length in ((y, height), (x, width)):
+            lowest = max(0, position - self.patch_size + 1)
+            highest = max(0, min(position, length - self.patch_size))
+            corner.append(int(rng.integers(lowest, highest + 1)))
+        return pair, corner[0], corner[1]
+
+    def _draw_patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.labelled_weighting and rng.random() < LABELLED_SHARE:
+            placements = [self._labelled_corner]
+        else:
+            placements = [self._uniform_corner] * UNIFORM_TRIES + [self._labelled_corner]
+        for place in placements:
+            pair, top, left = place(rng)
+            targets = self.targets[pair][top : top + self.patch_size, left : left + self.patch_size]
+            if (targets != IGNORE_INDEX).any():
+                break
+        image = self.images[pair][top : top + self.patch_size, left : left + self.patch_size]
+        if self.augment:
+            gain = rng.uniform(*GAIN_RANGE)
+            offset = rng.uniform(*OFFSET_RANGE)
+            image = np.clip(image * np.float32(gain) + np.float32(offset), 0.0, 255.0)
+        image_patch, target_patch = crop_padded(image, targets, 0, 0, self.patch_size)
+        if self.augment:
+            image_patch, target_patch = _flip_rotate(image_patch, target_patch, rng)
+        return image_patch, target_patch
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: (images float32 ``B x 3 x S x S`` in 0..255, targets int64 ``B x S x S``)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        patches = [self._draw_patch(rng) for _ in range(batch_size)]
+        images = np.stack([image.transpose(2, 0, 1) for image, _ in patches]).astype(np.float32, copy=False)
+        targets = np.stack([targets for _, targets in patches]).astype(np.int64, copy=False)
+        return np.ascontiguousarray(images), np.ascontiguousarray(targets)
+
+
+def _flip_rotate(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> Pair:
+    """The same random vertical/horizontal flip and 90-degree rotation of ``S x S x 3`` and ``S x S``."""
+    flip_y, flip_x = rng.random(2) < 0.5
+    quarter_turns = int(rng.integers(0, 4))
+    if flip_y:
+        image, targets = image[::-1], targets[::-1]
+    if flip_x:
+        image, targets = image[:, ::-1], targets[:, ::-1]
+    image = np.rot90(image, quarter_turns, axes=(0, 1))
+    targets = np.rot90(targets, quarter_turns, axes=(0, 1))
+    return np.ascontiguousarray(image), np.ascontiguousarray(targets)
+
+
+def _owned_tiles(first: int, stop: int, length: int, size: int) -> list[tuple[int, int, int]]:
+    """Tiles along one axis covering ``[first, stop)`` once: (window start, owned start, owned stop).
+
+    Owned ranges are consecutive, ``size`` long; each window (``size`` long) contains its owned
+    range and is shifted back inside ``[0, length)`` where possible, for more image context.
+    """
+    tiles = []
+    for owned_start in range(first, stop, size):
+        window_start = min(owned_start, max(length - size, 0))
+        tiles.append((window_start, owned_start, min(owned_start + size, stop)))
+    return tiles
+
+
+def validation_patches(
+    pairs: Sequence[Pair], patch_size: int, rescale: float = 1.0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed list of patches in which every labelled (validation) pixel is counted exactly once.
+
+    The bounding box of each pair's labelled pixels (after ``rescale``, as in :class:`PatchSampler`)
+    is cut into ``S x S`` tiles; each patch shows the image window around its tile (shifted inside
+    the image where possible, padded otherwise) and keeps the targets of its own tile only, the rest
+    IGNORE_INDEX. Tiles without a labelled pixel are skipped. Order: pair, then row, then column.
+    Returns [(image float32 ``3 x S x S`` in 0..255, targets int64 ``S x S``), ...].
+    """
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    patches = []
+    for index, (image, targets) in enumerate(pairs):
+        _check_pair(np.asarray(image), np.asarray(targets), index)
+        image, targets = rescale_pair(image, targets, rescale)
+        labelled = targets != IGNORE_INDEX
+        if not labelled.any():
+            continue
+        rows, cols = np.flatnonzero(labelled.any(axis=1)), np.flatnonzero(labelled.any(axis=0))
+        height, width = targets.shape
+        for top, row_start, row_stop in _owned_tiles(rows[0], rows[-1] + 1, height, patch_size):
+            for left, col_start, col_stop in _owned_tiles(cols[0], cols[-1] + 1, width, patch_size):
+                if not labelled[row_start:row_stop, col_start:col_stop].any():
+                    continue
+                image_patch, window_targets = crop_padded(image, targets, top, left, patch_size)
+                target_patch = np.full_like(window_targets, IGNORE_INDEX)
+                owned = (slice(row_start - top, row_stop - top), slice(col_start - left, col_stop - left))
+                target_patch[owned] = window_targets[owned]
+                patches.append((np.ascontiguousarray(image_patch.transpose(2, 0, 1)), target_patch))
+    return patches

@@ -1,0 +1,62 @@
+"""Images in and out: TIFF with tifffile, common 2D formats (PNG, JPEG, BMP) with imageio."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as a numpy array (any dtype, any number of dimensions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            return tifffile.imread(path)
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path))
+    except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
+        raise ValueError(f"{path}: could not read the image ({e})") from e
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write atomically: TIFF (zlib-compressed) for ``.tif``/``.tiff``, else a 2D format via imageio."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            tifffile.imwrite(tmp, array, compression="zlib", photometric="minisblack")
+        else:
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp, array, extension=path.suffix)
+    return path
+
+
+def overlay_png(
+    path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, background: int = 0, alpha: float = 0.45
+) -> Path:
+    """A PNG of a 2D image (Y x X or Y x X x C, any dtype) with coloured labels (other than ``background``) on top."""
+    gray = image.astype(np.float32)
+    if gray.ndim == 3:
+        gray = gray.mean(-1)
+    lo, hi = np.percentile(gray, (1, 99.8))
+    gray = np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    palette = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.4, 1.0], [1.0, 0.8, 0.0],
+                        [0.8, 0.2, 0.9], [0.0, 0.9, 0.9]], np.float32)
+    for index, value in enumerate(v for v in np.unique(labels) if v != background):
+        mask = labels == value
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * palette[index % len(palette)]
+    return write_image(path, (rgb * 255).round().astype(np.uint8))

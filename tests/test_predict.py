@@ -1,0 +1,94 @@
+"""Prediction on arrays as napari holds them: 2D, RGB, stacks, rescale; evaluation against labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_convlora import ConvLoRASAM, load_sam
+from napari_convlora.data import ImageLayout, to_sam_planes
+from napari_convlora.predict import evaluate_image, predict_image, predict_plane_probabilities
+from napari_convlora.tiling import PredictionCancelled
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    m = ConvLoRASAM(load_sam(tiny_checkpoint), num_classes=3, input_size=64, class_values=(0, 2, 5))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+def _image(shape, seed=0, dtype=np.uint16):
+    return (np.random.default_rng(seed).random(shape) * 4000).astype(dtype)
+
+
+def test_2d_prediction_shape_dtype_and_values(model):
+    image = _image((90, 150))
+    result = predict_image(model, image, device="cpu", return_probabilities=True, instances=True)
+    assert result.labels.shape == (90, 150) and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= {0, 2, 5}
+    assert result.probabilities.shape == (3, 90, 150)
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    lookup = np.array([0, 2, 5])
+    assert np.array_equal(lookup[result.probabilities.argmax(0)], result.labels)
+    assert result.instances.shape == (90, 150) and (result.instances > 0).sum() == (result.labels != 0).sum()
+
+
+def test_single_tile_equals_direct_model_output(model):
+    image = _image((64, 64), seed=1)
+    plane = to_sam_planes(image, ImageLayout())[0]
+    probs = predict_plane_probabilities(model, plane, torch.device("cpu"))
+    with torch.no_grad():
+        direct = model.class_probabilities(torch.from_numpy(plane).permute(2, 0, 1)[None])[0].numpy()
+    np.testing.assert_allclose(probs, direct, atol=1e-6)
+
+
+def test_stack_slices_and_chosen_planes(model):
+    stack = _image((3, 70, 80), seed=2)
+    full = predict_image(model, stack, device="cpu")
+    assert full.labels.shape == (3, 70, 80)
+    for z in range(3):  # each plane is predicted like the same plane alone (normalised over the stack)
+        alone = predict_image(model, stack, device="cpu", planes=[z])
+        assert np.array_equal(alone.labels[z], full.labels[z])
+        assert not alone.labels[[i for i in range(3) if i != z]].any()
+
+
+def test_rgb_and_multichannel_layouts(model):
+    rgb = _image((50, 60, 3), seed=3, dtype=np.uint8)
+    assert predict_image(model, rgb, ImageLayout(rgb=True), device="cpu").labels.shape == (50, 60)
+    two_channel = _image((2, 50, 60), seed=4)
+    result = predict_image(model, two_channel, ImageLayout(channel_axis=0), device="cpu")
+    assert result.labels.shape == (50, 60)
+
+
+def test_rescale_returns_input_shape(model):
+    model.config.normalisation.rescale = 0.5
+    try:
+        result = predict_image(model, _image((100, 130), seed=5), device="cpu")
+    finally:
+        model.config.normalisation.rescale = 1.0
+    assert result.labels.shape == (100, 130)
+
+
+def test_cancel_and_progress(model):
+    seen = []
+    predict_image(model, _image((150, 150)), device="cpu", batch_size=2, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(PredictionCancelled):
+        predict_image(model, _image((150, 150)), device="cpu", should_stop=lambda: True)
+
+
+def test_evaluate_against_own_prediction_is_perfect(model):
+    image = _image((80, 80), seed=6)
+    labels = predict_image(model, image, device="cpu").labels
+    metrics = evaluate_image(model, image, labels, device="cpu")
+    assert metrics.pixel_accuracy == 1.0
+    wrong = np.where(labels == 0, 2, 0).astype(np.uint8)
+    assert evaluate_image(model, image, wrong, device="cpu").pixel_accuracy < 1.0
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_image(model, image, labels[:-1], device="cpu")
