@@ -159,9 +159,11 @@ def train(
     rng = np.random.default_rng(config.seed)
 
     model = load_model(resume_from, base=base_checkpoint) if state else _build_model(base_checkpoint, data, config)
-    if model.num_classes != data.encoding.num_classes:
+    trained_values = tuple(model.config.head.class_values or range(model.num_classes))
+    if trained_values != tuple(data.encoding.class_values):
         raise TrainingError(
-            f"the model predicts {model.num_classes} classes but the labels hold {data.encoding.num_classes}"
+            f"the model was trained on label values {list(trained_values)} but the labels now hold "
+            f"{list(data.encoding.class_values)}; a new class needs a new training run"
         )
     model.to(device)
     model.set_activation_checkpointing(config.activation_checkpointing)
