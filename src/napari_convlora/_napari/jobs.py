@@ -1,0 +1,186 @@
+"""The jobs the dock runs on its compute thread: plain generators over the Qt-free core.
+
+Each job gets copies of layer data (never a layer), yields progress, and returns its result; the widget
+writes results to layers on the main thread. torch is imported inside the jobs only, so that the main
+thread never imports it (an import of torch takes over a second).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import numpy as np
+
+from .layers import LayerCopy
+from .native_libs import isolate_triton
+
+
+@dataclass
+class Message:
+    """A line for the dock's log."""
+
+    text: str
+
+
+@dataclass
+class LoadedFile:
+    """What a model file is: ``info`` from ``files.describe``, and the model for fine-tuned files."""
+
+    path: str
+    info: dict[str, Any]
+    model: Any = None
+    resumable: bool = False
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    path: str
+    stopped: bool
+    resumable: bool
+
+
+@dataclass
+class PredictResult:
+    image_name: str
+    labels: np.ndarray
+    planes: list[int] | None
+    class_values: tuple[int, ...]
+    class_names: tuple[str, ...] | None
+    background_value: int
+
+
+@dataclass
+class TileProgress:
+    """Prediction progress in tiles, written by the compute thread and polled by the widget."""
+
+    done: int = 0
+    total: int = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+
+@dataclass
+class DataOptions:
+    """How to read the annotations (arguments of ``dataset.prepare_training_data``)."""
+
+    label_mode: str = "dense"
+    val_fraction: float = 0.1
+    class_names: tuple[str, ...] | None = None
+    augment: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def probe_devices() -> Generator[Message, None, dict[str, bool]]:
+    """Import torch (off the GUI thread) and say which devices this machine has."""
+    yield Message("checking devices")
+    isolate_triton()  # before torch: see native_libs
+    from ..devices import available_devices
+
+    return available_devices()
+
+
+def load_file(path: str, base: str | None = None) -> Generator[Message, None, LoadedFile]:
+    """Describe a SAM checkpoint, or load a fine-tuned file (an adapter needs its ``base`` SAM)."""
+    yield Message(f"reading {path}")
+    isolate_triton()  # before torch: see native_libs
+    from ..files import describe, load_model
+    from ..sam_architecture import CheckpointError
+    from ..training_state import state_path
+
+    info = describe(path)
+    if info["format"] == "sam-checkpoint":
+        return LoadedFile(path, info)
+    if info["format"] == "napari-convlora-adapter" and not base:
+        raise CheckpointError(f"{Path(path).name} is an adapter: choose its SAM checkpoint first")
+    yield Message("loading the fine-tuned model")
+    model = load_model(path, base=base)
+    return LoadedFile(path, info, model, resumable=state_path(path).is_file())
+
+
+def train_job(
+    base: str,
+    pairs: Sequence[LayerCopy],
+    options: DataOptions,
+    out_path: str,
+    config: dict[str, Any],
+    resume_from: str | None = None,
+    stop: threading.Event | None = None,
+) -> Generator[Any, None, TrainResult | None]:
+    """Check the data, then drive ``train.train``; yields Messages and TrainingEvents.
+    ``config`` holds ``TrainConfig`` fields (built here: ``train`` imports torch)."""
+    isolate_triton()  # before torch: see native_libs
+    from ..data import ImageLayout
+    from ..dataset import TrainingPair, prepare_training_data
+    from ..train import TrainConfig, train
+    from ..training_state import state_path
+
+    stop = stop or threading.Event()
+    config = TrainConfig(**config)
+    yield Message(f"checking {len(pairs)} annotated image(s)")
+    training = [TrainingPair(p.image, p.labels, ImageLayout(rgb=p.rgb)) for p in pairs]
+    data = prepare_training_data(
+        training, options.label_mode, patch_size=config.input_size, val_fraction=options.val_fraction,
+        augment=options.augment, seed=config.seed, class_names=options.class_names, **options.extra,
+    )
+    yield Message(f"{data.labelled_pixels:,} labelled pixels for training, "
+                  f"{len(data.validation)} validation patches, classes {list(data.encoding.class_values)}")
+    if stop.is_set():
+        return None
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    stopped = False
+    events = train(base, data, out_path, config, resume_from=resume_from, stop=stop)
+    while True:  # ``yield from`` would do, but the last event kind is needed
+        try:
+            event = next(events)
+        except StopIteration as done:
+            return TrainResult(done.value, out_path, stopped, state_path(out_path).is_file())
+        stopped = stopped or event.kind == "stopped"
+        yield event
+
+
+def predict_job(
+    model: Any,
+    image: LayerCopy,
+    planes: list[int] | None,
+    device: str,
+    progress: TileProgress,
+    stop: threading.Event | None = None,
+) -> Generator[Message, None, PredictResult | None]:
+    """Segment a copied image (all planes, or ``planes``); None when stopped."""
+    isolate_triton()  # before torch: see native_libs
+    from ..data import ImageLayout
+    from ..predict import class_values, predict_image
+    from ..tiling import PredictionCancelled
+
+    stop = stop or threading.Event()
+    where = "the whole image" if planes is None else f"plane {planes[0]}"
+    yield Message(f"predicting {where} of '{image.name}'")
+    head = model.config.head
+    layout = ImageLayout(rgb=image.rgb, percentiles=model.config.normalisation.percentiles)
+    try:
+        prediction = predict_image(model, image.image, layout, planes=planes, device=device,
+                                   progress=progress, should_stop=stop.is_set)
+    except PredictionCancelled:
+        return None
+    return PredictResult(image.name, prediction.labels, planes, tuple(class_values(model)),
+                         head.class_names, head.background_value)
+
+
+def save_job(model: Any, path: str, merged: bool, base: str | None) -> Generator[Message, None, str]:
+    """Write the adapter (needs the base SAM checkpoint) or a merged one-file model."""
+    yield Message(f"saving {path}")
+    isolate_triton()  # before torch: see native_libs
+    from ..files import save_adapter, save_merged
+
+    if merged:
+        save_merged(model, path)
+    else:
+        if not base:
+            raise ValueError("saving an adapter needs its base SAM checkpoint; choose it first")
+        save_adapter(model, path, base)
+    return path

@@ -1,0 +1,143 @@
+"""The napari-facing helpers without Qt: layer copies, the plane shown, predictions written as Labels,
+copying a prediction into training labels, sample data, and the native-library fixes."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+from napari.components import ViewerModel
+
+from napari_convlora._napari import jobs, native_libs
+from napari_convlora._napari.layers import (
+    class_colormap,
+    copy_image,
+    copy_pair,
+    copy_prediction,
+    current_plane,
+    find_labels_for,
+    write_prediction,
+)
+from napari_convlora._napari.sample_data import synthetic_cells_sample
+
+NAMES = ("background", "nucleus", "rod")
+
+
+def test_copies_are_independent_of_the_layers():
+    viewer = ViewerModel()
+    image = viewer.add_image(np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3), rgb=True, name="rgb")
+    labels = viewer.add_labels(np.zeros((12, 10), np.uint8), name="rgb labels")
+    pair = copy_pair(image, labels)
+    image.data[0, 0] = 255
+    labels.data[0, 0] = 2
+    assert pair.rgb and pair.image.shape == (12, 10, 3) and pair.image[0, 0, 0] == 0 and pair.labels[0, 0] == 0
+    assert copy_image(image).name == "rgb"
+
+
+def test_current_plane_counts_leading_axes_in_c_order():
+    viewer = ViewerModel()
+    assert current_plane(viewer, viewer.add_image(np.zeros((8, 8)))) is None
+    stack = viewer.add_image(np.zeros((2, 3, 8, 8)), name="tzyx")
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 2)
+    assert current_plane(viewer, stack) == 1 * 3 + 2
+
+
+def test_write_prediction_adds_then_updates_planes():
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((3, 6, 6)), name="stack", scale=(2, 0.5, 0.5))
+    first = np.zeros((3, 6, 6), np.uint8)
+    first[1] = 2
+    layer = write_prediction(viewer, image, first, (0, 1, 2), NAMES, planes=[1])
+    assert layer.name == "stack prediction" and tuple(layer.scale) == (2, 0.5, 0.5)
+    assert list(layer.features["class"]) == list(NAMES) and list(layer.features["index"]) == [0, 1, 2]
+    assert layer.metadata["napari_convlora"]["planes"] == [1]
+    assert layer.colormap.map(np.array([0]))[0][3] == 0 and layer.colormap.map(np.array([1]))[0][3] == 1
+
+    second = np.zeros((3, 6, 6), np.uint8)
+    second[2] = 1
+    again = write_prediction(viewer, image, second, (0, 1, 2), NAMES, planes=[2])
+    assert again is layer and len(viewer.layers) == 2
+    assert (layer.data[1] == 2).all() and (layer.data[2] == 1).all()  # plane 1 kept, plane 2 written
+    assert layer.metadata["napari_convlora"]["planes"] == [1, 2]
+    write_prediction(viewer, image, second, (0, 1, 2), NAMES)  # the whole stack
+    assert layer.metadata["napari_convlora"]["planes"] is None and (layer.data[1] == 0).all()
+
+
+def test_copy_prediction_writes_predicted_planes_only_and_is_undoable():
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((2, 5, 5)), name="img")
+    target = viewer.add_labels(np.full((2, 5, 5), 3, np.uint16), name="img labels")
+    prediction = np.zeros((2, 5, 5), np.uint8)
+    prediction[1, :2] = 1
+    layer = write_prediction(viewer, image, prediction, (0, 1, 2), NAMES, planes=[1])
+    assert copy_prediction(layer, target) == 25
+    assert (target.data[0] == 3).all() and (target.data[1] == prediction[1]).all()
+    assert target.data.dtype == np.uint16
+    target.undo()
+    assert (target.data == 3).all()
+    assert find_labels_for(viewer, "img", [("img", "img labels")]) is target
+    assert find_labels_for(viewer, "img", [("other", "img labels")]) is None
+
+
+def test_copy_prediction_refuses_other_shapes():
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((5, 5)), name="img")
+    layer = write_prediction(viewer, image, np.ones((5, 5), np.uint8), (0, 1), ("bg", "fg"))
+    with pytest.raises(ValueError, match="shape"):
+        copy_prediction(layer, viewer.add_labels(np.zeros((4, 5), np.uint8)))
+
+
+def test_sparse_background_is_transparent():
+    cmap = class_colormap((1, 2, 5), background=1)
+    assert cmap.map(np.array([1]))[0][3] == 0 and cmap.map(np.array([5]))[0][3] == 1
+
+
+def test_synthetic_sample_has_labels_with_class_names():
+    (image, _, kind), (labels, meta, labels_kind) = synthetic_cells_sample()
+    assert (kind, labels_kind) == ("image", "labels") and image.shape == labels.shape
+    assert list(meta["features"]["class"]) == list(NAMES)
+
+
+def test_train_and_predict_jobs_without_qt(tiny_checkpoint, tmp_path):
+    from napari_convlora.sample_data import synthetic_cells
+
+    image, labels = synthetic_cells(128, seed=0)
+    pair = jobs.LayerCopy("cells", image, False, labels)
+    config = dict(method="lora", input_size=64, steps=2, grad_accum=1, device="cpu")
+    gen = jobs.train_job(str(tiny_checkpoint), [pair], jobs.DataOptions(class_names=NAMES),
+                         str(tmp_path / "run" / "m.safetensors"), config, stop=threading.Event())
+    kinds = []
+    try:
+        while True:
+            kinds.append(getattr(next(gen), "kind", "message"))
+    except StopIteration as done:
+        result = done.value
+    assert kinds[0] == "message" and "start" in kinds and kinds[-1] == "finished"
+    assert result.resumable and not result.stopped and (tmp_path / "run" / "m.safetensors").is_file()
+
+    progress = jobs.TileProgress()
+    gen = jobs.predict_job(result.model, jobs.LayerCopy("cells", image, False), None, "cpu", progress)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        predicted = done.value
+    assert predicted.labels.shape == image.shape and predicted.class_names == NAMES
+    assert progress.total > 0 and progress.done == progress.total
+
+
+def test_release_openmp_threads_after_main_thread_torch():
+    import torch
+
+    torch.randn(256, 256) @ torch.randn(256, 256)  # the calling thread now owns an OpenMP pool
+    released = native_libs.release_openmp_threads()
+    assert released or not sys.platform.startswith("linux")
+    assert torch.allclose(torch.ones(3) * 2, torch.full((3,), 2.0))  # torch still works afterwards
+
+
+def test_isolate_triton_does_nothing_when_already_imported_or_no_llvm(monkeypatch):
+    monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: {"/usr/lib/libc.so.6"})
+    assert native_libs.isolate_triton() is False

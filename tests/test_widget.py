@@ -1,0 +1,210 @@
+"""The dock under Xvfb: the whole annotate-train-predict loop on a tiny SAM, stop and resume, errors,
+sample data, closing the dock or the viewer during training, and lazy imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# The main thread of this test process builds tiny SAMs: load torch, torchvision and triton before any
+# OpenGL context exists (see _napari/native_libs.py). The plugin itself never imports torch there.
+import segment_anything  # noqa: F401
+from napari_convlora.sample_data import CLASS_NAMES, synthetic_cells
+
+pytestmark = pytest.mark.gui
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path):
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    yield tmp_path / "settings"
+
+
+@pytest.fixture
+def viewer(tiny_checkpoint, make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, labels = synthetic_cells(160, seed=0)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(labels, name="cells labels")
+    return viewer
+
+
+def _idle(widget):
+    return not widget.workers
+
+
+@pytest.fixture
+def dock(viewer, tiny_checkpoint, tmp_path, qtbot):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-convlora", "Conv-LoRA fine-tuning")
+    qtbot.waitUntil(lambda: _idle(widget), timeout=30_000)  # the device probe
+    widget.model_form.sam.set_path(str(tiny_checkpoint))
+    qtbot.waitUntil(lambda: _idle(widget), timeout=30_000)
+    widget.model_form.input_size.setValue(128)
+    widget.model_form.device.setCurrentIndex(3)  # CPU
+    widget.data_form.length.setValue(STEPS)
+    widget.data_form.grad_accum.setValue(1)
+    widget.data_form.lr.setValue(1e-3)
+    widget.data_form.class_names.setText(", ".join(CLASS_NAMES))
+    widget.data_form.run_folder.set_path(str(tmp_path / "runs"))
+    return widget
+
+
+def _wait_idle(widget, qtbot, timeout=120_000):
+    """Wait for the dock's jobs to end (its ``finished`` handlers have run then)."""
+    qtbot.waitUntil(lambda: _idle(widget), timeout=timeout)
+
+
+def _train(widget, qtbot, resume=False):
+    assert widget.train(resume=resume) is not None
+    _wait_idle(widget, qtbot)
+    assert widget.events_seen[-1] in ("finished", "stopped")
+
+
+def test_widget_module_does_not_import_torch():
+    code = ("import sys, json; import napari_convlora._qt.widget, napari_convlora._napari.sample_data; "
+            "print(json.dumps(['torch' in sys.modules, 'napari_convlora.model' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == [False, False]
+
+
+def test_manifest_is_valid():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-convlora")
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Conv-LoRA fine-tuning"]
+    assert {s.key for s in manifest.contributions.sample_data} >= {"synthetic_cells"}
+    out = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-convlora"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-convlora", "synthetic_cells")
+    image, labels = viewer.layers["cells"], viewer.layers["cells labels"]
+    assert image.data.dtype == np.uint16 and labels.data.shape == image.data.shape
+    assert set(np.unique(labels.data)) == {0, 1, 2}
+    assert list(labels.features["class"]) == list(CLASS_NAMES)
+
+
+def test_devices_and_remembered_checkpoint(dock, viewer, tiny_checkpoint):
+    from napari_convlora._qt.widget import ConvLoRAWidget
+
+    device = dock.model_form.device
+    assert device.model().item(3).isEnabled()  # CPU
+    cuda = device.model().item(1)
+    assert cuda.isEnabled() or "not available" in cuda.text()
+    assert "SAM" in dock.model_form.info.text()
+    again = ConvLoRAWidget(viewer)  # a new session: the checkpoint path comes back from the settings
+    assert again.model_form.sam.path() == str(tiny_checkpoint)
+    again.deleteLater()
+
+
+def test_whole_loop(dock, viewer, qtbot, tmp_path):
+    _train(dock, qtbot)
+    kinds = dock.events_seen
+    assert kinds[0] == "start" and kinds.count("step") == STEPS and "validation" in kinds and kinds[-1] == "finished"
+    assert dock.progress.value() == STEPS and dock.progress.maximum() == STEPS
+    qtbot.waitUntil(lambda: dock.plot.loss_curve.getData()[0] is not None and len(dock.plot.loss_curve.getData()[0]) == STEPS)
+    assert len(dock.plot.miou_points[0]) >= 2
+    assert dock.run_path and (tmp_path / "runs").glob("*.safetensors")
+    assert dock.model is not None and dock.predict_button.isEnabled()
+
+    dock.save(path=str(tmp_path / "adapter.safetensors"))
+    _wait_idle(dock, qtbot)
+    dock.save(merged=True, path=str(tmp_path / "merged.safetensors"))
+    _wait_idle(dock, qtbot)
+    assert (tmp_path / "adapter.safetensors").stat().st_size > 0
+    assert (tmp_path / "merged.safetensors").stat().st_size > (tmp_path / "adapter.safetensors").stat().st_size
+
+    dock.predict_image.refresh("cells")
+    assert dock.predict() is not None
+    _wait_idle(dock, qtbot)
+    prediction = viewer.layers["cells prediction"]
+    assert prediction.data.shape == viewer.layers["cells"].data.shape
+    assert np.issubdtype(prediction.data.dtype, np.integer)
+    assert set(np.unique(prediction.data)) <= {0, 1, 2}
+    assert list(prediction.features["class"]) == list(CLASS_NAMES)
+    assert prediction.colormap.map(np.array([2]))[0][3] > 0  # classes are coloured
+    assert prediction.colormap.map(np.array([0]))[0][3] == 0  # background is transparent
+
+    viewer.layers["cells labels"].data = np.zeros_like(viewer.layers["cells labels"].data)
+    changed = dock.copy_to_training_labels()
+    assert changed == int((prediction.data != 0).sum())
+    np.testing.assert_array_equal(viewer.layers["cells labels"].data, prediction.data)
+
+
+def test_predict_current_plane_of_a_stack(dock, viewer, qtbot):
+    _train(dock, qtbot)
+    stack = np.stack([synthetic_cells(96, seed=s)[0] for s in range(3)])
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    dock.predict_image.refresh("stack")
+    assert dock.predict(whole_stack=False) is not None
+    _wait_idle(dock, qtbot)
+    layer = viewer.layers["stack prediction"]
+    assert layer.data.shape == stack.shape
+    assert layer.metadata["napari_convlora"]["planes"] == [1]
+
+
+def test_stop_then_resume(dock, qtbot):
+    dock.data_form.length.setValue(400)
+    dock.train()
+    qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
+    assert dock.stop_button.isEnabled()
+    dock.stop_button.click()
+    _wait_idle(dock, qtbot)
+    assert dock.events_seen[-1] == "stopped"
+    stopped_at = dock.progress.value()
+    assert 2 <= stopped_at < 400
+    assert dock.resumable and dock.resume_button.isEnabled() and dock.model is not None
+
+    dock.events_seen.clear()
+    dock.data_form.length.setValue(1)  # ignored on resume: the saved config continues
+    dock.resume_button.click()
+    qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
+    dock.stop()
+    _wait_idle(dock, qtbot)
+    assert dock.events_seen[0] == "start" and dock.events_seen[-1] == "stopped"
+    assert dock.progress.maximum() == 400 and dock.progress.value() > stopped_at
+
+
+def test_error_is_shown_and_dock_stays_usable(dock, viewer, qtbot, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari_convlora._qt.widget.show_error", shown.append)
+    viewer.layers["cells labels"].data = np.zeros((100, 90), dtype=np.uint8)
+    viewer.layers["cells labels"].data[10:20, 10:20] = 1
+    dock.train()
+    _wait_idle(dock, qtbot)
+    assert "shape" in shown[0]
+    assert "Error:" in dock.log.toPlainText() and "shape" in dock.log.toPlainText()
+    assert dock.train_button.isEnabled() and not dock.stop_button.isEnabled()
+    assert len(viewer.layers) == 2  # napari is still running
+
+
+def _closing_during_training(dock, qtbot, close):
+    from napari_convlora.files import describe
+    from napari_convlora.training_state import load_training_state, state_path
+
+    dock.data_form.length.setValue(100_000)
+    dock.train()
+    qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
+    compute, run_path = dock.compute, dock.run_path or dock.log.toPlainText().split("training into ")[1].split()[0]
+    close()
+    qtbot.waitUntil(lambda: not compute.busy, timeout=60_000)
+    assert describe(run_path)["format"] == "napari-convlora-adapter"
+    assert 1 <= load_training_state(state_path(run_path))["step"] < 100_000
+
+
+def test_closing_the_viewer_during_training_stops_and_saves(dock, viewer, qtbot):
+    _closing_during_training(dock, qtbot, viewer.close)
+
+
+def test_closing_the_dock_during_training_stops_and_saves(dock, viewer, qtbot):
+    _closing_during_training(dock, qtbot, lambda: viewer.window.remove_dock_widget(dock))
