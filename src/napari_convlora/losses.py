@@ -62,7 +62,10 @@ def structure_loss(
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(logits.shape)}")
     valid = valid.bool()
     truth = torch.where(valid, target.float(), 0.0)
-    pooled = F.avg_pool2d(truth, kernel_size=_POOL_KERNEL, stride=1, padding=_POOL_KERNEL // 2)
+    # The 31 x 31 box average (zero padding counted) done as two separable passes: same values, ~10x cheaper.
+    half = _POOL_KERNEL // 2
+    pooled = F.avg_pool2d(truth, kernel_size=(_POOL_KERNEL, 1), stride=1, padding=(half, 0))
+    pooled = F.avg_pool2d(pooled, kernel_size=(1, _POOL_KERNEL), stride=1, padding=(0, half))
     weight = torch.where(valid, 1.0 + 5.0 * (pooled - truth).abs(), 0.0)
 
     bce = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
