@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    torch.manual_seed(0)  # the adapters' A matrices, hence the routing of windows to experts
     model = build_model(args.model_type, args.method, args.input_size, device, args.gate)
     counts = count_experts(model)
     rng = np.random.default_rng(0)
