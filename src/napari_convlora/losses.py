@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from napari_convlora.constants import IGNORE_INDEX
-from napari_convlora.outputs import SegmentationOutput
+from .constants import IGNORE_INDEX
+from .outputs import SegmentationOutput
 
 #: Hungarian matcher cost weights (Mask2Former defaults): class, mask BCE, dice.
 MATCH_CLASS_WEIGHT = 1.0
