@@ -141,3 +141,33 @@ def test_release_openmp_threads_after_main_thread_torch():
 def test_isolate_triton_does_nothing_when_already_imported_or_no_llvm(monkeypatch):
     monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: {"/usr/lib/libc.so.6"})
     assert native_libs.isolate_triton() is False
+
+
+def _events(kinds):
+    from napari_convlora.train import TrainingEvent
+
+    yield from (TrainingEvent(kind, step, len(kinds)) for step, kind in enumerate(kinds))
+    return "the model"
+
+
+def _drain(gen):
+    out = []
+    try:
+        while True:
+            out.append(next(gen))
+    except StopIteration as done:
+        return out, done.value
+
+
+def test_step_events_reach_the_gui_in_batches_in_order():
+    kinds = ["start", "step", "step", "step", "validation", "saved", "step", "step", "finished"]
+    seen: set[str] = set()
+    out, value = _drain(jobs.batch_steps(_events(kinds), interval_s=3600, seen=seen))
+    assert value == "the model" and seen == set(kinds)
+    assert [e.kind for e in out] == ["start", "steps", "validation", "saved", "steps", "finished"]
+    assert [e.step for e in out[1].events] == [1, 2, 3] and [e.step for e in out[4].events] == [6, 7]
+    # the steps before a non-step event are flushed first; a trailing batch is flushed at the end
+    out, _ = _drain(jobs.batch_steps(_events(["step", "step"]), interval_s=3600))
+    assert [[e.step for e in b.events] for b in out] == [[0, 1]]
+    out, _ = _drain(jobs.batch_steps(_events(["step", "step", "step"]), interval_s=0.0))
+    assert [[e.step for e in b.events] for b in out] == [[0], [1], [2]]

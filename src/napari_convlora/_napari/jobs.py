@@ -8,14 +8,18 @@ thread never imports it (an import of torch takes over a second).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
 from .layers import LayerCopy
 from .native_libs import isolate_triton
+
+#: Step events reach the GUI thread in batches, at most this often (seconds).
+STEP_BATCH_S = 0.25
 
 
 @dataclass
@@ -51,6 +55,44 @@ class PredictResult:
     class_values: tuple[int, ...]
     class_names: tuple[str, ...] | None
     background_value: int
+
+
+@dataclass
+class StepBatch:
+    """Consecutive ``step`` training events, handed to the GUI thread together."""
+
+    events: list[Any]
+    kind: str = "steps"
+
+
+def batch_steps(
+    events: Iterator[Any], interval_s: float = STEP_BATCH_S, seen: set[str] | None = None
+) -> Generator[Any, None, Any]:
+    """Pass training ``events`` through, but gather ``step`` events into one :class:`StepBatch` per
+    ``interval_s``: a fast model makes dozens of steps a second, and each event handed to the GUI
+    thread costs it (and, on 2 CPUs, the training) time. Adds the event kinds to ``seen``; returns
+    what ``events`` returns."""
+    batch: list[Any] = []
+    last = time.perf_counter()
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            if batch:
+                yield StepBatch(batch)
+            return done.value
+        if seen is not None:
+            seen.add(event.kind)
+        if event.kind == "step":
+            batch.append(event)
+            if time.perf_counter() - last < interval_s:
+                continue
+            event = None
+        if batch:
+            yield StepBatch(batch)
+            batch, last = [], time.perf_counter()
+        if event is not None:
+            yield event
 
 
 @dataclass
@@ -132,15 +174,10 @@ def train_job(
     if stop.is_set():
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    stopped = False
+    kinds: set[str] = set()
     events = train(base, data, out_path, config, resume_from=resume_from, stop=stop)
-    while True:  # ``yield from`` would do, but the last event kind is needed
-        try:
-            event = next(events)
-        except StopIteration as done:
-            return TrainResult(done.value, out_path, stopped, state_path(out_path).is_file())
-        stopped = stopped or event.kind == "stopped"
-        yield event
+    model = yield from batch_steps(events, seen=kinds)
+    return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file())
 
 
 def predict_job(

@@ -1,16 +1,13 @@
 """Live training curves (pyqtgraph): the loss per step above, validation mIoU below, on a shared step axis.
 
-Points are appended as events arrive; the curves are redrawn at most a few times a second so that a
-fast model does not keep the GUI thread busy with drawing.
+Points are appended as events arrive and drawn when the dock's refresh timer calls :meth:`redraw`
+(twice a second, together with the progress bar: one repaint of the window instead of many).
 """
 
 from __future__ import annotations
 
 import pyqtgraph as pg
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
-
-REDRAW_MS = 250
 
 
 class TrainingPlot(pg.GraphicsLayoutWidget):
@@ -38,34 +35,31 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         self.loss_points: tuple[list[float], list[float]] = ([], [])
         self.miou_points: tuple[list[float], list[float]] = ([], [])
         self.redraws = 0
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(REDRAW_MS)
-        self._timer.timeout.connect(self.redraw)
+        self.changed = False
 
     def clear_curves(self) -> None:
         for xs, ys in (self.loss_points, self.miou_points):
             xs.clear()
             ys.clear()
+        self.changed = True
         self.redraw()
 
     def add_loss(self, step: int, loss: float) -> None:
         self.loss_points[0].append(step)
         self.loss_points[1].append(loss)
-        self._schedule()
+        self.changed = True
 
     def add_miou(self, step: int, miou: float | None) -> None:
-        if miou is None:
-            return
-        self.miou_points[0].append(step)
-        self.miou_points[1].append(miou)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if not self._timer.isActive():
-            self._timer.start()
+        if miou is not None:
+            self.miou_points[0].append(step)
+            self.miou_points[1].append(miou)
+            self.changed = True
 
     def redraw(self) -> None:
+        """Draw the points added since the last redraw (nothing to do if none)."""
+        if not self.changed:
+            return
         self.loss_curve.setData(*self.loss_points)
         self.miou_curve.setData(*self.miou_points)
+        self.changed = False
         self.redraws += 1

@@ -43,6 +43,7 @@ from .forms import MODEL_FILTER, DataForm, ModelForm
 from .plot import TrainingPlot
 
 DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
+REFRESH_MS = 500
 
 
 def _eta(seconds: float | None) -> str:
@@ -92,9 +93,10 @@ class ConvLoRAWidget(QWidget):
         self.export_button = QPushButton("Export merged…")
         self._layout()
         self._connect()
-        self.poll = QTimer(self)
-        self.poll.setInterval(100)
-        self.poll.timeout.connect(self._show_tile_progress)
+        self.last_step: Any = None  # the latest step event, shown by the refresh timer
+        self.refresh = QTimer(self)  # progress is shown a few times a second, not at every step: on a
+        self.refresh.setInterval(REFRESH_MS)  # software-rendered (llvmpipe) napari each repaint costs CPU
+        self.refresh.timeout.connect(self._show_progress)
         self._set_busy(None)
         self._run(jobs.probe_devices, on_returned=self.model_form.set_devices)
         sam, finetuned = self.model_form.sam.path(), self.model_form.finetuned.path()
@@ -194,7 +196,10 @@ class ConvLoRAWidget(QWidget):
             button.setEnabled(idle and self.model is not None)
         self.copy_button.setEnabled(idle)
         if idle:
-            self.poll.stop()
+            self.refresh.stop()
+            self._show_progress()
+        elif what in ("train", "predict"):
+            self.refresh.start()
 
     def say(self, text: str) -> None:
         self.log.appendPlainText(text)
@@ -208,27 +213,37 @@ class ConvLoRAWidget(QWidget):
         if isinstance(event, jobs.Message):
             self.say(event.text)
             return
-        self.events_seen.append(event.kind)
+        if event.kind != "steps":
+            self.events_seen.append(event.kind)
         if event.kind == "start":
             self.progress.setRange(0, event.total_steps)
             self.progress.setValue(event.step)
             if event.step == 0:
                 self.plot.clear_curves()
             self.say(event.message)
-        elif event.kind == "step":
-            self.progress.setValue(event.step)
-            self.progress.setFormat(f"step %v / %m · loss {event.loss:.4f} · ETA {_eta(event.eta_s)}")
-            self.plot.add_loss(event.step, event.loss)
+        elif event.kind == "steps":  # a batch of step events (see jobs.batch_steps)
+            for step in event.events:
+                self.plot.add_loss(step.step, step.loss)
+            self.events_seen.extend(["step"] * len(event.events))
+            self.last_step = event.events[-1]
         elif event.kind == "validation":
             metrics = event.metrics
             self.plot.add_miou(event.step, metrics.get("mean_iou"))
-            per_class = ", ".join(_percent(v) for v in metrics.get("per_class_iou", []))
-            self.say(f"step {event.step}: val mIoU {_percent(metrics.get('mean_iou'))} (per class {per_class})")
+            ious = metrics.get("per_class_iou", [])
+            names = list(self.data_form.names() or [])
+            names = names if len(names) == len(ious) else [f"class {i}" for i in range(len(ious))]
+            per_class = ", ".join(f"{name} {_percent(v)}" for name, v in zip(names, ious))
+            self.say(f"step {event.step}: val mIoU {_percent(metrics.get('mean_iou'))} ({per_class})")
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 
-    def _show_tile_progress(self) -> None:
-        if self.tile_progress.total:
+    def _show_progress(self) -> None:
+        self.plot.redraw()
+        if self.last_step is not None:  # training
+            event, self.last_step = self.last_step, None
+            self.progress.setValue(event.step)
+            self.progress.setFormat(f"step %v / %m · loss {event.loss:.4f} · ETA {_eta(event.eta_s)}")
+        elif self.tile_progress.total:  # prediction
             self.progress.setRange(0, self.tile_progress.total)
             self.progress.setValue(self.tile_progress.done)
 
@@ -288,6 +303,7 @@ class ConvLoRAWidget(QWidget):
             folder = Path(self.data_form.run_folder.path() or DEFAULT_RUN_FOLDER)
             out_path = str(folder / f"convlora-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
         self.progress.setFormat("%v / %m")
+        self.tile_progress = jobs.TileProgress()
         self._set_busy("train")
         self.say(("resuming " if resume else "training into ") + out_path)
         return self._run(jobs.train_job, base, copies, options, out_path, self._config(),
@@ -325,7 +341,6 @@ class ConvLoRAWidget(QWidget):
         self.tile_progress = jobs.TileProgress()
         self.progress.setFormat("predicting · %p%")
         self._set_busy("predict")
-        self.poll.start()
         return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
                          self.model_form.device_name(), self.tile_progress, stoppable=True,
                          on_returned=self._predicted)
