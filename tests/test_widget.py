@@ -113,6 +113,8 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     assert dock.progress.value() == STEPS and dock.progress.maximum() == STEPS
     qtbot.waitUntil(lambda: dock.plot.loss_curve.getData()[0] is not None and len(dock.plot.loss_curve.getData()[0]) == STEPS)
     assert len(dock.plot.miou_points[0]) >= 2
+    (x0, x1), _ = dock.plot.loss_plot.viewRange()
+    assert x0 <= 0 and STEPS <= x1 < 1.1 * STEPS  # the step axis spans the whole run
     assert "val mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
     assert dock.run_path and (tmp_path / "runs").glob("*.safetensors")
     assert dock.model is not None and dock.predict_button.isEnabled()

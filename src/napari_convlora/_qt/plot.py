@@ -1,7 +1,7 @@
 """Live training curves (pyqtgraph): the loss per step above, validation mIoU below, on a shared step axis.
 
 Points are appended as events arrive and drawn when the dock's refresh timer calls :meth:`redraw`
-(twice a second, together with the progress bar: one repaint of the window instead of many).
+(once a second, together with the progress bar: one repaint of the window instead of many).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
             plot.showGrid(x=True, y=True, alpha=0.25)
             plot.setMouseEnabled(x=False, y=False)
             plot.hideButtons()
-        self.loss_curve = self.loss_plot.plot(pen=pg.mkPen("#4fc3f7", width=1.5))
+        self.loss_curve = self.loss_plot.plot(pen=pg.mkPen("#4fc3f7", width=1))
+        self.loss_curve.setDownsampling(auto=True, method="peak")  # long runs: ~1 point per pixel drawn
+        self.loss_curve.setClipToView(True)
         self.miou_curve = self.miou_plot.plot(
             pen=pg.mkPen("#ffb74d", width=2), symbol="o", symbolSize=5, symbolBrush="#ffb74d"
         )
@@ -36,6 +38,12 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         self.miou_points: tuple[list[float], list[float]] = ([], [])
         self.redraws = 0
         self.changed = False
+
+    def set_total_steps(self, total: int) -> None:
+        """Fix the step axis to the whole run: the curves grow across it, and a redraw does not
+        re-layout the axes (which made each redraw twice as expensive)."""
+        self.loss_plot.enableAutoRange(x=False, y=True)
+        self.loss_plot.setXRange(0, max(1, total), padding=0.02)
 
     def clear_curves(self) -> None:
         for xs, ys in (self.loss_points, self.miou_points):

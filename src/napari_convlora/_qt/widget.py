@@ -43,7 +43,7 @@ from .forms import MODEL_FILTER, DataForm, ModelForm
 from .plot import TrainingPlot
 
 DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
-REFRESH_MS = 500
+REFRESH_MS = 1000
 
 
 def _eta(seconds: float | None) -> str:
@@ -94,8 +94,11 @@ class ConvLoRAWidget(QWidget):
         self._layout()
         self._connect()
         self.last_step: Any = None  # the latest step event, shown by the refresh timer
-        self.refresh = QTimer(self)  # progress is shown a few times a second, not at every step: on a
-        self.refresh.setInterval(REFRESH_MS)  # software-rendered (llvmpipe) napari each repaint costs CPU
+        # progress and plot are drawn once a second, not at every step: a repaint of a window holding
+        # napari's OpenGL canvas recomposes the whole window, 10-60 ms of CPU with software OpenGL
+        # (llvmpipe), taken from training on a small machine (benchmarks/bench_worker.py)
+        self.refresh = QTimer(self)
+        self.refresh.setInterval(REFRESH_MS)
         self.refresh.timeout.connect(self._show_progress)
         self._set_busy(None)
         self._run(jobs.probe_devices, on_returned=self.model_form.set_devices)
@@ -220,6 +223,7 @@ class ConvLoRAWidget(QWidget):
             self.progress.setValue(event.step)
             if event.step == 0:
                 self.plot.clear_curves()
+            self.plot.set_total_steps(event.total_steps)
             self.say(event.message)
         elif event.kind == "steps":  # a batch of step events (see jobs.batch_steps)
             for step in event.events:
@@ -238,7 +242,11 @@ class ConvLoRAWidget(QWidget):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 
     def _show_progress(self) -> None:
+        """Draw the latest progress and curves in one repaint of the window."""
         self.plot.redraw()
+        # QProgressBar.setValue repaints at once (a second whole-window composition): let it only
+        # schedule its repaint, which joins the plot's
+        self.progress.setUpdatesEnabled(False)
         if self.last_step is not None:  # training
             event, self.last_step = self.last_step, None
             self.progress.setValue(event.step)
@@ -246,6 +254,7 @@ class ConvLoRAWidget(QWidget):
         elif self.tile_progress.total:  # prediction
             self.progress.setRange(0, self.tile_progress.total)
             self.progress.setValue(self.tile_progress.done)
+        self.progress.setUpdatesEnabled(True)  # schedules the repaint
 
     # ---- model files -------------------------------------------------------------------------
     def load_sam(self, path: str) -> None:
