@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,3 +172,26 @@ def test_step_events_reach_the_gui_in_batches_in_order():
     assert [[e.step for e in b.events] for b in out] == [[0, 1]]
     out, _ = _drain(jobs.batch_steps(_events(["step", "step", "step"]), interval_s=0.0))
     assert [[e.step for e in b.events] for b in out] == [[0], [1], [2]]
+
+
+def test_redraws_are_spaced_by_what_they_cost_the_gui_thread():
+    from napari_convlora._qt.pacing import GUI_CPU_BUDGET, MAX_MS, MIN_MS, RefreshPacer, next_interval_ms
+
+    # software OpenGL: 25 ms of GUI CPU per redraw -> towards 2.5 s, reached within a few redraws
+    interval = 1000
+    for _ in range(8):
+        interval = next_interval_ms(0.025, interval / 1000, interval)
+    assert abs(interval - 1000 * 0.025 / GUI_CPU_BUDGET) < 20
+    # a GPU driver: 1 ms per redraw -> the fastest rate; a busy GUI (the user panning): the slowest
+    assert next_interval_ms(0.001, 1.0, MIN_MS) == MIN_MS
+    assert next_interval_ms(0.5, 1.0, MAX_MS) == MAX_MS
+    assert next_interval_ms(0.0, 0.0, 1234) == 1234  # nothing measured: unchanged
+
+    pacer = RefreshPacer(initial_ms=800)
+    assert pacer.tick() == 800  # the first redraw of a job has nothing to measure yet
+    busy_until = time.thread_time() + 0.05  # 50 ms of this thread's CPU "drawing"
+    while time.thread_time() < busy_until:
+        pass
+    assert pacer.tick() > 800  # 50 ms per redraw: slow down
+    pacer.reset()
+    assert pacer.last is None

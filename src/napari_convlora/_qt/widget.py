@@ -40,10 +40,10 @@ from .._napari.layers import (
 from .compute import JobWorker, compute_thread
 from .fields import LayerCombo, settings
 from .forms import MODEL_FILTER, DataForm, ModelForm
+from .pacing import RefreshPacer
 from .plot import TrainingPlot
 
 DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
-REFRESH_MS = 1000
 
 
 def _eta(seconds: float | None) -> str:
@@ -94,12 +94,12 @@ class ConvLoRAWidget(QWidget):
         self._layout()
         self._connect()
         self.last_step: Any = None  # the latest step event, shown by the refresh timer
-        # progress and plot are drawn once a second, not at every step: a repaint of a window holding
-        # napari's OpenGL canvas recomposes the whole window, 10-60 ms of CPU with software OpenGL
-        # (llvmpipe), taken from training on a small machine (benchmarks/bench_worker.py)
+        # progress and plot are drawn every 0.5-3 s, not at every step: each repaint recomposes the
+        # whole napari window, which software OpenGL pays for with CPU taken from training (see pacing)
+        self.pacer = RefreshPacer()
         self.refresh = QTimer(self)
-        self.refresh.setInterval(REFRESH_MS)
-        self.refresh.timeout.connect(self._show_progress)
+        self.refresh.setSingleShot(True)
+        self.refresh.timeout.connect(self._refresh_tick)
         self._set_busy(None)
         self._run(jobs.probe_devices, on_returned=self.model_form.set_devices)
         sam, finetuned = self.model_form.sam.path(), self.model_form.finetuned.path()
@@ -202,7 +202,8 @@ class ConvLoRAWidget(QWidget):
             self.refresh.stop()
             self._show_progress()
         elif what in ("train", "predict"):
-            self.refresh.start()
+            self.pacer.reset()
+            self.refresh.start(self.pacer.interval_ms)
 
     def say(self, text: str) -> None:
         self.log.appendPlainText(text)
@@ -240,6 +241,11 @@ class ConvLoRAWidget(QWidget):
             self.say(f"step {event.step}: val mIoU {_percent(metrics.get('mean_iou'))} ({per_class})")
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
+
+    def _refresh_tick(self) -> None:
+        self._show_progress()
+        if self.workers:
+            self.refresh.start(self.pacer.tick())
 
     def _show_progress(self) -> None:
         """Draw the latest progress and curves in one repaint of the window."""
