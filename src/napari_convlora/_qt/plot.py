@@ -1,7 +1,7 @@
 """Live training curves (pyqtgraph): the loss per step above, validation mIoU below, on a shared step axis.
 
 Points are appended as events arrive and drawn when the dock's refresh timer calls :meth:`redraw`
-(once a second, together with the progress bar: one repaint of the window instead of many).
+(every 0.5-3 s, see pacing.py, together with the progress bar: one repaint of the window instead of many).
 """
 
 from __future__ import annotations
