@@ -115,6 +115,8 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     assert len(dock.plot.miou_points[0]) >= 2
     (x0, x1), _ = dock.plot.loss_plot.viewRange()
     assert x0 <= 0 and STEPS <= x1 < 1.1 * STEPS  # the step axis spans the whole run
+    lines = dock.log.toPlainText().splitlines()  # lines gathered during training are all shown, in order
+    assert lines[-1].startswith("finished") and any(line.startswith("training into") for line in lines)
     assert "val mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
     assert dock.run_path and (tmp_path / "runs").glob("*.safetensors")
     assert dock.model is not None and dock.predict_button.isEnabled()

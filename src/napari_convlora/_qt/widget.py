@@ -94,6 +94,7 @@ class ConvLoRAWidget(QWidget):
         self._layout()
         self._connect()
         self.last_step: Any = None  # the latest step event, shown by the refresh timer
+        self.log_lines: list[str] = []  # log lines not shown yet
         # progress and plot are drawn every 0.5-3 s, not at every step: each repaint recomposes the
         # whole napari window, which software OpenGL pays for with CPU taken from training (see pacing)
         self.pacer = RefreshPacer()
@@ -206,7 +207,15 @@ class ConvLoRAWidget(QWidget):
             self.refresh.start(self.pacer.interval_ms)
 
     def say(self, text: str) -> None:
-        self.log.appendPlainText(text)
+        """Add a line to the dock's log: at once when idle, with the next redraw while a job runs."""
+        self.log_lines.append(text)
+        if not self.refresh.isActive():
+            self._show_log()
+
+    def _show_log(self) -> None:
+        if self.log_lines:
+            self.log.appendPlainText("\n".join(self.log_lines))
+            self.log_lines.clear()
 
     def _on_error(self, exc: Exception) -> None:
         message = str(exc) or type(exc).__name__
@@ -248,8 +257,9 @@ class ConvLoRAWidget(QWidget):
             self.refresh.start(self.pacer.tick())
 
     def _show_progress(self) -> None:
-        """Draw the latest progress and curves in one repaint of the window."""
+        """Draw the latest progress, curves and log lines in one repaint of the window."""
         self.plot.redraw()
+        self._show_log()
         # QProgressBar.setValue repaints at once (a second whole-window composition): let it only
         # schedule its repaint, which joins the plot's
         self.progress.setUpdatesEnabled(False)
@@ -319,8 +329,8 @@ class ConvLoRAWidget(QWidget):
             out_path = str(folder / f"convlora-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
         self.progress.setFormat("%v / %m")
         self.tile_progress = jobs.TileProgress()
-        self._set_busy("train")
         self.say(("resuming " if resume else "training into ") + out_path)
+        self._set_busy("train")
         return self._run(jobs.train_job, base, copies, options, out_path, self._config(),
                          resume_from=out_path if resume else None, stoppable=True, on_returned=self._trained)
 
