@@ -4,8 +4,9 @@ Each redraw repaints the napari window, and a window that holds napari's OpenGL 
 whole: under a GPU driver that costs a millisecond or two, under software OpenGL (llvmpipe: remote
 desktops, VMs, Xvfb) 20-60 ms of CPU, taken from training on a small machine. The pacer measures what
 the GUI thread actually spends (its own CPU time between redraws) and spaces redraws so that this stays
-within a small share of the wall time: every half second with a GPU, every two or three seconds with
-software rendering, and less often while the user is busy in the viewer.
+within a small share of the wall time: every two to three seconds with software rendering (measured
+under Xvfb), more often where a GPU composes the window, and less often while the user is busy in the
+viewer.
 """
 
 from __future__ import annotations
