@@ -213,3 +213,40 @@ def test_closing_the_viewer_during_training_stops_and_saves(dock, viewer, qtbot)
 
 def test_closing_the_dock_during_training_stops_and_saves(dock, viewer, qtbot):
     _closing_during_training(dock, qtbot, lambda: viewer.window.remove_dock_widget(dock))
+
+
+def test_eta_and_percent_texts():
+    from napari_convlora._qt.progress_view import eta_text, percent
+
+    assert [eta_text(s) for s in (None, 0, 59.6, 61, 3599, 3600, 3725)] == \
+        ["", "0:00", "1:00", "1:01", "59:59", "1:00:00", "1:02:05"]
+    assert (percent(None), percent(0.6724)) == ("n/a", "67.2%")
+
+
+def test_log_lines_wait_for_the_redraw_while_a_job_runs_and_the_log_follows_them(qtbot):
+    from napari_convlora._qt.progress_view import ProgressView
+
+    view = ProgressView()
+    qtbot.addWidget(view)
+    view.resize(400, 500)
+    view.show()
+    qtbot.waitExposed(view)
+    for i in range(30):
+        view.say(f"idle {i}")  # shown at once
+    assert view.log.toPlainText().splitlines()[-1] == "idle 29"
+    bar = view.log.verticalScrollBar()
+    view.set_running(True)
+    for i in range(20):
+        view.say(f"running {i}")
+    assert view.log.toPlainText().splitlines()[-1] == "idle 29"  # held for the next redraw
+    view.draw()
+    lines = view.log.toPlainText().splitlines()
+    assert lines[-21:] == ["idle 29"] + [f"running {i}" for i in range(20)]
+    assert bar.value() == bar.maximum() > 0  # scrolled to the newest line
+    bar.triggerAction(bar.SliderAction.SliderToMinimum)  # the user scrolls up to read...
+    view.say("more")
+    view.set_running(False)  # ...the job ends and all held lines are shown, without pulling the view away
+    assert view.log.toPlainText().splitlines()[-1] == "more" and bar.value() == 0
+    bar.triggerAction(bar.SliderAction.SliderToMaximum)  # back at the end: follow again
+    view.say("last")
+    assert bar.value() == bar.maximum() and view.log.toPlainText().endswith("last")

@@ -12,14 +12,12 @@ from typing import Any
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QTimer
+from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
-    QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QScrollArea,
     QTabWidget,
@@ -40,22 +38,9 @@ from .._napari.layers import (
 from .compute import JobWorker, compute_thread
 from .fields import LayerCombo, settings
 from .forms import MODEL_FILTER, DataForm, ModelForm
-from .pacing import RefreshPacer
-from .plot import TrainingPlot
+from .progress_view import ProgressView
 
 DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 class ConvLoRAWidget(QWidget):
@@ -70,19 +55,12 @@ class ConvLoRAWidget(QWidget):
         self.run_path: str | None = None  # the training file that Resume continues
         self.resumable = False
         self.workers: list[JobWorker] = []  # this dock's running jobs
-        self.tile_progress = jobs.TileProgress()
-        self.events_seen: list[str] = []  # event kinds, in order (for tests and the log)
 
         self.model_form = ModelForm()
         self.data_form = DataForm(self._names(Image), self._names(Labels))
         self.train_button, self.stop_button, self.resume_button = (QPushButton(t) for t in ("Train", "Stop", "Resume"))
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(True)
-        self.plot = TrainingPlot()
-        self.log = QPlainTextEdit()
-        self.log.setReadOnly(True)
-        self.log.setMaximumBlockCount(300)
-        self.log.setMinimumHeight(80)
+        self.view = ProgressView()  # progress bar, plot and log, drawn at a paced rate while jobs run
+        self.progress, self.plot, self.log = self.view.progress, self.view.plot, self.view.log
         self.predict_image = LayerCombo(self._names(Image), "(no Image layer)")
         self.whole_stack = QCheckBox("whole stack")
         self.whole_stack.setToolTip("predict every plane of a stack (else only the plane shown)")
@@ -93,14 +71,6 @@ class ConvLoRAWidget(QWidget):
         self.export_button = QPushButton("Export merged…")
         self._layout()
         self._connect()
-        self.last_step: Any = None  # the latest step event, shown by the refresh timer
-        self.log_lines: list[str] = []  # log lines not shown yet
-        # progress and plot are drawn every 0.5-3 s, not at every step: each repaint recomposes the
-        # whole napari window, which software OpenGL pays for with CPU taken from training (see pacing)
-        self.pacer = RefreshPacer()
-        self.refresh = QTimer(self)
-        self.refresh.setSingleShot(True)
-        self.refresh.timeout.connect(self._refresh_tick)
         self._set_busy(None)
         self._run(jobs.probe_devices, on_returned=self.model_form.set_devices)
         sam, finetuned = self.model_form.sam.path(), self.model_form.finetuned.path()
@@ -117,9 +87,7 @@ class ConvLoRAWidget(QWidget):
         for button in (self.train_button, self.stop_button, self.resume_button):
             buttons.addWidget(button)
         train.addLayout(buttons)
-        train.addWidget(self.progress)
-        train.addWidget(self.plot)
-        train.addWidget(self.log)
+        train.addWidget(self.view)
         predict_box = QGroupBox("Predict")
         predict = QVBoxLayout(predict_box)
         row = QHBoxLayout()
@@ -199,23 +167,15 @@ class ConvLoRAWidget(QWidget):
         for button in (self.predict_button, self.save_button, self.export_button):
             button.setEnabled(idle and self.model is not None)
         self.copy_button.setEnabled(idle)
-        if idle:
-            self.refresh.stop()
-            self._show_progress()
-        elif what in ("train", "predict"):
-            self.pacer.reset()
-            self.refresh.start(self.pacer.interval_ms)
+        self.view.set_running(what in ("train", "predict"))
+
+    @property
+    def events_seen(self) -> list[str]:
+        """Training event kinds received, in order."""
+        return self.view.events_seen
 
     def say(self, text: str) -> None:
-        """Add a line to the dock's log: at once when idle, with the next redraw while a job runs."""
-        self.log_lines.append(text)
-        if not self.refresh.isActive():
-            self._show_log()
-
-    def _show_log(self) -> None:
-        if self.log_lines:
-            self.log.appendPlainText("\n".join(self.log_lines))
-            self.log_lines.clear()
+        self.view.say(text)
 
     def _on_error(self, exc: Exception) -> None:
         message = str(exc) or type(exc).__name__
@@ -225,52 +185,8 @@ class ConvLoRAWidget(QWidget):
     def _on_event(self, event: Any) -> None:
         if isinstance(event, jobs.Message):
             self.say(event.text)
-            return
-        if event.kind != "steps":
-            self.events_seen.append(event.kind)
-        if event.kind == "start":
-            self.progress.setRange(0, event.total_steps)
-            self.progress.setValue(event.step)
-            if event.step == 0:
-                self.plot.clear_curves()
-            self.plot.set_total_steps(event.total_steps)
-            self.say(event.message)
-        elif event.kind == "steps":  # a batch of step events (see jobs.batch_steps)
-            for step in event.events:
-                self.plot.add_loss(step.step, step.loss)
-            self.events_seen.extend(["step"] * len(event.events))
-            self.last_step = event.events[-1]
-        elif event.kind == "validation":
-            metrics = event.metrics
-            self.plot.add_miou(event.step, metrics.get("mean_iou"))
-            ious = metrics.get("per_class_iou", [])
-            names = list(self.data_form.names() or [])
-            names = names if len(names) == len(ious) else [f"class {i}" for i in range(len(ious))]
-            per_class = ", ".join(f"{name} {_percent(v)}" for name, v in zip(names, ious))
-            self.say(f"step {event.step}: val mIoU {_percent(metrics.get('mean_iou'))} ({per_class})")
-        elif event.kind in ("stopped", "finished"):
-            self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
-
-    def _refresh_tick(self) -> None:
-        self._show_progress()
-        if self.workers:
-            self.refresh.start(self.pacer.tick())
-
-    def _show_progress(self) -> None:
-        """Draw the latest progress, curves and log lines in one repaint of the window."""
-        self.plot.redraw()
-        self._show_log()
-        # QProgressBar.setValue repaints at once (a second whole-window composition): let it only
-        # schedule its repaint, which joins the plot's
-        self.progress.setUpdatesEnabled(False)
-        if self.last_step is not None:  # training
-            event, self.last_step = self.last_step, None
-            self.progress.setValue(event.step)
-            self.progress.setFormat(f"step %v / %m · loss {event.loss:.4f} · ETA {_eta(event.eta_s)}")
-        elif self.tile_progress.total:  # prediction
-            self.progress.setRange(0, self.tile_progress.total)
-            self.progress.setValue(self.tile_progress.done)
-        self.progress.setUpdatesEnabled(True)  # schedules the repaint
+        else:
+            self.view.show_event(event, self.data_form.names())
 
     # ---- model files -------------------------------------------------------------------------
     def load_sam(self, path: str) -> None:
@@ -327,8 +243,7 @@ class ConvLoRAWidget(QWidget):
         else:
             folder = Path(self.data_form.run_folder.path() or DEFAULT_RUN_FOLDER)
             out_path = str(folder / f"convlora-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
-        self.progress.setFormat("%v / %m")
-        self.tile_progress = jobs.TileProgress()
+        self.view.start_training()
         self.say(("resuming " if resume else "training into ") + out_path)
         self._set_busy("train")
         return self._run(jobs.train_job, base, copies, options, out_path, self._config(),
@@ -363,11 +278,10 @@ class ConvLoRAWidget(QWidget):
         layer = self.viewer.layers[name]
         whole = self.whole_stack.isChecked() if whole_stack is None else whole_stack
         plane = None if whole else current_plane(self.viewer, layer)
-        self.tile_progress = jobs.TileProgress()
-        self.progress.setFormat("predicting · %p%")
+        progress = self.view.start_prediction()
         self._set_busy("predict")
         return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
-                         self.model_form.device_name(), self.tile_progress, stoppable=True,
+                         self.model_form.device_name(), progress, stoppable=True,
                          on_returned=self._predicted)
 
     def _predicted(self, result: jobs.PredictResult | None) -> None:
