@@ -97,7 +97,7 @@ def batch_steps(
 
 @dataclass
 class TileProgress:
-    """Prediction progress in tiles, written by the compute thread and polled by the widget."""
+    """Prediction progress in tiles, written by the compute thread and read by the dock when it redraws."""
 
     done: int = 0
     total: int = 0

@@ -1,7 +1,7 @@
 """Live training curves (pyqtgraph): the loss per step above, validation mIoU below, on a shared step axis.
 
-Points are appended as events arrive and drawn when the dock's refresh timer calls :meth:`redraw`
-(every 0.5-3 s, see pacing.py, together with the progress bar: one repaint of the window instead of many).
+Points are appended as events arrive and drawn when the progress view's paced timer calls :meth:`redraw`
+(every 0.5-3 s, see pacing.py), together with the progress bar: one repaint of the window instead of many.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         )
         self.loss_points: tuple[list[float], list[float]] = ([], [])
         self.miou_points: tuple[list[float], list[float]] = ([], [])
-        self.redraws = 0
         self.changed = False
 
     def set_total_steps(self, total: int) -> None:
@@ -70,4 +69,3 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         self.loss_curve.setData(*self.loss_points)
         self.miou_curve.setData(*self.miou_points)
         self.changed = False
-        self.redraws += 1
