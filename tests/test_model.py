@@ -169,3 +169,19 @@ def test_inject_rejects_unknown_method():
     layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert inject_adapters(layer, AdapterConfig(method="lora", targets=("0",))) == ["0"]
     assert isinstance(layer[0], LoRALinear)
+
+
+def test_gate_routes_in_fp32_under_mixed_precision():
+    """Under autocast the gate's matmul ran in bf16 while its softmax ran in fp32, and prediction on CUDA
+    failed in ``scatter`` (found on an H200); routing now happens in fp32 whatever the autocast state."""
+    from napari_convlora.adapters.gate import NoisyTopKGate
+
+    gate = NoisyTopKGate(3, 8).eval()
+    with torch.no_grad():
+        gate.w_gate.normal_(generator=torch.Generator().manual_seed(0))
+    z = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    expected, expected_loss = gate(z.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates, loss = gate(z)
+    assert gates.dtype == torch.float32 and loss.dtype == torch.float32
+    assert torch.equal(gates, expected) and torch.equal(loss, expected_loss)

@@ -39,7 +39,11 @@ class NoisyTopKGate(nn.Module):
             gates: N x M, non-zero only at the chosen experts (rows sum to 1).
             balance_loss: scalar ``coef * (CV^2(importance) + CV^2(load))``.
         """
-        pooled = z.mean(dim=(2, 3)).float()  # N x r
+        with torch.autocast(z.device.type, enabled=False):  # routing in fp32, also under mixed precision
+            return self._route(z.float())
+
+    def _route(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = z.mean(dim=(2, 3))  # N x r
         clean = pooled @ self.w_gate.float()
         use_noise = self.noisy and self.training
         if use_noise:
@@ -58,7 +62,7 @@ class NoisyTopKGate(nn.Module):
         else:
             load = (gates > 0).sum(0).float()
         balance_loss = self.balance_coef * (cv_squared(importance) + cv_squared(load))
-        return gates.to(z.dtype), balance_loss
+        return gates, balance_loss
 
     def _prob_in_top_k(
         self, clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, top_noisy: torch.Tensor

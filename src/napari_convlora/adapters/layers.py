@@ -133,7 +133,7 @@ class ConvLoRALinear(LoRALinear):
                 continue
             out = expert(zc[rows])
             if self.weight_by_gate:
-                out = out * gates[rows, e].view(-1, 1, 1, 1)
+                out = out * gates[rows, e].view(-1, 1, 1, 1).to(out.dtype)
             mixed = mixed.index_add(0, rows, out.to(mixed.dtype))
         return (zc + mixed).permute(0, 2, 3, 1)
 
