@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_convlora.config import InputSpec
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import (
     ImageLayout,
@@ -60,7 +61,7 @@ def test_bool_image_maps_to_0_and_255():
 def test_linear_ramp_maps_percentiles_to_0_and_255():
     image = np.arange(100 * 100, dtype=np.float64).reshape(100, 100)
     low, high = np.percentile(image, [1.0, 99.0])
-    planes = to_sam_planes(image, ImageLayout(percentiles=(1.0, 99.0)))
+    planes = to_sam_planes(image, ImageLayout(), InputSpec(percentiles=(1.0, 99.0)))
     expected = np.clip((image - low) / (high - low) * 255.0, 0, 255)
     np.testing.assert_allclose(planes[0, ..., 0], expected, atol=1e-3)
     assert (planes[0, ..., 0][image <= low] == 0).all() and (planes[0, ..., 0][image >= high] == 255).all()
@@ -114,8 +115,8 @@ def _multichannel(num_channels: int, axis: int) -> tuple[np.ndarray, list[np.nda
 )
 def test_multichannel_layouts(axis, num_channels, layout_kwargs, expected_slots):
     image, channels = _multichannel(num_channels, axis)
-    layout = ImageLayout(channel_axis=axis, **layout_kwargs)
-    planes = to_sam_planes(image, layout)
+    layout = ImageLayout(channel_axis=axis)
+    planes = to_sam_planes(image, layout, InputSpec(**layout_kwargs))
     assert planes.shape == (1, 24, 36, 3) and spatial_shape(image, layout) == (24, 36)
     for slot, channel in expected_slots.items():
         expected = np.zeros((24, 36)) if channel is None else _gray(channels[channel])
@@ -142,45 +143,49 @@ def test_rgb_stack_and_channel_axis_in_the_middle():
 
 
 @pytest.mark.parametrize(
-    "image, layout, message",
+    "image, layout, spec, message",
     [
-        (np.array([[1.0, np.nan], [0.0, 1.0]]), ImageLayout(), "contains NaN"),
-        (np.array([[1.0, np.inf], [0.0, 1.0]], np.float32), ImageLayout(), "contains infinite"),
-        (np.zeros((0, 5)), ImageLayout(), r"image is empty \(shape \(0, 5\)\)"),
-        (np.zeros((1, 5)), ImageLayout(), r"too small.*\(1, 5\)"),
-        (np.zeros((4, 4), np.complex64), ImageLayout(), "complex dtype complex64"),
-        (np.array([["a", "b"], ["c", "d"]]), ImageLayout(), "unsupported dtype"),
-        (np.zeros(10), ImageLayout(), "expected at least 2"),
-        (np.zeros((8, 8, 5)), ImageLayout(rgb=True), r"3 \(RGB\) or 4 \(RGBA\).*\(8, 8, 5\)"),
-        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=3), "channel_axis=3 is out of range.*3 axes"),
-        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=-4), "channel_axis=-4 is out of range"),
-        (np.zeros((5, 8, 8)), ImageLayout(channel_axis=0), "has 5 channels.*Choose up to 3"),
-        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=0, channels=(0, 2)), r"channels \[2\] do not exist"),
-        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=0, rgb_slots=(0,)), "one RGB slot per channel"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]]), ImageLayout(), None, "contains NaN"),
+        (np.array([[1.0, np.inf], [0.0, 1.0]], np.float32), ImageLayout(), None, "contains infinite"),
+        (np.zeros((0, 5)), ImageLayout(), None, r"image is empty \(shape \(0, 5\)\)"),
+        (np.zeros((1, 5)), ImageLayout(), None, r"too small.*\(1, 5\)"),
+        (np.zeros((4, 4), np.complex64), ImageLayout(), None, "complex dtype complex64"),
+        (np.array([["a", "b"], ["c", "d"]]), ImageLayout(), None, "unsupported dtype"),
+        (np.zeros(10), ImageLayout(), None, "expected at least 2"),
+        (np.zeros((8, 8, 5)), ImageLayout(rgb=True), None, r"3 \(RGB\) or 4 \(RGBA\).*\(8, 8, 5\)"),
+        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=3), None, "channel_axis=3 is out of range.*3 axes"),
+        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=-4), None, "channel_axis=-4 is out of range"),
+        (np.zeros((5, 8, 8)), ImageLayout(channel_axis=0), None, "has 5 channels.*Choose up to 3"),
+        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=0), InputSpec(channels=(0, 2)), r"channels \[2\] do not exist"),
+        (np.zeros((2, 8, 8)), ImageLayout(channel_axis=0), InputSpec(rgb_slots=(0,)), "one RGB slot per channel"),
     ],
 )
-def test_bad_images_are_explained(image, layout, message):
+def test_bad_images_are_explained(image, layout, spec, message):
     with pytest.raises(ValueError, match=message):
-        to_sam_planes(image, layout)
+        to_sam_planes(image, layout, spec)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kind, kwargs, message",
     [
-        ({"rgb": True, "channel_axis": 0}, "not both"),
-        ({"channels": (0, 1, 2, 3)}, "choose 1 to 3 channels"),
-        ({"rgb_slots": (0, 3)}, "among 0, 1, 2"),
-        ({"percentiles": (50.0, 10.0)}, "0 <= low < high <= 100"),
+        (ImageLayout, {"rgb": True, "channel_axis": 0}, "not both"),
+        (InputSpec, {"channels": (0, 1, 2, 3)}, "choose 1 to 3 channels"),
+        (InputSpec, {"rgb_slots": (0, 3)}, "among 0, 1, 2"),
+        (InputSpec, {"channels": (0, 1), "rgb_slots": (2,)}, r"names 1 slot\(s\) for 2 channel"),
+        (InputSpec, {"percentiles": (50.0, 10.0)}, "0 <= low < high <= 100"),
+        (InputSpec, {"rescale": 0.0}, "rescale must be in"),
     ],
 )
-def test_bad_layouts_are_explained(kwargs, message):
+def test_bad_layouts_and_specs_are_explained(kind, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ImageLayout(**kwargs)
+        kind(**kwargs)
 
 
-def test_layout_json_round_trip():
-    layout = ImageLayout(channel_axis=-1, channels=(2, 0), rgb_slots=(1, 2))
-    assert ImageLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+def test_input_spec_json_round_trip():
+    from napari_convlora.config import from_record, to_record
+
+    spec = InputSpec(channels=(2, 0), rgb_slots=(1, 2), percentiles=(0.5, 99.0), rescale=0.5)
+    assert from_record(InputSpec, json.loads(json.dumps(to_record(spec))), "test") == spec
 
 
 # ---------------------------------------------------------------- labels
@@ -286,7 +291,7 @@ def test_stack_labelled_on_two_slices():
     labels[5, 3:8, 3:8] = 1
     encoding = make_label_encoding([labels], mode="sparse")
     assert labelled_plane_indices(encoding.encode(labels)) == [2, 5]
-    pairs = labelled_plane_pairs(stack, labels, ImageLayout(), encoding)
+    pairs = labelled_plane_pairs(stack, labels, ImageLayout(), InputSpec(), encoding)
     full = to_sam_planes(stack, ImageLayout())
     assert len(pairs) == 2
     np.testing.assert_array_equal(pairs[0][0], full[2])
@@ -407,10 +412,13 @@ def test_patches_are_never_unlabelled_and_weighting_favours_labelled_regions():
     assert hits[True] > 40 and hits[True] > 5 * max(hits[False], 1)
 
 
-def test_sampler_rescale_and_empty_input():
-    image, targets = _coded_pair((96, 80))
-    sampler = PatchSampler([(image, targets)], patch_size=16, rescale=0.5)
-    assert sampler.targets[0].shape == (48, 40) and set(np.unique(sampler.targets[0])) <= {0, 1, 2}
+def test_rescaled_planes_and_empty_sampler_input():
+    stack = RNG.integers(0, 4000, (2, 96, 80), dtype=np.uint16)
+    labels = np.zeros((2, 96, 80), np.uint8)
+    labels[1, 10:50, 20:60], labels[1, 60:, :] = 1, 2
+    encoding = make_label_encoding([labels], mode="sparse")
+    ((planes, targets),) = labelled_plane_pairs(stack, labels, ImageLayout(), InputSpec(rescale=0.5), encoding)
+    assert planes.shape == (48, 40, 3) and targets.shape == (48, 40) and set(np.unique(targets)) <= {-1, 0, 1}
     empty = np.full((20, 20), IGNORE_INDEX, np.int64)
     with pytest.raises(ValueError, match="no labelled pixel"):
         PatchSampler([(np.zeros((20, 20, 3), np.float32), empty)], patch_size=8)
@@ -458,7 +466,7 @@ def test_stardist_nuclei_in_instances_mode():
     assert encoding.num_classes == 2
     encoded = encoding.encode(mask)
     assert 0.1 < encoded.mean() < 0.6  # nuclei cover a sensible share of the field
-    ((planes, targets),) = labelled_plane_pairs(image, mask, ImageLayout(), encoding)
+    ((planes, targets),) = labelled_plane_pairs(image, mask, ImageLayout(), InputSpec(), encoding)
     assert planes[..., 0][targets == 1].mean() > planes[..., 0][targets == 0].mean() + 50
     train, val = split_pairs([(planes, targets)], 0.2, seed=0, block=64)
     images, batch = PatchSampler(train, patch_size=128).sample(np.random.default_rng(0), 2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_convlora.config import TrainRecipe
 from napari_convlora.constants import IGNORE_INDEX
-from napari_convlora.data import ImageLayout
-from napari_convlora.dataset import TrainingPair, prepare_training_data
+from napari_convlora.data import ImageLayout, TrainingPair, prepare_training_data
 from napari_convlora.devices import resolve_device, resolve_precision
 
 RNG = np.random.default_rng(0)
@@ -17,9 +17,12 @@ LABELS[10:30, 10:30] = 1
 LABELS[40:60, 50:70] = 2
 
 
-def _prepare(image=IMAGE, labels=LABELS, mode="dense", **kw):
-    return prepare_training_data([TrainingPair(image, labels, kw.pop("layout", ImageLayout()))], mode,
-                                 patch_size=32, **kw)
+def _recipe(mode="dense", **kw):
+    return TrainRecipe(input_size=64, label_mode=mode, **kw)
+
+
+def _prepare(image=IMAGE, labels=LABELS, mode="dense", layout=None, **kw):
+    return prepare_training_data([TrainingPair(image, labels, layout or ImageLayout())], _recipe(mode, **kw))
 
 
 @pytest.mark.parametrize(
@@ -56,20 +59,19 @@ def test_stacks_train_on_labelled_slices_and_validation_is_held_out():
     stack = np.stack([IMAGE] * 5)
     labels = np.zeros((5, 64, 80), np.uint8)
     labels[1], labels[3] = LABELS, LABELS
-    data = prepare_training_data([TrainingPair(stack, labels)], "dense", patch_size=32, val_fraction=0.25, seed=1)
+    data = prepare_training_data([TrainingPair(stack, labels)], _recipe(val_fraction=0.25, seed=1))
     assert len(data.train_planes) == 2
     train_pixels = sum((t != IGNORE_INDEX).sum() for _, t in data.train_planes)
     val_pixels = sum((t != IGNORE_INDEX).sum() for _, t in data.validation)
     assert train_pixels + val_pixels == 2 * LABELS.size
     assert 0.1 < val_pixels / (2 * LABELS.size) < 0.45
-    again = prepare_training_data([TrainingPair(stack, labels)], "dense", patch_size=32, val_fraction=0.25, seed=1)
+    again = prepare_training_data([TrainingPair(stack, labels)], _recipe(val_fraction=0.25, seed=1))
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(data.validation, again.validation))
 
 
 def test_explicit_validation_pairs_and_class_names():
-    data = prepare_training_data([TrainingPair(IMAGE, LABELS)], "dense", patch_size=32,
-                                 validation_pairs=[TrainingPair(IMAGE[:, ::-1].copy(), LABELS[:, ::-1].copy())],
-                                 class_names=["bg", "a", "b"])
+    data = prepare_training_data([TrainingPair(IMAGE, LABELS)], _recipe(class_names=["bg", "a", "b"]),
+                                 validation_pairs=[TrainingPair(IMAGE[:, ::-1].copy(), LABELS[:, ::-1].copy())])
     assert (data.train_planes[0][1] != IGNORE_INDEX).all()
     assert data.class_names == ("bg", "a", "b") and data.validation
     with pytest.raises(ValueError, match="2 class names given but the labels hold 3 classes"):

@@ -1,4 +1,4 @@
-"""Adapter and merged files: content bounds, round trips, base checks, bad files."""
+"""Adapter and bundle files: content bounds, round trips, base checks, bad files, the record policy."""
 
 from __future__ import annotations
 
@@ -10,20 +10,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from napari_convlora import CheckpointError, ConvLoRASAM, describe, load_model, load_sam, random_sam, save_adapter, save_merged
+from helpers import make_model, perturb_trainable
+
+from napari_convlora import CheckpointError, describe, load_model, load_sam, random_base, random_sam, save_adapter, save_bundle
 from napari_convlora.atomic import sha256_file
 from napari_convlora.files import METADATA_KEY
 
 
 def _trained_model(checkpoint, num_classes=3, method="conv_lora", seed=0):
-    model = ConvLoRASAM(load_sam(checkpoint), num_classes=num_classes, adapter=method, input_size=128,
-                        class_names=tuple(f"class {i}" for i in range(num_classes)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    model = make_model(checkpoint, num_classes=num_classes, method=method, input_size=128,
+                       class_names=tuple(f"class {i}" for i in range(num_classes)))
+    return perturb_trainable(model, scale=0.1, seed=seed).eval()
 
 
 def _images():
@@ -32,13 +29,13 @@ def _images():
 
 @pytest.mark.parametrize("method", ["conv_lora", "lora", "decoder"])
 @pytest.mark.parametrize("num_classes", [2, 4])
-def test_adapter_and_merged_round_trip(tmp_path, tiny_checkpoint, method, num_classes):
+def test_adapter_and_bundle_round_trip(tmp_path, tiny_checkpoint, method, num_classes):
     model = _trained_model(tiny_checkpoint, num_classes, method)
     with torch.no_grad():
         expected = model.class_probabilities(_images())
-    adapter = save_adapter(model, tmp_path / "a.safetensors", tiny_checkpoint)
-    merged = save_merged(model, tmp_path / "m.safetensors")
-    for path, base in ((adapter, tiny_checkpoint), (merged, None)):
+    adapter = save_adapter(model, tmp_path / "a.safetensors")
+    bundle = save_bundle(model, tmp_path / "m.safetensors")
+    for path, base in ((adapter, tiny_checkpoint), (bundle, None)):
         loaded = load_model(path, base=base)
         with torch.no_grad():
             assert torch.equal(loaded.class_probabilities(_images()), expected)
@@ -48,27 +45,26 @@ def test_adapter_and_merged_round_trip(tmp_path, tiny_checkpoint, method, num_cl
 
 def test_adapter_holds_only_trained_tensors_and_config(tmp_path, tiny_checkpoint):
     model = _trained_model(tiny_checkpoint)
-    path = save_adapter(model, tmp_path / "a.safetensors", tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         record = json.loads(f.metadata()[METADATA_KEY])
     assert keys == set(model.trainable_state_dict())
     assert not any(".base_layer." in k or "prompt_encoder" in k or "iou_prediction_head" in k for k in keys)
-    assert record["format"] == "napari-convlora-adapter" and record["format_version"] == 1
-    assert record["base_checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert record["format"] == "napari-convlora-adapter" and record["format_version"] == 2
+    assert record["config"]["base_checkpoint"] == {"file_name": "tiny_sam.pth", "sha256": sha256_file(tiny_checkpoint)}
     assert record["config"]["head"]["class_names"] == ["class 0", "class 1", "class 2"]
     assert record["config"]["input_size"] == 128
     assert record["config"]["adapter"]["method"] == "conv_lora"
-    assert record["config"]["normalisation"]["percentiles"] == [1.0, 99.8]
+    assert record["config"]["input"]["percentiles"] == [1.0, 99.8]
     assert describe(path)["config"] == record["config"]
 
 
 def test_vit_b_adapter_size_is_bounded(tmp_path):
-    sam = random_sam("vit_b")
     base = tmp_path / "vit_b.pth"
-    torch.save(sam.state_dict(), base)
-    model = ConvLoRASAM(sam, input_size=256)
-    path = save_adapter(model, tmp_path / "a.safetensors", base)
+    torch.save(random_sam("vit_b").state_dict(), base)
+    model = make_model(base, input_size=256)
+    path = save_adapter(model, tmp_path / "a.safetensors")
     with safe_open(str(path), framework="pt") as f:
         n = sum(f.get_tensor(k).numel() for k in f.keys())
     assert n == 119_232 + 3_505_536  # adapters + binary decoder, nothing of the 90M-parameter base
@@ -77,7 +73,7 @@ def test_vit_b_adapter_size_is_bounded(tmp_path):
 
 def test_wrong_base_is_refused_unless_overridden(tmp_path, tiny_checkpoint, other_tiny_checkpoint):
     model = _trained_model(tiny_checkpoint)
-    path = save_adapter(model, tmp_path / "a.safetensors", tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
     with pytest.raises(CheckpointError, match="different sha256"):
         load_model(path, base=other_tiny_checkpoint)
     with pytest.raises(CheckpointError, match="needs its base SAM checkpoint"):
@@ -89,7 +85,7 @@ def test_wrong_base_is_refused_unless_overridden(tmp_path, tiny_checkpoint, othe
 
 def test_tampered_adapter_files(tmp_path, tiny_checkpoint):
     model = _trained_model(tiny_checkpoint)
-    path = save_adapter(model, tmp_path / "a.safetensors", tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -110,7 +106,7 @@ def test_foreign_and_truncated_files(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="for a SAM checkpoint use load_sam"):
         load_model(tiny_checkpoint)
     model = _trained_model(tiny_checkpoint)
-    good = save_merged(model, tmp_path / "m.safetensors").read_bytes()
+    good = save_bundle(model, tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 3])
     with pytest.raises(CheckpointError, match="cut.safetensors"):
         load_model(tmp_path / "cut.safetensors")
@@ -118,7 +114,7 @@ def test_foreign_and_truncated_files(tmp_path, tiny_checkpoint):
 
 def test_failed_save_leaves_previous_file_intact(tmp_path, tiny_checkpoint, monkeypatch):
     model = _trained_model(tiny_checkpoint)
-    path = save_adapter(model, tmp_path / "a.safetensors", tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
     before = path.read_bytes()
     import safetensors.torch
 
@@ -128,7 +124,7 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, tiny_checkpoint, monk
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        save_adapter(model, path, tiny_checkpoint)
+        save_adapter(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
 
@@ -140,3 +136,45 @@ def test_describe_official_checkpoint(tiny_checkpoint, tmp_path):
     base = tmp_path / "sam_vit_b.pth"
     torch.save(random_sam("vit_b").state_dict(), base)
     assert describe(base)["model_type"] == "vit_b"
+
+
+def test_a_model_built_in_memory_saves_as_a_bundle_not_an_adapter(tmp_path):
+    model = make_model(random_base("tiny"), input_size=64)
+    with pytest.raises(CheckpointError, match="save a bundle"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    loaded = load_model(save_bundle(model, tmp_path / "b.safetensors"))
+    assert loaded.config == model.config and loaded.config.base_checkpoint is None
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, tiny_checkpoint):
+    """Atomic writes went through a private temporary file (mode 0600): a lab could not read each other's models."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        model = _trained_model(tiny_checkpoint)
+        path = save_adapter(model, tmp_path / "a.safetensors")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.chmod(path, 0o640)  # a mode the user chose stays
+        save_adapter(model, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_unknown_keys_warn_and_missing_keys_name_the_file_and_key(tmp_path, tiny_checkpoint):
+    model = _trained_model(tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()[METADATA_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    record["config"]["adapter"]["from_the_future"] = 1
+    save_file(tensors, str(tmp_path / "newer.safetensors"), metadata={METADATA_KEY: json.dumps(record)})
+    with pytest.warns(UserWarning, match=r"newer.safetensors: config.adapter: ignoring unknown keys \['from_the_future'\]"):
+        load_model(tmp_path / "newer.safetensors", base=tiny_checkpoint)
+    del record["config"]["adapter"]["from_the_future"]
+    del record["config"]["head"]["label_mode"]
+    save_file(tensors, str(tmp_path / "older.safetensors"), metadata={METADATA_KEY: json.dumps(record)})
+    with pytest.raises(CheckpointError, match="older.safetensors: the record lacks 'config.head.label_mode'"):
+        load_model(tmp_path / "older.safetensors", base=tiny_checkpoint)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_convlora.dataset import TrainingPair, prepare_training_data
+from napari_convlora.config import RunOptions, TrainRecipe
+from napari_convlora.data import TrainingPair, prepare_training_data
 from napari_convlora.predict import evaluate_image, predict_image
 from napari_convlora.sample_data import stardist_nuclei
-from napari_convlora.train import TrainConfig, train
+from napari_convlora.train import train
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,9 +28,10 @@ def test_fine_tuning_segments_unseen_nuclei(tmp_path, tiny_checkpoint):
     image, mask = data
     train_half = TrainingPair(image[:, :256], mask[:, :256])
     test_image, test_mask = image[:, 256:], mask[:, 256:]
-    prepared = prepare_training_data([train_half], "instances", patch_size=128, val_fraction=0.15, seed=0)
-    config = TrainConfig(input_size=128, steps=200, batch_size=4, grad_accum=1, lr=2e-3, device="cpu", val_every=100)
-    gen = train(tiny_checkpoint, prepared, tmp_path / "nuclei.safetensors", config)
+    recipe = TrainRecipe(input_size=128, label_mode="instances", val_fraction=0.15, seed=0, steps=200, batch_size=4,
+                         grad_accum=1, lr=2e-3, val_every=100)
+    prepared = prepare_training_data([train_half], recipe)
+    gen = train(tiny_checkpoint, prepared, tmp_path / "nuclei.safetensors", recipe, RunOptions(device="cpu"))
     events = []
     try:
         while True:

@@ -23,7 +23,7 @@ from napari_convlora.losses import (
     segmentation_loss,
     structure_loss,
 )
-from napari_convlora.outputs import SegmentationOutput
+from napari_convlora.modeling import SegmentationOutput
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,9 +3,12 @@ copying a prediction into training labels, sample data, and the native-library f
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,10 +109,12 @@ def test_train_and_predict_jobs_without_qt(tiny_checkpoint, tmp_path):
     from napari_convlora.sample_data import synthetic_cells
 
     image, labels = synthetic_cells(128, seed=0)
+    from napari_convlora.config import AdapterConfig, RunOptions, TrainRecipe
+
     pair = jobs.LayerCopy("cells", image, False, labels)
-    config = dict(method="lora", input_size=64, steps=2, grad_accum=1, device="cpu")
-    gen = jobs.train_job(str(tiny_checkpoint), [pair], jobs.DataOptions(class_names=NAMES),
-                         str(tmp_path / "run" / "m.safetensors"), config, stop=threading.Event())
+    recipe = TrainRecipe(adapter=AdapterConfig(method="lora"), input_size=64, steps=2, grad_accum=1, class_names=NAMES)
+    gen = jobs.train_job(str(tiny_checkpoint), [pair], recipe, RunOptions(device="cpu"),
+                         str(tmp_path / "run" / "m.safetensors"), stop=threading.Event())
     kinds = []
     try:
         while True:
@@ -139,9 +144,56 @@ def test_release_openmp_threads_after_main_thread_torch():
     assert torch.allclose(torch.ones(3) * 2, torch.full((3,), 2.0))  # torch still works afterwards
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_openmp_runtime_released_is_the_one_torch_linked(monkeypatch):
+    """Another libgomp earlier in the library list (found first by path) is not the one torch uses."""
+    import torch
+
+    real = native_libs._loaded_libraries()
+    torch_lib = Path(torch.__file__).parent / "lib"
+    decoy = "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: [decoy] + real)
+    found = native_libs.torch_openmp_pause()
+    assert found is not None
+    pause, library = found
+    assert Path(library).parent == torch_lib and Path(library).name.startswith(("libgomp", "libomp", "libiomp"))
+
+
+def test_releasing_openmp_fires_once_logs_and_can_be_turned_off(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(native_libs, "torch_openmp_pause",
+                        lambda: ((lambda kind: calls.append(kind) or 0), "/torch/lib/libgomp-fake.so.1"))
+    monkeypatch.setenv(native_libs.KEEP_POOL_VARIABLE, "1")
+    assert native_libs.release_openmp_threads() is False and calls == []
+    monkeypatch.delenv(native_libs.KEEP_POOL_VARIABLE)
+    with caplog.at_level(logging.INFO, logger=native_libs.__name__):
+        assert native_libs.release_openmp_threads() is True
+    assert calls == [native_libs.OMP_PAUSE_SOFT]
+    assert "released this thread's OpenMP thread pool in /torch/lib/libgomp-fake.so.1" in caplog.text
+
+
 def test_isolate_triton_does_nothing_when_already_imported_or_no_llvm(monkeypatch):
-    monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: {"/usr/lib/libc.so.6"})
+    monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: ["/usr/lib/libc.so.6"])
     assert native_libs.isolate_triton() is False
+
+
+@pytest.mark.skipif(not hasattr(os, "RTLD_DEEPBIND"), reason="RTLD_DEEPBIND is Linux-only")
+def test_isolate_triton_fires_with_another_llvm_loaded(monkeypatch, caplog):
+    """With Mesa's LLVM in the process (a fake library list), triton >= 3.7 is imported with RTLD_DEEPBIND;
+    older triton, which keeps its LLVM symbols to itself, is left alone."""
+    flags_seen = []
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.setattr(native_libs, "_loaded_libraries", lambda: ["/usr/lib/x86_64-linux-gnu/libLLVM-15.so.1"])
+    monkeypatch.setattr(native_libs.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(native_libs, "_import_triton", lambda: flags_seen.append(sys.getdlopenflags()))
+    monkeypatch.setattr(native_libs, "_triton_version", lambda: (3, 6))
+    assert native_libs.isolate_triton() is False and flags_seen == []
+    monkeypatch.setattr(native_libs, "_triton_version", lambda: (3, 8))
+    before = sys.getdlopenflags()
+    with caplog.at_level(logging.INFO, logger=native_libs.__name__):
+        assert native_libs.isolate_triton() is True
+    assert flags_seen[0] & os.RTLD_DEEPBIND and sys.getdlopenflags() == before
+    assert "loaded triton 3.8 with RTLD_DEEPBIND" in caplog.text
 
 
 def _events(kinds):

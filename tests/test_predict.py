@@ -6,21 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from napari_convlora import ConvLoRASAM, load_sam
-from napari_convlora.data import ImageLayout, to_sam_planes
+from helpers import make_model, perturb_trainable
+
+from napari_convlora.config import InputSpec
+from napari_convlora.data import ImageLayout, SamPlanes
 from napari_convlora.predict import evaluate_image, predict_image, predict_plane_probabilities
 from napari_convlora.tiling import PredictionCancelled
 
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
-    m = ConvLoRASAM(load_sam(tiny_checkpoint), num_classes=3, input_size=64, class_values=(0, 2, 5))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.eval()
+    m = make_model(tiny_checkpoint, num_classes=3, input_size=64, class_values=(0, 2, 5))
+    return perturb_trainable(m, scale=0.3).eval()
 
 
 def _image(shape, seed=0, dtype=np.uint16):
@@ -41,8 +38,9 @@ def test_2d_prediction_shape_dtype_and_values(model):
 
 def test_single_tile_equals_direct_model_output(model):
     image = _image((64, 64), seed=1)
-    plane = to_sam_planes(image, ImageLayout())[0]
-    probs = predict_plane_probabilities(model, plane, torch.device("cpu"))
+    planes = SamPlanes(image, ImageLayout(), model.config.input)
+    plane = planes.model_input(0)
+    probs = predict_plane_probabilities(model, planes, 0, torch.device("cpu"))
     with torch.no_grad():
         direct = model.class_probabilities(torch.from_numpy(plane).permute(2, 0, 1)[None])[0].numpy()
     np.testing.assert_allclose(probs, direct, atol=1e-6)
@@ -67,11 +65,11 @@ def test_rgb_and_multichannel_layouts(model):
 
 
 def test_rescale_returns_input_shape(model):
-    model.config.normalisation.rescale = 0.5
+    model.config.input = InputSpec(rescale=0.5)
     try:
         result = predict_image(model, _image((100, 130), seed=5), device="cpu")
     finally:
-        model.config.normalisation.rescale = 1.0
+        model.config.input = InputSpec()
     assert result.labels.shape == (100, 130)
 
 

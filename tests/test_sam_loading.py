@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_convlora import CheckpointError, SamArchitecture, load_sam, random_sam, save_sam_checkpoint
-from napari_convlora.sam_architecture import PRESETS, TINY, infer_architecture
+from napari_convlora import CheckpointError, SamArchitecture, load_base, load_sam, random_sam, save_sam_checkpoint
+from napari_convlora.atomic import sha256_file
+from napari_convlora.config import PRESETS, TINY
+from napari_convlora.sam_build import infer_architecture
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -22,9 +24,11 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_tiny_checkpoint_round_trips_with_inferred_architecture(tiny_checkpoint):
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and "image_encoder.patch_embed.proj.weight" in state  # official layout
-    sam = load_sam(tiny_checkpoint)
-    assert sam.architecture == TINY
-    assert sam.architecture.model_type is None
+    base = load_base(tiny_checkpoint)
+    sam = base.sam
+    assert base.architecture == TINY and base.architecture.model_type is None
+    assert base.checkpoint.file_name == "tiny_sam.pth" and base.checkpoint.sha256 == sha256_file(tiny_checkpoint)
+    assert not hasattr(sam, "architecture")  # nothing bolted onto segment_anything's Sam
     assert all(torch.equal(sam.state_dict()[k], v) for k, v in state.items())
     out = sam.image_encoder(torch.randn(1, 3, 256, 256))
     assert out.shape == (1, TINY.prompt_embed_dim, 16, 16)
@@ -44,14 +48,14 @@ def test_tiny_checkpoint_round_trips_with_inferred_architecture(tiny_checkpoint)
 )
 def test_non_standard_geometries_are_inferred(tmp_path, arch):
     path = save_sam_checkpoint(random_sam(arch, seed=3), tmp_path / "odd.pth")
-    assert load_sam(path).architecture == arch
+    assert load_base(path).architecture == arch
 
 
 def test_vit_b_geometry_is_inferred(tmp_path):
     sam = random_sam("vit_b")
     assert infer_architecture(sam.state_dict()) == PRESETS["vit_b"]
     path = save_sam_checkpoint(sam, tmp_path / "sam_vit_b_random.pth")
-    loaded = load_sam(path, model_type="vit_b")
+    loaded = load_base(path, model_type="vit_b")
     assert loaded.architecture.model_type == "vit_b"
     with pytest.raises(CheckpointError, match="expected a vit_h checkpoint"):
         load_sam(path, model_type="vit_h")

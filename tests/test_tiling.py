@@ -8,7 +8,7 @@ import torch
 
 from napari_convlora.tiling import (
     PredictionCancelled,
-    blending_window,
+    axis_windows,
     instances_from_labels,
     overlap_pixels,
     predict_tiled,
@@ -191,21 +191,24 @@ def test_tile_starts_properties(tile: int, overlap: float) -> None:
         assert covered.all()
 
 
-def test_blending_window_properties() -> None:
-    for tile, overlap in [(64, 0.25), (128, 0.5), (16, 0.0), (32, 0.9)]:
-        w = blending_window(tile, overlap)
-        assert w.shape == (tile, tile) and w.dtype == np.float32
-        assert (w > 0).all() and w.max() <= 1.0
-        np.testing.assert_allclose(w, w.T)
-        np.testing.assert_allclose(w, w[::-1, ::-1])
-    w = blending_window(64, 0.25)
-    assert (w[16:48, 16:48] == 1.0).all()
-    assert w[0, 0] < w[0, 8] < w[0, 32]
-    # Two ramps crossing over the margin sum to one (a partition of unity).
-    np.testing.assert_allclose(w[32, 48:] + w[32, :16], 1.0, atol=1e-6)
-    assert (blending_window(16, 0.0) == 1.0).all()
-    border = blending_window(64, 0.25, top=False, left=False)
-    assert border[0, 0] == 1.0 and border[-1, -1] < 0.01
+def test_axis_windows_properties() -> None:
+    """The windows predict_tiled blends with: 1 in the middle, ramps only towards neighbours, and ramps of
+    neighbours crossing over their overlap sum to one."""
+    for length, tile, overlap in [(200, 64, 0.25), (300, 128, 0.5), (64, 16, 0.0), (100, 32, 0.9)]:
+        starts, margin = tile_starts(length, tile, overlap), overlap_pixels(tile, overlap)
+        windows = axis_windows(starts, tile, margin, length)
+        assert len(windows) == len(starts) and all(w.shape == (tile,) and w.dtype == np.float32 for w in windows)
+        assert all((w > 0).all() and w.max() <= 1.0 for w in windows)
+        assert windows[0][0] == 1.0 and windows[-1][-1] == 1.0  # image borders keep full weight
+        total = np.zeros(length)
+        for start, window in zip(starts, windows):
+            total[start : start + tile] += window
+        assert total.min() > 0.99  # every pixel is fully covered
+    starts = tile_starts(112, 64, 0.25)  # two tiles overlapping by exactly the margin
+    left, right = axis_windows(starts, 64, overlap_pixels(64, 0.25), 112)
+    np.testing.assert_allclose(left[48:] + right[:16], 1.0, atol=1e-6)
+    assert (left[:48] == 1.0).all() and left[50] < left[49]
+    assert (axis_windows([0], 16, 0, 16)[0] == 1.0).all()
 
 
 # (f) labels and instances ----------------------------------------------------------------

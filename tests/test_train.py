@@ -9,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_convlora import load_model
-from napari_convlora.dataset import TrainingPair, prepare_training_data
+from napari_convlora import CheckpointError, load_model
+from napari_convlora.config import RunOptions, TrainRecipe
+from napari_convlora.data import TrainingPair, prepare_training_data
 from napari_convlora.sample_data import synthetic_cells
-from napari_convlora.train import TrainConfig, TrainingError, train
+from napari_convlora.train import TrainingError, resume_recipe, train
 from napari_convlora.training_state import best_path, state_path
+
+CPU = RunOptions(device="cpu")
 
 
 def _run(gen, stop_at: int | None = None, stop: threading.Event | None = None):
@@ -28,23 +31,27 @@ def _run(gen, stop_at: int | None = None, stop: threading.Event | None = None):
         return events, done.value
 
 
+def _recipe(**kw) -> TrainRecipe:
+    """Nuclei and rods as one foreground class (instances mode), 128 px patches."""
+    base = dict(input_size=128, label_mode="instances", val_fraction=0.2, steps=40, batch_size=4, grad_accum=1,
+                lr=2e-3, val_every=20, seed=0)
+    base.update(kw)
+    return TrainRecipe(**base)
+
+
+def _prepare(recipe: TrainRecipe):
+    image, labels = synthetic_cells(256, seed=0)
+    return prepare_training_data([TrainingPair(image, labels)], recipe)
+
+
 @pytest.fixture(scope="module")
 def cells():
-    """Nuclei and rods as one foreground class (instances mode), 128 px patches."""
-    image, labels = synthetic_cells(256, seed=0)
-    return prepare_training_data([TrainingPair(image, labels)], "instances", patch_size=128, val_fraction=0.2, seed=0)
-
-
-def _config(**kw):
-    base = dict(method="conv_lora", input_size=128, steps=40, batch_size=4, grad_accum=1, lr=2e-3, val_every=20,
-                device="cpu", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return _prepare(_recipe())
 
 
 def test_training_lowers_loss_and_improves_validation(tmp_path, tiny_checkpoint, cells):
     out = tmp_path / "model.safetensors"
-    events, model = _run(train(tiny_checkpoint, cells, out, _config(steps=150, val_every=75)))
+    events, model = _run(train(tiny_checkpoint, cells, out, _recipe(steps=150, val_every=75), CPU))
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished"
     steps = [e for e in events if e.kind == "step"]
@@ -66,26 +73,26 @@ def test_training_lowers_loss_and_improves_validation(tmp_path, tiny_checkpoint,
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_stop_and_resume_equal_uninterrupted(tmp_path, tiny_checkpoint, cells, grad_accum):
-    config = _config(steps=12, val_every=5, grad_accum=grad_accum, batch_size=2)
+    recipe = _recipe(steps=12, val_every=5, grad_accum=grad_accum, batch_size=2)
     full = tmp_path / "full.safetensors"
-    _run(train(tiny_checkpoint, cells, full, config))
+    _run(train(tiny_checkpoint, cells, full, recipe, CPU))
 
     part = tmp_path / "part.safetensors"
     stop = threading.Event()
-    events, _ = _run(train(tiny_checkpoint, cells, part, config, stop=stop), stop_at=7, stop=stop)
+    events, _ = _run(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=7, stop=stop)
     assert events[-1].kind == "stopped" and events[-1].step == 7
     assert load_file(str(part)).keys() == load_file(str(full)).keys()
     resumed = tmp_path / "resumed.safetensors"
-    events, _ = _run(train(tiny_checkpoint, cells, resumed, resume_from=part))
+    events, _ = _run(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
     assert [e.step for e in events if e.kind == "step"] == list(range(8, 13))
     a, b = load_file(str(full)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stop_mid_accumulation_discards_the_half_step(tmp_path, tiny_checkpoint, cells):
-    config = _config(steps=6, grad_accum=4, batch_size=1, val_every=100)
+    recipe = _recipe(steps=6, grad_accum=4, batch_size=1, val_every=100)
     stop = threading.Event()
-    gen = train(tiny_checkpoint, cells, tmp_path / "m.safetensors", config, stop=stop)
+    gen = train(tiny_checkpoint, cells, tmp_path / "m.safetensors", recipe, CPU, stop=stop)
     calls = {"n": 0}
     original = cells.sampler.sample
 
@@ -105,7 +112,7 @@ def test_stop_mid_accumulation_discards_the_half_step(tmp_path, tiny_checkpoint,
 
 def test_nan_loss_stops_and_keeps_last_good_file(tmp_path, tiny_checkpoint, cells, monkeypatch):
     out = tmp_path / "m.safetensors"
-    _run(train(tiny_checkpoint, cells, out, _config(steps=4, val_every=2)))
+    _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
     good = out.read_bytes()
     import napari_convlora.train as train_module
 
@@ -118,33 +125,87 @@ def test_nan_loss_stops_and_keeps_last_good_file(tmp_path, tiny_checkpoint, cell
 
     monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 1"):
-        _run(train(tiny_checkpoint, cells, out, _config(steps=4, val_every=2)))
+        _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
     assert out.read_bytes() == good
 
 
 def test_each_method_trains(tmp_path, tiny_checkpoint, cells):
+    from napari_convlora.config import AdapterConfig
+
     for method in ("lora", "decoder"):
         events, model = _run(train(tiny_checkpoint, cells, tmp_path / f"{method}.safetensors",
-                                   _config(method=method, steps=3, val_every=3)))
+                                   _recipe(adapter=AdapterConfig(method=method), steps=3, val_every=3), CPU))
         assert model.config.adapter.method == method and events[-1].kind == "finished"
 
 
-def test_activation_checkpointing_gives_same_gradients(tiny_checkpoint):
-    from napari_convlora import ConvLoRASAM, load_sam
+def _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=3):
+    part = tmp_path / "part.safetensors"
+    stop = threading.Event()
+    _run(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, stop=stop), stop_at=stop_at, stop=stop)
+    return part
 
-    grads = []
-    for enabled in (False, True):
-        torch.manual_seed(0)
-        model = ConvLoRASAM(load_sam(tiny_checkpoint), num_classes=3, input_size=64).train()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05)
-        model.set_activation_checkpointing(enabled)
-        torch.manual_seed(1)
-        out = model(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 255)
-        (out.mask_logits.square().mean() + out.balance_loss).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+def test_resume_after_changing_the_input_size_uses_the_saved_recipe(tmp_path, tiny_checkpoint):
+    """Stopped at 128 px, resumed from a form or command line that says 64: the data must be cut at the saved
+    size before training (cutting them at 64 px failed with a shape error at the first step)."""
+    recipe = _recipe(steps=6, val_every=3, batch_size=2)
+    full = tmp_path / "full.safetensors"
+    _run(train(tiny_checkpoint, _prepare(recipe), full, recipe, CPU))
+    part = _stopped_run(tmp_path, tiny_checkpoint, recipe)
+    asked = _recipe(steps=6, val_every=3, batch_size=2, input_size=64)
+    with pytest.raises(TrainingError, match=r"input_size: 64 here, 128 there"):
+        _run(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, resume_from=part))
+    saved, notes = resume_recipe(part, requested=asked)
+    assert saved == recipe and notes == ["input_size: 64 asked, 128 saved"]
+    resumed = tmp_path / "resumed.safetensors"
+    events, _ = _run(train(tiny_checkpoint, _prepare(saved), resumed, run=CPU, resume_from=part))
+    assert [e.step for e in events if e.kind == "step"] == [4, 5, 6]
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_cut_for_another_recipe_are_refused(tmp_path, tiny_checkpoint, cells):
+    other = _recipe(input_size=64)
+    with pytest.raises(TrainingError, match=r"data were prepared for another recipe \(input_size: 64 here, 128 there\)"):
+        _run(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", other, CPU))
+    assert not (tmp_path / "m.safetensors").exists()
+    faster = _recipe(lr=1e-3, steps=2)  # other optimisation settings need no new data
+    events, _ = _run(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", faster, CPU))
+    assert events[-1].kind == "finished"
+
+
+def test_run_options_are_not_saved_and_come_from_the_caller(tmp_path, tiny_checkpoint):
+    """A run started on CUDA must resume on a CPU-only machine: the device is never part of the saved state."""
+    recipe = _recipe(steps=4, val_every=2)
+    part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
+    state = torch.load(state_path(part), map_location="cpu", weights_only=True)
+    assert "device" not in str(state["recipe"]) and "precision" not in state["recipe"]
+    events, _ = _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors",
+                           run=RunOptions(device="cpu", num_threads=1), resume_from=part))
+    assert "on cpu" in events[0].message and events[-1].kind == "finished"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "c.safetensors",
+                       run=RunOptions(device="cuda"), resume_from=part))
+
+
+def test_a_finished_run_resumed_into_a_new_file_writes_it(tmp_path, tiny_checkpoint, cells):
+    recipe = _recipe(steps=3, val_every=3)
+    done = tmp_path / "done.safetensors"
+    _run(train(tiny_checkpoint, cells, done, recipe, CPU))
+    again = tmp_path / "elsewhere" / "again.safetensors"
+    events, _ = _run(train(tiny_checkpoint, cells, again, recipe, CPU, resume_from=done))
+    assert [e.kind for e in events] == ["start", "saved", "finished"]
+    assert again.is_file() and state_path(again).is_file() and best_path(again).is_file()
+    a, b = load_file(str(done)), load_file(str(again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_version_1_training_state_is_refused_with_a_reason(tmp_path, tiny_checkpoint, cells):
+    recipe = _recipe(steps=2, val_every=2)
+    done = tmp_path / "old.safetensors"
+    _run(train(tiny_checkpoint, cells, done, recipe, CPU))
+    torch.save({"step": 2, "optimizer": {}, "scheduler": {}, "rng": {}, "train_config": {"device": "cuda"}},
+               state_path(done))
+    with pytest.raises(CheckpointError, match="napari-convlora 0.1.*cannot be resumed exactly"):
+        resume_recipe(done)

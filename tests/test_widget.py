@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,10 +50,10 @@ def dock(viewer, tiny_checkpoint, tmp_path, qtbot):
     widget.model_form.input_size.setValue(128)
     widget.model_form.device.setCurrentIndex(3)  # CPU
     widget.data_form.length.setValue(STEPS)
-    widget.data_form.grad_accum.setValue(1)
-    widget.data_form.lr.setValue(1e-3)
+    widget.data_form.options.grad_accum.value = 1
+    widget.data_form.options.lr.value = 1e-3
     widget.data_form.class_names.setText(", ".join(CLASS_NAMES))
-    widget.data_form.run_folder.set_path(str(tmp_path / "runs"))
+    widget.data_form.options.run_folder.value = tmp_path / "runs"
     return widget
 
 
@@ -117,16 +118,19 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     assert x0 <= 0 and STEPS <= x1 < 1.1 * STEPS  # the step axis spans the whole run
     lines = dock.log.toPlainText().splitlines()  # lines gathered during training are all shown, in order
     assert lines[-1].startswith("finished") and any(line.startswith("training into") for line in lines)
-    assert "val mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
-    assert dock.run_path and (tmp_path / "runs").glob("*.safetensors")
+    assert "validation mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*.safetensors"))
+    assert dock.run_path and Path(dock.run_path).name in runs and len(runs) == 2  # the run and its best
     assert dock.model is not None and dock.predict_button.isEnabled()
 
     dock.save(path=str(tmp_path / "adapter.safetensors"))
     _wait_idle(dock, qtbot)
-    dock.save(merged=True, path=str(tmp_path / "merged.safetensors"))
+    dock.save(bundle=True, path=str(tmp_path / "bundle.safetensors"))
     _wait_idle(dock, qtbot)
-    assert (tmp_path / "adapter.safetensors").stat().st_size > 0
-    assert (tmp_path / "merged.safetensors").stat().st_size > (tmp_path / "adapter.safetensors").stat().st_size
+    from napari_convlora.files import describe
+
+    assert describe(tmp_path / "adapter.safetensors")["format"] == "napari-convlora-adapter"
+    assert describe(tmp_path / "bundle.safetensors")["format"] == "napari-convlora-bundle"
 
     dock.predict_image.refresh("cells")
     assert dock.predict() is not None
@@ -158,7 +162,7 @@ def test_predict_current_plane_of_a_stack(dock, viewer, qtbot):
     assert layer.metadata["napari_convlora"]["planes"] == [1]
 
 
-def test_stop_then_resume(dock, qtbot):
+def test_stop_then_resume(dock, qtbot, tmp_path):
     dock.data_form.length.setValue(400)
     dock.train()
     qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
@@ -171,13 +175,22 @@ def test_stop_then_resume(dock, qtbot):
     assert dock.resumable and dock.resume_button.isEnabled() and dock.model is not None
 
     dock.events_seen.clear()
-    dock.data_form.length.setValue(1)  # ignored on resume: the saved config continues
+    run_path = dock.run_path
+    # changed after the stop, all set aside on resume: the saved recipe continues in the run's own file
+    dock.data_form.length.setValue(1)
+    dock.model_form.input_size.setValue(64)
+    dock.model_form.device.setCurrentIndex(0)  # auto (the CPU here)
+    dock.data_form.options.run_folder.value = tmp_path / "elsewhere"
     dock.resume_button.click()
     qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
     dock.stop()
     _wait_idle(dock, qtbot)
     assert dock.events_seen[0] == "start" and dock.events_seen[-1] == "stopped"
     assert dock.progress.maximum() == 400 and dock.progress.value() > stopped_at
+    log = dock.log.toPlainText()
+    assert "resuming with the run's saved input_size: 64 asked, 128 saved" in log
+    assert "resuming with the run's saved steps: 1 asked, 400 saved" in log
+    assert dock.run_path == run_path and not (tmp_path / "elsewhere").exists()
 
 
 def test_error_is_shown_and_dock_stays_usable(dock, viewer, qtbot, monkeypatch):
@@ -204,7 +217,7 @@ def _closing_during_training(dock, qtbot, close):
     close()
     qtbot.waitUntil(lambda: not compute.busy, timeout=60_000)
     assert describe(run_path)["format"] == "napari-convlora-adapter"
-    assert 1 <= load_training_state(state_path(run_path))["step"] < 100_000
+    assert 1 <= load_training_state(state_path(run_path))[0]["step"] < 100_000
 
 
 def test_closing_the_viewer_during_training_stops_and_saves(dock, viewer, qtbot):
@@ -215,12 +228,35 @@ def test_closing_the_dock_during_training_stops_and_saves(dock, viewer, qtbot):
     _closing_during_training(dock, qtbot, lambda: viewer.window.remove_dock_widget(dock))
 
 
-def test_eta_and_percent_texts():
-    from napari_convlora._qt.progress_view import eta_text, percent
+def test_eta_texts():
+    from napari_convlora._qt.progress_view import eta_text
 
     assert [eta_text(s) for s in (None, 0, 59.6, 61, 3599, 3600, 3725)] == \
         ["", "0:00", "1:00", "1:01", "59:59", "1:00:00", "1:02:05"]
-    assert (percent(None), percent(0.6724)) == ("n/a", "67.2%")
+
+
+def test_forms_build_the_core_config_objects(dock, tmp_path):
+    """The dock hands the core a TrainRecipe and RunOptions built from its forms; the Advanced form is magicgui."""
+    from magicgui.widgets import Container
+
+    from napari_convlora.config import AdapterConfig, RunOptions, TrainRecipe
+    from napari_convlora.config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
+
+    form, data = dock.model_form, dock.data_form
+    assert isinstance(data.options, Container)
+    assert [form.method.itemData(i) for i in range(form.method.count())] == list(METHODS)
+    assert [form.device.itemData(i) for i in range(form.device.count())] == list(DEVICES)
+    assert [form.precision.itemData(i) for i in range(form.precision.count())] == list(PRECISIONS)
+    assert [data.label_mode.itemData(i) for i in range(data.label_mode.count())] == list(LABEL_MODES)
+    form.method.setCurrentIndex(1)  # LoRA
+    form.rank.setValue(5)
+    data.label_mode.setCurrentIndex(1)  # sparse
+    data.options.batch_size.value = 2
+    data.options.threads.value = 1
+    assert dock.recipe() == TrainRecipe(adapter=AdapterConfig(method="lora", rank=5), input_size=128,
+                                        label_mode="sparse", class_names=CLASS_NAMES, val_fraction=0.1,
+                                        steps=STEPS, lr=1e-3, batch_size=2, grad_accum=1)
+    assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
 
 
 def test_log_lines_wait_for_the_redraw_while_a_job_runs_and_the_log_follows_them(qtbot):

@@ -1,7 +1,8 @@
 """napari-convlora: fine-tune SAM with Conv-LoRA on napari annotations and predict multi-class labels.
 
 The public core API is imported lazily, so that ``import napari_convlora`` (for example when napari
-reads the plugin manifest) does not import torch.
+reads the plugin manifest) does not import torch; the configuration tree (``napari_convlora.config``)
+never imports it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,25 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_sam": "sam_loading",
+    "load_base": "sam_loading",
+    "BaseSam": "sam_loading",
     "tiny_sam_checkpoint": "sam_loading",
     "random_sam": "sam_loading",
+    "random_base": "sam_loading",
     "save_sam_checkpoint": "sam_loading",
-    "SamArchitecture": "sam_architecture",
-    "CheckpointError": "sam_architecture",
-    "ConvLoRASAM": "model",
+    "AdaptedSAM": "modeling",
+    "SamArchitecture": "config",
     "ModelConfig": "config",
     "AdapterConfig": "config",
     "HeadConfig": "config",
+    "InputSpec": "config",
+    "TrainRecipe": "config",
+    "RunOptions": "config",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "TrainingError": "errors",
     "save_adapter": "files",
-    "save_merged": "files",
+    "save_bundle": "files",
     "load_model": "files",
     "describe": "files",
 }

@@ -1,4 +1,9 @@
-"""``napari-convlora``: train, predict, evaluate, info and demo from a terminal (no Qt, no napari)."""
+"""``napari-convlora``: train, predict, evaluate, info and demo from a terminal (no Qt, no napari).
+
+The options build the same configuration objects as the dock (``config.TrainRecipe``, ``config.RunOptions``);
+choice lists come from ``config.choices``. Nothing here imports torch until a command runs, so ``--help``
+is instant.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,77 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .sam_architecture import CheckpointError
+from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
+from .errors import CheckpointError, ConfigError, TrainingError
+
+#: train options that set the recipe: option dest -> (part of the recipe, field). A resumed run keeps its
+#: saved recipe; these options, when given with --resume, are reported as set aside.
+RECIPE_OPTIONS = {
+    "method": ("adapter", "method"), "rank": ("adapter", "rank"), "alpha": ("adapter", "alpha"),
+    "experts": ("adapter", "num_experts"), "top_k": ("adapter", "top_k"), "weight_by_gate": ("adapter", "weight_by_gate"),
+    "channels": ("input", "channels"), "low_percentile": ("input", None), "high_percentile": ("input", None),
+    "rescale": ("input", "rescale"), "input_size": (None, "input_size"), "label_mode": (None, "label_mode"),
+    "background_value": (None, "background_value"), "class_names": (None, "class_names"),
+    "mask_tokens": (None, "num_mask_tokens"), "val_fraction": (None, "val_fraction"), "no_augment": (None, "augment"),
+    "steps": (None, "steps"), "epochs": (None, "epochs"), "batch_size": (None, "batch_size"),
+    "grad_accum": (None, "grad_accum"), "lr": (None, "lr"), "val_every": (None, "val_every"), "seed": (None, "seed"),
+}
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    value = getattr(args, name, None)
+    return value is not None and value is not False
+
+
+def _recipe(args: argparse.Namespace):
+    """The :class:`TrainRecipe` the options describe; options not given keep the recipe's defaults."""
+    from .config import AdapterConfig, InputSpec, TrainRecipe
+
+    def pick(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None and v is not False}
+
+    default_input = InputSpec()
+    low = args.low_percentile if args.low_percentile is not None else default_input.percentiles[0]
+    high = args.high_percentile if args.high_percentile is not None else default_input.percentiles[1]
+    channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
+    adapter = AdapterConfig(**pick(method=args.method, rank=args.rank, alpha=args.alpha, num_experts=args.experts,
+                                   top_k=args.top_k, weight_by_gate=args.weight_by_gate))
+    spec = InputSpec(**pick(channels=channels, rescale=args.rescale), percentiles=(low, high))
+    return TrainRecipe(adapter=adapter, input=spec, **pick(
+        input_size=args.input_size, label_mode=args.label_mode, background_value=args.background_value,
+        class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+        num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
+    ), augment=not args.no_augment)
+
+
+def _set_aside(args: argparse.Namespace, requested, saved) -> list[str]:
+    """What the saved recipe of a resumed run overrides among the options given."""
+    notes = []
+    for name, (part, field) in RECIPE_OPTIONS.items():
+        if not _given(args, name):
+            continue
+        field = field or "percentiles"
+        asked = getattr(getattr(requested, part) if part else requested, field)
+        kept = getattr(getattr(saved, part) if part else saved, field)
+        if asked != kept:
+            notes.append(f"--{name.replace('_', '-')}: the saved run's {field} {kept!r} is kept (asked {asked!r})")
+    return notes
+
+
+def _run_options(args: argparse.Namespace):
+    from .config import RunOptions
+
+    return RunOptions(device=args.device, precision=getattr(args, "precision", "auto"), num_threads=args.threads,
+                      activation_checkpointing=getattr(args, "activation_checkpointing", False))
 
 
 def _layout(args: argparse.Namespace):
     from .data import ImageLayout
 
-    channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
-    return ImageLayout(rgb=args.rgb, channel_axis=args.channel_axis, channels=channels,
-                       percentiles=(args.low_percentile, args.high_percentile))
-
-
-def _add_image_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rgb", action="store_true", help="the last axis holds RGB(A) colours")
-    p.add_argument("--channel-axis", type=int, default=None, help="axis of a multichannel image")
-    p.add_argument("--channels", default=None, help="channels to use, e.g. 0,2 (for more than 3 channels)")
-    p.add_argument("--low-percentile", type=float, default=1.0)
-    p.add_argument("--high-percentile", type=float, default=99.8)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    return ImageLayout(rgb=args.rgb, channel_axis=args.channel_axis)
 
 
 def _load(args: argparse.Namespace):
@@ -36,35 +92,29 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .dataset import TrainingPair, prepare_training_data
+    from .data import TrainingPair, prepare_training_data
     from .image_io import read_image
     from .progress import TerminalProgress
-    from .train import TrainConfig, train
+    from .train import resume_recipe, train
 
     if len(args.image) != len(args.labels):
-        raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
+        raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
+    if len(args.val_image) != len(args.val_labels):
+        raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
+    recipe, run = _recipe(args), _run_options(args)
+    if args.resume:
+        saved, _ = resume_recipe(args.resume)
+        for note in _set_aside(args, recipe, saved):
+            print(f"resuming {args.resume}: {note}", file=sys.stderr)
+        recipe = saved
     layout = _layout(args)
     pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
     val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
-    adapter_options = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha, "num_experts": args.experts,
-                                         "top_k": args.top_k}.items() if v is not None}
-    if args.weight_by_gate:
-        adapter_options["weight_by_gate"] = True
-    config = TrainConfig(
-        method=args.method, input_size=args.input_size, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, device=args.device,
-        precision=args.precision, activation_checkpointing=args.activation_checkpointing, seed=args.seed,
-        num_mask_tokens=args.mask_tokens, adapter_options=adapter_options, val_every=args.val_every,
-    )
-    data = prepare_training_data(
-        pairs, args.label_mode, args.background_value, args.input_size, args.val_fraction, val,
-        args.rescale, augment=not args.no_augment, seed=args.seed,
-        class_names=args.class_names.split(",") if args.class_names else None,
-    )
+    data = prepare_training_data(pairs, recipe, val)
     stop = threading.Event()
-    progress = TerminalProgress()
+    progress = TerminalProgress(class_names=recipe.class_names)
     try:
-        for event in train(args.checkpoint, data, args.out, config, resume_from=args.resume, stop=stop):
+        for event in train(args.checkpoint, data, args.out, recipe, run, resume_from=args.resume, stop=stop):
             progress.show(event)
     except KeyboardInterrupt:
         progress.close()
@@ -78,6 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .image_io import read_image, write_image
     from .predict import predict_image
 
+    _apply_threads(args)
     model = _load(args)
     result = predict_image(model, read_image(args.image), _layout(args), device=args.device, overlap=args.overlap,
                            batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
@@ -97,6 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .image_io import read_image
     from .predict import evaluate_image
 
+    _apply_threads(args)
     model = _load(args)
     metrics = evaluate_image(model, read_image(args.image), read_image(args.labels), _layout(args), device=args.device)
     if args.json:
@@ -104,6 +156,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(metrics.format(model.config.head.class_names))
     return 0
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -116,36 +175,46 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out_dir), checkpoint=args.checkpoint, steps=args.steps, device=args.device,
+    run_demo(Path(args.out_dir), checkpoint=args.checkpoint, steps=args.steps, run=_run_options(args),
              input_size=args.input_size)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="napari-convlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
-    p = sub.add_parser("train", help="fine-tune SAM on images and their labels")
+
+def _add_layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rgb", action="store_true", help="the last axis holds RGB(A) colours")
+    p.add_argument("--channel-axis", type=int, default=None, help="axis of a multichannel image")
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune SAM on images and their labels",
+                       description="Options left out take the recipe's defaults; with --resume the saved run's "
+                                   "recipe is kept and the options that would change it are reported.")
     p.add_argument("--checkpoint", required=True, help="base SAM checkpoint (.pth), e.g. sam_vit_b_01ec64.pth")
     p.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     p.add_argument("--labels", action="append", required=True, help="its label image (same order as --image)")
     p.add_argument("--val-image", action="append", default=[], help="explicit validation image (repeatable)")
     p.add_argument("--val-labels", action="append", default=[], help="its labels")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    p.add_argument("--method", default="conv_lora", choices=["conv_lora", "lora", "decoder"])
-    p.add_argument("--label-mode", default="dense", choices=["dense", "sparse", "instances"])
-    p.add_argument("--background-value", type=int, default=None, help="sparse mode: label value of background")
+    p.add_argument("--resume", default=None, help="continue the run saved in this adapter file (and its .training.pt)")
+    p.add_argument("--method", default=None, choices=METHODS, help="default conv_lora")
+    p.add_argument("--label-mode", default=None, choices=LABEL_MODES, help="default dense")
+    p.add_argument("--background-value", type=int, default=None, help="label value of background (sparse: default 1)")
     p.add_argument("--class-names", default=None, help="comma-separated, background first")
-    p.add_argument("--input-size", type=int, default=1024, help="SAM input side (1024 native; 512/256 faster)")
+    p.add_argument("--input-size", type=int, default=None, help="SAM input side (default 1024, SAM's own; 512/256 faster)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps")
     length.add_argument("--epochs", type=float, default=None, help="passes over the labelled planes (default 10)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=None, help="default 1")
+    p.add_argument("--grad-accum", type=int, default=None, help="default 4")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4")
+    p.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
     p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--rescale", type=float, default=1.0, help="resize factor for objects too large/small for SAM")
+    p.add_argument("--rescale", type=float, default=None, help="resize factor for objects too large/small for SAM")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None)
@@ -153,22 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--weight-by-gate", action="store_true")
     p.add_argument("--mask-tokens", type=int, default=None, help="multi-class: number of mask tokens")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--channels", default=None, help="channels to use, e.g. 0,2 (for more than 3 channels)")
+    p.add_argument("--low-percentile", type=float, default=None, help="default 1.0")
+    p.add_argument("--high-percentile", type=float, default=None, help="default 99.8")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--activation-checkpointing", action="store_true", help="less GPU memory, ~30%% slower")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, help="continue from this adapter file and its .training.pt")
-    _add_image_options(p)
+    _add_layout_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-convlora", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
     for name, helptext in (("predict", "segment an image"), ("evaluate", "compare a prediction with labels")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="adapter or merged model file (.safetensors)")
+        p = sub.add_parser(name, help=helptext, description="Channels, intensity percentiles and rescaling come "
+                                                           "from the model, as it was trained.")
+        p.add_argument("--model", required=True, help="adapter or bundle file (.safetensors)")
         p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files)")
         p.add_argument("--ignore-base-hash", action="store_true", help="accept a base with another sha256")
         p.add_argument("--image", required=True)
         p.add_argument("--batch-size", type=int, default=4)
         p.add_argument("--overlap", type=float, default=0.25)
-        _add_image_options(p)
+        _add_layout_options(p)
+        _add_run_options(p)
         if name == "predict":
             p.add_argument("--out", required=True, help="label image to write (.tif)")
             p.add_argument("--probabilities", default=None, help="also write class probabilities (.tif)")
@@ -179,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print machine-readable metrics")
             p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("info", help="describe a SAM checkpoint, adapter or merged model file")
+    p = sub.add_parser("info", help="describe a SAM checkpoint, adapter or bundle file")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)
 
@@ -188,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="a real SAM checkpoint instead of the tiny random one")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    _add_run_options(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -197,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, CheckpointError, ConfigError, TrainingError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"napari-convlora {args.command}: error: {e}", file=sys.stderr)
         return 2
 

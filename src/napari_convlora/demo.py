@@ -11,26 +11,28 @@ import json
 import threading
 from pathlib import Path
 
-from .dataset import TrainingPair, prepare_training_data
+from .config import AdapterConfig, RunOptions, TrainRecipe
+from .data import TrainingPair, prepare_training_data
 from .files import load_model
 from .image_io import overlay_png, write_image
 from .predict import evaluate_image, predict_image
-from .progress import TerminalProgress, format_metrics
-from .sam_loading import load_sam, tiny_sam_checkpoint
+from .progress import TerminalProgress
+from .sam_loading import load_base, tiny_sam_checkpoint
 from .sample_data import CLASS_NAMES, synthetic_cells
-from .train import TrainConfig, train
+from .train import train
 
 
 def run_demo(
     out_dir: Path,
     checkpoint: str | Path | None = None,
     steps: int | None = None,
-    device: str = "auto",
+    run: RunOptions | None = None,
     input_size: int | None = None,
     size: int = 384,
 ) -> dict:
     """Train on one synthetic image, evaluate on another, write files; returns the metrics dict."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    run = run or RunOptions()
     if checkpoint is None:
         checkpoint = tiny_sam_checkpoint(out_dir / "tiny_sam_random.pth", image_size=256)
         print("Base model: a TINY SAM with RANDOM weights (2 encoder blocks, 64 channels), written to "
@@ -39,7 +41,7 @@ def run_demo(
         input_size = input_size or 256
         steps = steps or 300
     else:
-        arch = load_sam(checkpoint).architecture
+        arch = load_base(checkpoint).architecture
         print(f"Base model: {checkpoint} ({arch.model_type or 'custom SAM'})")
         input_size = input_size or 512
         steps = steps or 100
@@ -51,19 +53,18 @@ def run_demo(
     print(f"Data: synthetic 16-bit {size}x{size} images, classes {', '.join(CLASS_NAMES)} "
           "(nuclei are round and smooth, rods elongated, striped and dimmer).")
 
-    data = prepare_training_data([TrainingPair(train_image, train_labels)], "dense", patch_size=input_size,
-                                 val_fraction=0.15, class_names=CLASS_NAMES)
-    config = TrainConfig(method="conv_lora", input_size=input_size, steps=steps, grad_accum=2, batch_size=2,
-                         lr=1e-3, device=device)
+    recipe = TrainRecipe(adapter=AdapterConfig(method="conv_lora"), input_size=input_size, label_mode="dense",
+                         class_names=CLASS_NAMES, val_fraction=0.15, steps=steps, grad_accum=2, batch_size=2, lr=1e-3)
+    data = prepare_training_data([TrainingPair(train_image, train_labels)], recipe)
     model_path = out_dir / "model.safetensors"
-    progress = TerminalProgress()
-    for event in train(checkpoint, data, model_path, config, stop=threading.Event()):
+    progress = TerminalProgress(class_names=CLASS_NAMES)
+    for event in train(checkpoint, data, model_path, recipe, run, stop=threading.Event()):
         progress.show(event)
     progress.close()
 
     model = load_model(model_path, base=checkpoint)
-    prediction = predict_image(model, test_image, device=device)
-    metrics = evaluate_image(model, test_image, test_labels, device=device, prediction=prediction)
+    prediction = predict_image(model, test_image, device=run.device)
+    metrics = evaluate_image(model, test_image, test_labels, device=run.device, prediction=prediction)
     write_image(out_dir / "test_prediction.tif", prediction.labels)
     overlay_png(out_dir / "test_overlay.png", test_image, prediction.labels)
     (out_dir / "test_metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2))
@@ -74,4 +75,4 @@ def run_demo(
     return metrics.to_dict()
 
 
-__all__ = ["run_demo", "format_metrics"]
+__all__ = ["run_demo"]

@@ -7,8 +7,7 @@ from typing import ContextManager
 
 import torch
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .config.choices import DEVICES, MIXED_PRECISIONS, PRECISIONS
 
 
 def available_devices() -> dict[str, bool]:
@@ -45,7 +44,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision != "fp32" and device.type != "cuda":
+    if precision in MIXED_PRECISIONS and device.type != "cuda":
         raise ValueError(f"{precision} mixed precision is only offered on CUDA; use fp32 on {device.type}")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 

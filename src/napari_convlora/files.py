@@ -1,13 +1,21 @@
-"""Adapter files (only the trained tensors) and merged one-file models, both ``.safetensors``.
+"""Model files, both ``.safetensors``: adapters (only the trained tensors) and bundles (everything in one file).
 
-Each file carries a JSON record under the metadata key ``napari_convlora``: format name and version,
-package version, the full :class:`ModelConfig` (base geometry, adapter, head with class names,
-input size, normalisation) and, for adapters, the base checkpoint's file name and sha256.
-Writes are atomic; reads never unpickle (safetensors, or ``torch.load(weights_only=True)``).
+- An **adapter** holds what fine-tuning changed (adapters, the decoder parts the head trains, the head's own
+  tokens and class head) and names its base SAM checkpoint by file name and sha256: it is loaded on top of
+  that checkpoint (``load_model(path, base=...)``). About 14 MB for vit_b.
+- A **bundle** holds the base SAM, the adapters and the head side by side in one self-contained file. It
+  does not merge weights: Conv-LoRA cannot be merged into SAM's weights (its experts act non-linearly inside
+  the bottleneck); plain LoRA could be (``adapters.inject.remove_adapters(..., merge=True)``), which a bundle
+  does not do, so that every bundle loads back as the model that was trained.
+
+Each file carries a JSON record under the metadata key ``napari_convlora``: format name and version, package
+version and the full :class:`~.config.ModelConfig`. Version 1 files are read through ``files_v1.py``.
+Writes are atomic; reads never unpickle (safetensors, or ``torch.load(weights_only=True)`` for SAM).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,18 +23,16 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_path, sha256_file
-from .config import ModelConfig
-from .model import ConvLoRASAM
-from .sam_architecture import CheckpointError, build_sam, infer_architecture
-from .sam_loading import extract_sam_state, load_sam, read_tensors
+from . import files_v1
+from .atomic import atomic_path
+from .config import ModelConfig, from_record, to_record
+from .config.choices import ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MODEL_SUFFIX, SAM_CHECKPOINT_FORMAT
+from .errors import CheckpointError, ConfigError
+from .modeling import AdaptedSAM
+from .sam_build import build_sam, infer_architecture
+from .sam_loading import BaseSam, extract_sam_state, load_base, read_tensors
 
 METADATA_KEY = "napari_convlora"
-ADAPTER_FORMAT = "napari-convlora-adapter"
-MERGED_FORMAT = "napari-convlora-model"
-FORMAT_VERSION = 1
-
-_hash_cache: dict[tuple[str, int, int], str] = {}
 
 
 def package_version() -> str:
@@ -38,56 +44,41 @@ def package_version() -> str:
         return "unknown"
 
 
-def base_checkpoint_hash(path: str | os.PathLike) -> str:
-    """sha256 of a base checkpoint, cached by (path, size, mtime) so repeated saves stay cheap."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _hash_cache:
-        _hash_cache[key] = sha256_file(path)
-    return _hash_cache[key]
-
-
-def _write(tensors: dict[str, torch.Tensor], record: dict[str, Any], path: str | os.PathLike) -> Path:
+def _write(tensors: dict[str, torch.Tensor], model: AdaptedSAM, file_format: str, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
+    record = {"format": file_format, "format_version": FORMAT_VERSION, "package_version": package_version(),
+              "config": to_record(model.config)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
     return Path(path)
 
 
-def _record(model: ConvLoRASAM, file_format: str) -> dict[str, Any]:
-    return {
-        "format": file_format,
-        "format_version": FORMAT_VERSION,
-        "package_version": package_version(),
-        "config": model.config.to_dict(),
-    }
+def save_adapter(model: AdaptedSAM, path: str | os.PathLike) -> Path:
+    """Write only the trained tensors and the config, which names the base checkpoint by sha256.
 
+    A vit_b Conv-LoRA binary adapter holds 119,232 encoder + 3,505,536 decoder parameters (about 14 MB).
 
-def save_adapter(model: ConvLoRASAM, path: str | os.PathLike, base_checkpoint: str | os.PathLike) -> Path:
-    """Write only the trained tensors (adapters, decoder without IoU head, class head) and the config.
-
-    ``base_checkpoint`` is the SAM file the model was built from; its sha256 is recorded so that
-    :func:`load_model` can refuse a different base. A vit_b Conv-LoRA binary adapter holds
-    119,232 encoder + 3,505,536 decoder parameters (about 14 MB in fp32).
+    Raises:
+        CheckpointError: the model's SAM did not come from a checkpoint file (save a bundle instead).
     """
-    record = _record(model, ADAPTER_FORMAT)
-    record["base_checkpoint"] = {
-        "file_name": Path(base_checkpoint).name,
-        "sha256": base_checkpoint_hash(base_checkpoint),
-        "model_type": model.config.base.model_type,
-    }
-    return _write(model.trainable_state_dict(), record, path)
+    if model.config.base_checkpoint is None:
+        raise CheckpointError(
+            f"{path}: an adapter names the SAM checkpoint it was trained on, but this model's SAM was built in "
+            "memory, not loaded from a file; save a bundle (save_bundle) instead"
+        )
+    return _write(model.trainable_state_dict(), model, ADAPTER_FORMAT, path)
 
 
-def save_merged(model: ConvLoRASAM, path: str | os.PathLike) -> Path:
-    """Write one self-contained file (base SAM + adapters + head + config) to share with others."""
-    return _write(dict(model.state_dict()), _record(model, MERGED_FORMAT), path)
+def save_bundle(model: AdaptedSAM, path: str | os.PathLike) -> Path:
+    """Write one self-contained file: base SAM, adapters and head (not merged), and the config."""
+    return _write(dict(model.state_dict()), model, BUNDLE_FORMAT, path)
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The JSON record of a file this project wrote, or None for any other safetensors file."""
+    """The JSON record of a file this project wrote (version 1 records converted to the current shape; their
+    ``format_version`` still says 1), or None for any other safetensors file."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -101,22 +92,24 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
         record = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: its napari-convlora record is not valid JSON ({e})") from e
-    if record.get("format") not in (ADAPTER_FORMAT, MERGED_FORMAT):
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: its napari-convlora record is not a JSON object")
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer napari-convlora (format version {version!r}); please upgrade")
+    if version == 1:
+        record = files_v1.convert_record(record, path)
+    if record.get("format") not in (ADAPTER_FORMAT, BUNDLE_FORMAT):
         raise CheckpointError(f"{path}: unknown file format {record.get('format')!r}")
-    if record.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: written by a newer napari-convlora (format version {record['format_version']}); please upgrade"
-        )
     return record
 
 
-def _require_record(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+def _require_record(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix != ".safetensors":
+    if path.suffix != MODEL_SUFFIX:
         raise CheckpointError(
-            f"{path}: expected a napari-convlora .safetensors file (adapter or merged model); "
+            f"{path}: expected a napari-convlora {MODEL_SUFFIX} file (adapter or bundle); "
             "for a SAM checkpoint use load_sam"
         )
     record = read_record(path)
@@ -125,8 +118,16 @@ def _require_record(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def _check_tensor_keys(model: ConvLoRASAM, tensors: dict[str, torch.Tensor], path: Any, adapter: bool) -> None:
-    """Adapter files hold exactly the trained tensors; merged files any subset of the state dict."""
+def model_config(record: dict[str, Any], path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a record (from :func:`read_record`)."""
+    try:
+        return from_record(ModelConfig, record.get("config"), Path(path).name, "config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _check_tensor_keys(model: AdaptedSAM, tensors: dict[str, torch.Tensor], path: Any, adapter: bool) -> None:
+    """Adapter files hold exactly the trained tensors; bundles any subset of the state dict."""
     expected = model.state_dict()
     trainable = set(model.trainable_state_dict())
     unexpected = sorted(set(tensors) - (trainable if adapter else set(expected)))
@@ -143,61 +144,68 @@ def _check_tensor_keys(model: ConvLoRASAM, tensors: dict[str, torch.Tensor], pat
 
 def load_model(
     path: str | os.PathLike,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike | BaseSam | None = None,
     check_base_hash: bool = True,
-) -> ConvLoRASAM:
-    """Load an adapter file (with its base SAM checkpoint) or a merged file, on the CPU in eval mode.
+) -> AdaptedSAM:
+    """Load an adapter file (on its base SAM checkpoint) or a bundle, on the CPU in eval mode.
 
     Args:
-        path: a ``.safetensors`` file written by :func:`save_adapter` or :func:`save_merged`.
-        base: the base SAM checkpoint, required for adapter files.
-        check_base_hash: refuse a base whose sha256 differs from the recorded one. Set False only when
-            you know the base is equivalent (for example the same weights re-saved).
+        path: a ``.safetensors`` file written by :func:`save_adapter` or :func:`save_bundle`.
+        base: the base SAM checkpoint (a path, or a :class:`~.sam_loading.BaseSam` already loaded), required
+            for adapter files.
+        check_base_hash: refuse a base whose sha256 differs from the recorded one. Set False only when you
+            know the base is equivalent (for example the same weights re-saved).
 
     Raises:
         CheckpointError: wrong kind of file, missing or mismatching base, tensors that do not fit.
     """
     from safetensors.torch import load_file
 
+    path = Path(path)
     record = _require_record(path)
-    config = ModelConfig.from_dict(record["config"])
+    config = model_config(record, path)
     tensors = load_file(str(path), device="cpu")
-    if record["format"] == MERGED_FORMAT:
-        sam = build_sam(config.base)
-        sam.architecture = config.base
-        model = ConvLoRASAM.from_config(sam, config)
+    if record.get("format_version") == 1:
+        tensors = files_v1.convert_tensors(tensors)
+    if record["format"] == BUNDLE_FORMAT:
+        model = AdaptedSAM(build_sam(config.base), config)
         _check_tensor_keys(model, tensors, path, adapter=False)
-        missing = sorted(set(model.state_dict()) - set(tensors))
+        missing = set(model.state_dict()) - set(tensors)
+        if record.get("format_version") == 1:
+            missing -= files_v1.lost_in_v1_bundles(model)
+            model.prompt_head.unavailable = files_v1.V1_BUNDLE_PROMPTS
         if missing:
-            raise CheckpointError(f"{path}: merged model file lacks tensors {missing[:5]}")
-        model.load_state_dict(tensors, strict=True)
+            raise CheckpointError(f"{path}: the bundle lacks tensors {sorted(missing)[:5]}")
+        model.load_state_dict(tensors, strict=False)
         return model.eval()
 
-    expected = record.get("base_checkpoint", {})
+    expected = config.base_checkpoint
     if base is None:
         raise CheckpointError(
             f"{path}: an adapter file needs its base SAM checkpoint "
-            f"('{expected.get('file_name')}', sha256 {str(expected.get('sha256'))[:12]}...)"
+            f"('{expected.file_name}', sha256 {expected.sha256[:12]}...)"
         )
-    if check_base_hash and base_checkpoint_hash(base) != expected.get("sha256"):
+    base_name = base.checkpoint.file_name if isinstance(base, BaseSam) and base.checkpoint else base
+    base = base if isinstance(base, BaseSam) else load_base(base)
+    if check_base_hash and (base.checkpoint is None or base.checkpoint.sha256 != expected.sha256):
         raise CheckpointError(
-            f"{path}: was trained on '{expected.get('file_name')}' (sha256 {str(expected.get('sha256'))[:12]}...) "
-            f"but {base} has a different sha256. Use the same base checkpoint, or pass check_base_hash=False "
+            f"{path}: was trained on '{expected.file_name}' (sha256 {expected.sha256[:12]}...) "
+            f"but {base_name} has a different sha256. Use the same base checkpoint, or pass check_base_hash=False "
             "if you are sure the weights are the same."
         )
-    sam = load_sam(base)
-    if sam.architecture != config.base:
-        raise CheckpointError(f"{path}: the base {base} has a different SAM architecture than the adapter was trained on")
-    model = ConvLoRASAM.from_config(sam, config)
+    if base.architecture != config.base:
+        raise CheckpointError(f"{path}: the base {base_name} has a different SAM architecture than the adapter was trained on")
+    model = AdaptedSAM(base.sam, dataclasses.replace(config, base_checkpoint=base.checkpoint or expected))
     _check_tensor_keys(model, tensors, path, adapter=True)
     model.load_state_dict(tensors, strict=False)
     return model.eval()
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """The config of a file this project wrote, or the geometry of a SAM checkpoint (any supported format)."""
+    """The record of a file this project wrote (with tensor and parameter counts and the file size), or the
+    geometry of a SAM checkpoint (any supported format)."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.suffix == MODEL_SUFFIX and path.is_file():
         record = read_record(path)
         if record is not None:
             from safetensors import safe_open
@@ -213,9 +221,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     except KeyError as e:
         raise CheckpointError(f"{path}: SAM tensor {e} is missing") from None
     return {
-        "format": "sam-checkpoint",
+        "format": SAM_CHECKPOINT_FORMAT,
         "model_type": arch.model_type,
-        "architecture": arch.to_dict(),
+        "architecture": to_record(arch),
         "parameters": sum(t.numel() for t in state.values()),
         "file_size": path.stat().st_size,
     }
@@ -226,4 +234,3 @@ def _numel(shape: list[int]) -> int:
     for s in shape:
         n *= s
     return n
-

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .constants import IGNORE_INDEX
-from .outputs import SegmentationOutput
+from .modeling.outputs import SegmentationOutput
 
 #: Hungarian matcher cost weights (Mask2Former defaults): class, mask BCE, dice.
 MATCH_CLASS_WEIGHT = 1.0

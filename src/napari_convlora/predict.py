@@ -1,4 +1,9 @@
-"""Predict label images of any size with a fine-tuned model: planes of a stack, tiles of a plane."""
+"""Predict label images of any size with a fine-tuned model: planes of a stack, tiles of a plane.
+
+Images are prepared exactly as for training: the model's :class:`~.config.InputSpec` (channels, percentiles,
+rescale) through ``data.SamPlanes``, one plane at a time, so predicting one plane of a large stack makes no
+float copy of the others.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data import ImageLayout, LabelEncoding, spatial_shape, to_sam_planes, validate_pair
-from .metrics import ConfusionMatrix, SegmentationMetrics
+from .data import ImageLayout, LabelEncoding, SamPlanes, label_dtype, rescale_probabilities, validate_pair
 from .devices import autocast_context, resolve_device
-from .model import ConvLoRASAM
+from .metrics import ConfusionMatrix, SegmentationMetrics
+from .modeling import AdaptedSAM
 from .tiling import instances_from_labels, predict_tiled, probabilities_to_labels
 
 
 @dataclass
 class Prediction:
-    """labels: the input's spatial shape (Y x X, or Z x Y x X), uint8 or uint16 label values.
+    """labels: the input's spatial shape (Y x X, or Z x Y x X), label values in the dtype of ``label_dtype``;
+    planes not predicted hold 0.
     probabilities: K x (spatial shape) float32, when asked for.
     instances: connected components per class with ids unique across classes, when asked for."""
 
@@ -27,12 +32,7 @@ class Prediction:
     instances: np.ndarray | None = None
 
 
-def class_values(model: ConvLoRASAM) -> tuple[int, ...]:
-    """Label value written for each class index (the values the user painted)."""
-    return model.config.head.class_values or tuple(range(model.num_classes))
-
-
-def make_prob_fn(model: ConvLoRASAM, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_prob_fn(model: AdaptedSAM, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function B x 3 x S x S (0..255, any device) -> B x K x S x S probabilities, run on ``device``."""
 
     def prob_fn(batch: torch.Tensor) -> torch.Tensor:
@@ -42,37 +42,27 @@ def make_prob_fn(model: ConvLoRASAM, device: torch.device) -> Callable[[torch.Te
     return prob_fn
 
 
-def _rescale_plane(plane: np.ndarray, factor: float) -> np.ndarray:
-    """Y x X x 3 -> resized by ``factor`` (bilinear), for objects much larger or smaller than SAM expects."""
-    t = torch.from_numpy(np.ascontiguousarray(plane)).permute(2, 0, 1)[None]
-    size = [max(2, round(s * factor)) for s in plane.shape[:2]]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-
-
 def predict_plane_probabilities(
-    model: ConvLoRASAM,
-    plane: np.ndarray,
+    model: AdaptedSAM,
+    planes: SamPlanes,
+    index: int,
     device: torch.device,
     overlap: float = 0.25,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
-    """plane: Y x X x 3 float32 0..255 (normalised) -> K x Y x X float32 probabilities, by blended tiles."""
-    factor = model.config.normalisation.rescale
-    work = _rescale_plane(plane, factor) if factor != 1.0 else plane
+    """Plane ``index`` of ``planes`` -> K x Y x X float32 probabilities at the plane's own size, by blended tiles
+    over the plane as the model sees it (rescaled by the input spec), resized back."""
     probs = predict_tiled(
-        make_prob_fn(model, device), work, model.input_size, model.num_classes,
+        make_prob_fn(model, device), planes.model_input(index), model.input_size, model.num_classes,
         overlap=overlap, batch_size=batch_size, progress=progress, should_stop=should_stop,
     )
-    if work.shape[:2] != plane.shape[:2]:
-        t = F.interpolate(torch.from_numpy(probs)[None], size=plane.shape[:2], mode="bilinear", align_corners=False)
-        probs = t[0].numpy()
-    return probs
+    return rescale_probabilities(probs, planes.shape)
 
 
 def predict_image(
-    model: ConvLoRASAM,
+    model: AdaptedSAM,
     image: np.ndarray,
     layout: ImageLayout | None = None,
     planes: Sequence[int] | None = None,
@@ -87,31 +77,31 @@ def predict_image(
     """Segment an image as a napari layer holds it (2D, RGB, multichannel, stack or time series).
 
     Args:
+        layout: how to read the image's axes (RGB, channel axis); the rest comes from the model's input spec.
         planes: for stacks, which planes to predict (others stay 0); None = all.
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
     """
-    layout = layout or ImageLayout(percentiles=model.config.normalisation.percentiles)
-    sam_planes = to_sam_planes(image, layout)  # N x Y x X x 3
+    sam_planes = SamPlanes(image, layout or ImageLayout(), model.config.input)
     device = resolve_device(device)
     model = model.to(device).eval()
-    n, y, x = sam_planes.shape[:3]
-    chosen = list(range(n)) if planes is None else list(planes)
-    k = model.num_classes
-    values = class_values(model)
-    labels = np.zeros((n, y, x), dtype=np.uint8 if max(values) < 256 else np.uint16)
-    probabilities = np.zeros((k, n, y, x), dtype=np.float32) if return_probabilities else None
+    chosen = list(range(len(sam_planes))) if planes is None else sam_planes.check_indices(planes)
+    values = model.config.head.class_values
+    k, (y, x) = model.num_classes, sam_planes.shape
+    labels = np.zeros((len(sam_planes), y, x), dtype=label_dtype(values))
+    probabilities = np.zeros((k, len(sam_planes), y, x), dtype=np.float32) if return_probabilities else None
 
     def plane_progress(done: int, total: int) -> None:
         if progress is not None:
             progress(index * total + done, len(chosen) * total)
 
     for index, z in enumerate(chosen):
-        probs = predict_plane_probabilities(model, sam_planes[z], device, overlap, batch_size, plane_progress, should_stop)
+        probs = predict_plane_probabilities(model, sam_planes, z, device, overlap, batch_size, plane_progress,
+                                            should_stop)
         labels[z] = probabilities_to_labels(probs, values)
         if probabilities is not None:
             probabilities[:, z] = probs
-    spatial = spatial_shape(image, layout)  # planes are the leading axes flattened in C order
+    spatial = sam_planes.leading + (y, x)  # planes are the leading axes flattened in C order
     labels = labels.reshape(spatial)
     if probabilities is not None:
         probabilities = probabilities.reshape((k, *spatial))
@@ -119,9 +109,8 @@ def predict_image(
     return Prediction(labels, probabilities, inst)
 
 
-
 def evaluate_image(
-    model: ConvLoRASAM,
+    model: AdaptedSAM,
     image: np.ndarray,
     labels: np.ndarray,
     layout: ImageLayout | None = None,
@@ -131,9 +120,9 @@ def evaluate_image(
     """Predict ``image`` (unless ``prediction`` is given) and score it against ``labels``, read with the
     label mode the model was trained with (sparse: unannotated pixels are not scored)."""
     head = model.config.head
-    encoding = LabelEncoding(head.label_mode, class_values(model), head.background_value)
-    layout = layout or ImageLayout(percentiles=model.config.normalisation.percentiles)
-    validate_pair(image, labels, layout)
+    encoding = LabelEncoding(head.label_mode, head.class_values, head.background_value)
+    layout = layout or ImageLayout()
+    validate_pair(image, labels, layout, spec=model.config.input)
     prediction = prediction or predict_image(model, image, layout, device=device)
     matrix = ConfusionMatrix(model.num_classes)
     matrix.update(encoding.encode(prediction.labels), encoding.encode(labels))

@@ -6,16 +6,20 @@ run code is refused. Nothing is ever downloaded; checkpoints come from the user.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from .atomic import atomic_path
-from .sam_architecture import PRESETS, TINY, CheckpointError, SamArchitecture, build_sam, infer_architecture
+from .atomic import atomic_path, sha256_file
+from .config import PRESETS, TINY, BaseCheckpoint, SamArchitecture
+from .errors import CheckpointError
+from .sam_build import build_sam, infer_architecture
 
 #: Keys under which training frameworks nest a SAM state dict (micro-sam, lightning, ...).
 _WRAPPER_KEYS = ("model_state", "state_dict", "model")
@@ -97,12 +101,22 @@ def _check_keys(sam: torch.nn.Module, state: Mapping[str, torch.Tensor], path: A
             raise CheckpointError(f"{path}: '{name}' has shape {tuple(state[name].shape)}, expected {tuple(target.shape)}")
 
 
+@dataclass
+class BaseSam:
+    """A SAM to adapt: ``segment_anything``'s ``Sam``, its geometry, and (when it came from a file) the
+    file's name and sha256, which adapter files record so that they are only ever loaded on this base."""
+
+    sam: "torch.nn.Module"
+    architecture: SamArchitecture
+    checkpoint: BaseCheckpoint | None = None
+
+
 def sam_from_state(
     state: Mapping[str, torch.Tensor],
     arch: SamArchitecture | None = None,
     path: Any = "<state dict>",
     decoder_num_heads: int = 8,
-) -> "torch.nn.Module":
+) -> BaseSam:
     """Build ``segment_anything``'s ``Sam`` for ``state`` (geometry inferred unless given) and load it strictly."""
     if arch is None:
         try:
@@ -112,12 +126,25 @@ def sam_from_state(
     sam = build_sam(arch)
     _check_keys(sam, state, path)
     sam.load_state_dict(state, strict=True)
-    sam.architecture = arch  # plain attribute, not a module: remembered for saving adapters
-    return sam.eval()
+    return BaseSam(sam.eval(), arch)
 
 
-def load_sam(path: str | os.PathLike, model_type: str | None = None, decoder_num_heads: int = 8) -> "torch.nn.Module":
-    """Load a SAM checkpoint into ``segment_anything.modeling.Sam``, with its architecture read off the tensors.
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_identity(path: str | os.PathLike) -> BaseCheckpoint:
+    """The file name and sha256 of a checkpoint; the hash is cached by (path, size, mtime), so a file is
+    read once per session however often it is loaded."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hash_cache:
+        _hash_cache[key] = sha256_file(path)
+    return BaseCheckpoint(path.name, _hash_cache[key])
+
+
+def load_base(path: str | os.PathLike, model_type: str | None = None, decoder_num_heads: int = 8) -> BaseSam:
+    """Load a SAM checkpoint to adapt: like :func:`load_sam`, and also its geometry and sha256.
 
     Args:
         path: an official checkpoint (``sam_vit_b_01ec64.pth`` ...), any state dict with SAM's key names
@@ -125,31 +152,40 @@ def load_sam(path: str | os.PathLike, model_type: str | None = None, decoder_num
         model_type: ``"vit_b"``, ``"vit_l"`` or ``"vit_h"`` to check the inferred geometry against; None accepts any.
         decoder_num_heads: attention heads of the decoder (not stored in the tensors; 8 in every known SAM).
 
-    Returns:
-        ``Sam`` on the CPU in eval mode, with ``.architecture`` set to the inferred :class:`SamArchitecture`.
-
     Raises:
         CheckpointError: unsafe, truncated, foreign or mismatching file; the message names the file.
     """
     state = extract_sam_state(read_tensors(path), path)
-    sam = sam_from_state(state, path=path, decoder_num_heads=decoder_num_heads)
+    base = sam_from_state(state, path=path, decoder_num_heads=decoder_num_heads)
     if model_type is not None:
         if model_type not in PRESETS:
             raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(PRESETS)} or None")
-        found = sam.architecture.model_type
+        found = base.architecture.model_type
         if found != model_type:
             raise CheckpointError(
                 f"{path}: expected a {model_type} checkpoint but its tensors describe "
-                f"{found or 'a non-standard SAM'} (embed dim {sam.architecture.encoder_embed_dim}, "
-                f"depth {sam.architecture.encoder_depth})"
+                f"{found or 'a non-standard SAM'} (embed dim {base.architecture.encoder_embed_dim}, "
+                f"depth {base.architecture.encoder_depth})"
             )
-    return sam
+    base.checkpoint = checkpoint_identity(path)
+    return base
+
+
+def load_sam(path: str | os.PathLike, model_type: str | None = None, decoder_num_heads: int = 8) -> "torch.nn.Module":
+    """Load a SAM checkpoint into ``segment_anything.modeling.Sam`` (CPU, eval mode), its architecture read
+    off the tensors. Arguments and errors as :func:`load_base`."""
+    return load_base(path, model_type, decoder_num_heads).sam
+
+
+def random_base(arch: SamArchitecture | str, seed: int = 0) -> BaseSam:
+    """:func:`random_sam` with its geometry, for building a model in memory (no checkpoint file)."""
+    arch = SamArchitecture.preset(arch) if isinstance(arch, str) else arch
+    return BaseSam(random_sam(arch, seed), arch)
 
 
 def random_sam(arch: SamArchitecture | str, seed: int = 0) -> "torch.nn.Module":
     """A SAM with random weights (for benchmarks and tests): ``arch`` is a geometry or ``"vit_b"|"vit_l"|"vit_h"|"tiny"``."""
-    if isinstance(arch, str):
-        arch = TINY if arch == "tiny" else SamArchitecture.preset(arch)
+    arch = SamArchitecture.preset(arch) if isinstance(arch, str) else arch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = build_sam(arch)
@@ -157,7 +193,6 @@ def random_sam(arch: SamArchitecture | str, seed: int = 0) -> "torch.nn.Module":
         for name, p in sam.named_parameters():
             if "rel_pos" in name or name.endswith("pos_embed"):
                 torch.nn.init.normal_(p, std=0.02)
-    sam.architecture = arch
     return sam
 
 
@@ -177,5 +212,5 @@ def tiny_sam_checkpoint(path: str | os.PathLike, image_size: int = 256, seed: in
     """
     if image_size % 16 or image_size < 64:
         raise ValueError(f"image_size must be a multiple of 16 and at least 64, got {image_size}")
-    arch = SamArchitecture(**{**TINY.to_dict(), "image_size": image_size, "encoder_global_attn_indexes": (1,)})
+    arch = dataclasses.replace(TINY, image_size=image_size)
     return save_sam_checkpoint(random_sam(arch, seed=seed), path)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from skimage.measure import label as connected_components
 
+from .data.labels import label_dtype
+
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -77,29 +79,11 @@ def _window_1d(tile: int, margin: int, ramp_start: bool, ramp_end: bool) -> np.n
     return weights
 
 
-def blending_window(
-    tile: int,
-    overlap: float,
-    *,
-    top: bool = True,
-    bottom: bool = True,
-    left: bool = True,
-    right: bool = True,
-) -> np.ndarray:
-    """``tile x tile`` float32 blending weights, strictly > 0, 1 in the middle.
-
-    A separable raised-cosine ramp over ``overlap_pixels(tile, overlap)`` pixels on each
-    side whose flag is True; a side whose flag is False (a tile at the image border) keeps
-    weight 1 up to the edge. ``overlap == 0`` gives all ones.
-    """
-    margin = overlap_pixels(tile, overlap)
-    rows = _window_1d(tile, margin, top, bottom)
-    cols = _window_1d(tile, margin, left, right)
-    return np.outer(rows, cols).astype(np.float32)
-
-
-def _axis_windows(starts: list[int], tile: int, margin: int, length: int) -> list[np.ndarray]:
-    """One 1-D window per start: ramps only on sides that have a neighbouring tile."""
+def axis_windows(starts: list[int], tile: int, margin: int, length: int) -> list[np.ndarray]:
+    """One 1-D float32 blending window per tile start along an axis of ``length`` pixels: 1 in the middle,
+    a raised-cosine ramp over ``margin`` pixels on each side that has a neighbouring tile, and full weight up
+    to a side at the image border (so a single tile reproduces ``prob_fn`` exactly). A tile's 2-D window is
+    the outer product of its row and column windows."""
     return [
         _window_1d(tile, margin, ramp_start=s > 0, ramp_end=s + tile < length).astype(np.float32)
         for s in starts
@@ -152,8 +136,8 @@ def predict_tiled(
 
     ys, xs = tile_starts(pad_h, tile, overlap), tile_starts(pad_w, tile, overlap)
     margin = overlap_pixels(tile, overlap)
-    y_windows = _axis_windows(ys, tile, margin, pad_h)
-    x_windows = _axis_windows(xs, tile, margin, pad_w)
+    y_windows = axis_windows(ys, tile, margin, pad_h)
+    x_windows = axis_windows(xs, tile, margin, pad_w)
     positions = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
     total = len(positions)
 
@@ -190,19 +174,18 @@ def probabilities_to_labels(probs: np.ndarray, class_values: Sequence[int]) -> n
 
     Args:
         probs: ``K x Y x X`` (or ``K x ...``) class probabilities.
-        class_values: the label value of each of the K classes (non-negative, < 65536).
+        class_values: the label value of each of the K classes (0 .. 2**32 - 1).
 
     Returns:
-        uint8 when ``max(class_values) < 256``, else uint16. Ties go to the lower index.
+        The dtype of ``data.label_dtype(class_values)``. Ties go to the lower index.
     """
     probs = np.asarray(probs)
     values = np.asarray(class_values, dtype=np.int64)
     if values.ndim != 1 or len(values) != probs.shape[0]:
         raise ValueError(f"{len(values)} class values for {probs.shape[0]} probability channels")
-    if values.size and (values.min() < 0 or values.max() >= 2**16):
-        raise ValueError("class values must be in 0..65535")
-    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
-    return values.astype(dtype)[np.argmax(probs, axis=0)]
+    if values.size and (values.min() < 0 or values.max() >= 2**32):
+        raise ValueError("class values must be in 0..2**32 - 1")
+    return values.astype(label_dtype(values.tolist()))[np.argmax(probs, axis=0)]
 
 
 def instances_from_labels(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
+from ..config import RunOptions, TrainRecipe
+from ..config.choices import ADAPTER_FORMAT, SAM_CHECKPOINT_FORMAT
+from ..errors import CheckpointError
 from .layers import LayerCopy
 from .native_libs import isolate_triton
 
@@ -106,17 +109,6 @@ class TileProgress:
         self.done, self.total = done, total
 
 
-@dataclass
-class DataOptions:
-    """How to read the annotations (arguments of ``dataset.prepare_training_data``)."""
-
-    label_mode: str = "dense"
-    val_fraction: float = 0.1
-    class_names: tuple[str, ...] | None = None
-    augment: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def probe_devices() -> Generator[Message, None, dict[str, bool]]:
     """Import torch (off the GUI thread) and say which devices this machine has."""
     yield Message("checking devices")
@@ -131,13 +123,12 @@ def load_file(path: str, base: str | None = None) -> Generator[Message, None, Lo
     yield Message(f"reading {path}")
     isolate_triton()  # before torch: see native_libs
     from ..files import describe, load_model
-    from ..sam_architecture import CheckpointError
     from ..training_state import state_path
 
     info = describe(path)
-    if info["format"] == "sam-checkpoint":
+    if info["format"] == SAM_CHECKPOINT_FORMAT:
         return LoadedFile(path, info)
-    if info["format"] == "napari-convlora-adapter" and not base:
+    if info["format"] == ADAPTER_FORMAT and not base:
         raise CheckpointError(f"{Path(path).name} is an adapter: choose its SAM checkpoint first")
     yield Message("loading the fine-tuned model")
     model = load_model(path, base=base)
@@ -147,35 +138,34 @@ def load_file(path: str, base: str | None = None) -> Generator[Message, None, Lo
 def train_job(
     base: str,
     pairs: Sequence[LayerCopy],
-    options: DataOptions,
+    recipe: TrainRecipe,
+    run: RunOptions,
     out_path: str,
-    config: dict[str, Any],
     resume_from: str | None = None,
     stop: threading.Event | None = None,
 ) -> Generator[Any, None, TrainResult | None]:
-    """Check the data, then drive ``train.train``; yields Messages and TrainingEvents.
-    ``config`` holds ``TrainConfig`` fields (built here: ``train`` imports torch)."""
+    """Resolve the recipe (a resumed run keeps its saved one), check and prepare the data with it, then drive
+    ``train.train``; yields Messages and TrainingEvents."""
     isolate_triton()  # before torch: see native_libs
-    from ..data import ImageLayout
-    from ..dataset import TrainingPair, prepare_training_data
-    from ..train import TrainConfig, train
+    from ..data import ImageLayout, TrainingPair, prepare_training_data
+    from ..train import resume_recipe, train
     from ..training_state import state_path
 
     stop = stop or threading.Event()
-    config = TrainConfig(**config)
+    if resume_from:
+        recipe, set_aside = resume_recipe(resume_from, requested=recipe)
+        for line in set_aside:
+            yield Message(f"resuming with the run's saved {line}")
     yield Message(f"checking {len(pairs)} annotated image(s)")
     training = [TrainingPair(p.image, p.labels, ImageLayout(rgb=p.rgb)) for p in pairs]
-    data = prepare_training_data(
-        training, options.label_mode, patch_size=config.input_size, val_fraction=options.val_fraction,
-        augment=options.augment, seed=config.seed, class_names=options.class_names, **options.extra,
-    )
+    data = prepare_training_data(training, recipe)
     yield Message(f"{data.labelled_pixels:,} labelled pixels for training, "
                   f"{len(data.validation)} validation patches, classes {list(data.encoding.class_values)}")
     if stop.is_set():
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     kinds: set[str] = set()
-    events = train(base, data, out_path, config, resume_from=resume_from, stop=stop)
+    events = train(base, data, out_path, recipe, run, resume_from=resume_from, stop=stop)
     model = yield from batch_steps(events, seen=kinds)
     return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file())
 
@@ -191,33 +181,27 @@ def predict_job(
     """Segment a copied image (all planes, or ``planes``); None when stopped."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
-    from ..predict import class_values, predict_image
+    from ..predict import predict_image
     from ..tiling import PredictionCancelled
 
     stop = stop or threading.Event()
     where = "the whole image" if planes is None else f"plane {planes[0]}"
     yield Message(f"predicting {where} of '{image.name}'")
     head = model.config.head
-    layout = ImageLayout(rgb=image.rgb, percentiles=model.config.normalisation.percentiles)
     try:
-        prediction = predict_image(model, image.image, layout, planes=planes, device=device,
+        prediction = predict_image(model, image.image, ImageLayout(rgb=image.rgb), planes=planes, device=device,
                                    progress=progress, should_stop=stop.is_set)
     except PredictionCancelled:
         return None
-    return PredictResult(image.name, prediction.labels, planes, tuple(class_values(model)),
-                         head.class_names, head.background_value)
+    return PredictResult(image.name, prediction.labels, planes, head.class_values, head.class_names,
+                         head.background_value)
 
 
-def save_job(model: Any, path: str, merged: bool, base: str | None) -> Generator[Message, None, str]:
-    """Write the adapter (needs the base SAM checkpoint) or a merged one-file model."""
+def save_job(model: Any, path: str, bundle: bool) -> Generator[Message, None, str]:
+    """Write the adapter (it names its base SAM checkpoint) or a one-file bundle."""
     yield Message(f"saving {path}")
     isolate_triton()  # before torch: see native_libs
-    from ..files import save_adapter, save_merged
+    from ..files import save_adapter, save_bundle
 
-    if merged:
-        save_merged(model, path)
-    else:
-        if not base:
-            raise ValueError("saving an adapter needs its base SAM checkpoint; choose it first")
-        save_adapter(model, path, base)
+    (save_bundle if bundle else save_adapter)(model, path)
     return path

@@ -50,6 +50,7 @@ class ComputeThread:
         self.pool.setMaxThreadCount(1)
         self.pool.setExpiryTimeout(-1)
         self.running: set[JobWorker] = set()
+        self.openmp_released = False
         app = QCoreApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.shutdown)
@@ -77,8 +78,9 @@ class ComputeThread:
         worker.stop_event = stop
         self.running.add(worker)
         worker.finished.connect(lambda: self.running.discard(worker))
-        if not self.pool.activeThreadCount():
-            release_openmp_threads()  # the calling (main) thread's pool, if it has one
+        if not self.openmp_released and not self.pool.activeThreadCount():
+            # once: the main thread's OpenMP pool, if torch made one there before the compute thread started
+            self.openmp_released = release_openmp_threads()
         self.pool.start(worker)
         return worker
 

@@ -1,19 +1,21 @@
 """The dock's two forms: which model (files, method, size, device, precision) and which data
-(Image + Labels pairs, label mode, classes, validation fraction, how long to train).
+(Image + Labels pairs, label mode, classes, validation fraction, how long to train, and an Advanced form).
 
-Forms only hold choices and hand them out as plain values; the dock widget runs the jobs.
+Forms hold choices and hand them out as the core's configuration objects (``AdapterConfig``,
+``TrainRecipe`` parts, ``RunOptions``); their menus list ``config.choices``. The dock widget runs the jobs.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from magicgui.widgets import Container, FileEdit, FloatSpinBox, SpinBox
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QGridLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -24,18 +26,25 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from .fields import LayerCombo, PathField, set_item_enabled
+from ..config import AdapterConfig, RunOptions, TrainRecipe
+from ..config.choices import (
+    DEVICE_LABELS,
+    DEVICES,
+    LABEL_MODE_LABELS,
+    LABEL_MODES,
+    LENGTH_UNITS,
+    METHOD_LABELS,
+    METHODS,
+    MIXED_PRECISIONS,
+    MODEL_SUFFIX,
+    PRECISIONS,
+    SAM_SUFFIXES,
+)
+from .fields import LayerCombo, PathField, set_item_enabled, settings
 
-METHODS = {"Conv-LoRA": "conv_lora", "LoRA": "lora", "Decoder only": "decoder"}
-DEVICES = {"auto": "auto", "CUDA": "cuda", "MPS": "mps", "CPU": "cpu"}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LABEL_MODES = {
-    "dense (0 = background)": "dense",
-    "sparse (0 = not annotated)": "sparse",
-    "instances (objects vs background)": "instances",
-}
-SAM_FILTER = "SAM checkpoints (*.pth *.pt *.safetensors);;All files (*)"
-MODEL_FILTER = "napari-convlora models (*.safetensors);;All files (*)"
+SAM_FILTER = f"SAM checkpoints ({' '.join('*' + s for s in SAM_SUFFIXES)});;All files (*)"
+MODEL_FILTER = f"napari-convlora models (*{MODEL_SUFFIX});;All files (*)"
+DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
 
 
 def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
@@ -47,9 +56,11 @@ def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpi
     return box
 
 
-def _combo(items, tip: str = "") -> QComboBox:
+def _combo(values, labels: dict[str, str] | None = None, tip: str = "") -> QComboBox:
+    """A menu of ``values`` (shown through ``labels``); ``currentData()`` is the chosen value."""
     box = QComboBox()
-    box.addItems(list(items))
+    for value in values:
+        box.addItem((labels or {}).get(value, value), value)
     box.setToolTip(tip)
     return box
 
@@ -64,15 +75,17 @@ class ModelForm(QWidget):
                                    placeholder="optional: a saved fine-tuned model")
         self.info = QLabel("")
         self.info.setWordWrap(True)
-        self.method = _combo(METHODS, "Conv-LoRA: LoRA with a mixture of multi-scale convolution experts; "
-                                      "LoRA: low-rank adapters; Decoder only: the encoder stays frozen")
-        self.rank = _spin(1, 64, 3, tip="rank of the low-rank adapters in the encoder")
-        self.experts = _spin(1, 16, 8, tip="Conv-LoRA: number of scale experts")
-        self.input_size = _spin(64, 2048, 1024, step=64, tip="SAM input (patch) size in pixels; 1024 is SAM's own, "
+        self.method = _combo(METHODS, METHOD_LABELS, "Conv-LoRA: LoRA with a mixture of multi-scale convolution "
+                                                     "experts; LoRA: low-rank adapters; Decoder only: the encoder "
+                                                     "stays frozen")
+        adapter, recipe = AdapterConfig(), TrainRecipe()
+        self.rank = _spin(1, 64, adapter.rank, tip="rank of the low-rank adapters in the encoder")
+        self.experts = _spin(1, 16, adapter.num_experts, tip="Conv-LoRA: number of scale experts")
+        self.input_size = _spin(64, 2048, recipe.input_size, step=64, tip="SAM input (patch) size in pixels; 1024 is SAM's own, "
                                                              "512 or 256 train faster")
-        self.device = _combo(DEVICES, "where to compute; unavailable devices are greyed out")
-        self.precision = _combo(PRECISIONS, "mixed precision (bf16/fp16) is offered on CUDA only")
-        self.method.currentTextChanged.connect(self._method_changed)
+        self.device = _combo(DEVICES, DEVICE_LABELS, "where to compute; unavailable devices are greyed out")
+        self.precision = _combo(PRECISIONS, tip="mixed precision (bf16/fp16) is offered on CUDA only")
+        self.method.currentIndexChanged.connect(self._method_changed)
         self.device.currentIndexChanged.connect(self._device_changed)
         options = QHBoxLayout()
         for label, box in (("rank", self.rank), ("experts", self.experts)):
@@ -89,42 +102,46 @@ class ModelForm(QWidget):
         form.addRow("Precision", self.precision)
         self.set_devices({"cuda": False, "mps": False, "cpu": True}, checking=True)
 
-    def _method_changed(self, text: str) -> None:
-        method = METHODS[text]
+    def _method_changed(self, *_: Any) -> None:
+        method = self.method_name()
         self.rank.setEnabled(method != "decoder")
         self.experts.setEnabled(method == "conv_lora")
 
     def set_devices(self, available: dict[str, bool], checking: bool = False) -> None:
         """Grey out devices this machine lacks."""
         self.cuda_available = bool(available.get("cuda"))
-        for index, (label, name) in enumerate(DEVICES.items()):
+        for index, name in enumerate(DEVICES):
             if name == "auto":
                 continue
             ok = bool(available.get(name))
             suffix = " (checking…)" if checking and not ok else "" if ok else " (not available)"
-            set_item_enabled(self.device, index, ok, label + suffix)
+            set_item_enabled(self.device, index, ok, DEVICE_LABELS[name] + suffix)
         self._device_changed()
 
     def _device_changed(self, *_: Any) -> None:
         cuda = self.cuda_available and self.device_name() in ("auto", "cuda")
         for index, name in enumerate(PRECISIONS):
-            if name in ("bf16", "fp16"):
+            if name in MIXED_PRECISIONS:
                 set_item_enabled(self.precision, index, cuda, name if cuda else f"{name} (CUDA only)")
-        if not cuda and self.precision.currentText() in ("bf16", "fp16"):
+        if not cuda and self.precision.currentData() in MIXED_PRECISIONS:
             self.precision.setCurrentIndex(0)
 
     def device_name(self) -> str:
-        return list(DEVICES.values())[self.device.currentIndex()]
+        return self.device.currentData()
 
     def method_name(self) -> str:
-        return METHODS[self.method.currentText()]
+        return self.method.currentData()
 
-    def adapter_options(self) -> dict[str, Any]:
+    def precision_name(self) -> str:
+        return self.precision.currentData()
+
+    def adapter_config(self) -> AdapterConfig:
+        """The encoder adapter chosen here (rank and experts only where the method has them)."""
         method = self.method_name()
         options: dict[str, Any] = {} if method == "decoder" else {"rank": self.rank.value()}
         if method == "conv_lora":
             options["num_experts"] = self.experts.value()
-        return options
+        return AdapterConfig(method=method, **options)
 
 
 class PairRow(QWidget):
@@ -164,17 +181,17 @@ class DataForm(QWidget):
         add = QPushButton("+ pair")
         add.setToolTip("train on one more Image + Labels pair")
         add.clicked.connect(lambda: self.add_pair())
-        self.label_mode = _combo(LABEL_MODES, "how label values are read")
+        self.label_mode = _combo(LABEL_MODES, LABEL_MODE_LABELS, "how label values are read")
         self.class_names = QLineEdit()
         self.class_names.setPlaceholderText("optional: background, nucleus, …")
         self.class_names.setToolTip("one name per class, background first, separated by commas")
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.0, 0.5)
         self.val_fraction.setSingleStep(0.05)
-        self.val_fraction.setValue(0.1)
+        self.val_fraction.setValue(TrainRecipe().val_fraction)
         self.val_fraction.setToolTip("part of the labelled area held out to measure validation mIoU")
         self.length = _spin(1, 1_000_000, 200, tip="how long to train")
-        self.unit = _combo(("steps", "epochs"), "an epoch covers every training image once")
+        self.unit = _combo(LENGTH_UNITS, tip="an epoch covers every training image once")
         length = QHBoxLayout()
         length.addWidget(self.length, 1)
         length.addWidget(self.unit)
@@ -186,25 +203,8 @@ class DataForm(QWidget):
         form.addRow("Validation", self.val_fraction)
         form.addRow("Train for", length)
         self.advanced = QCollapsible("Advanced")
-        grid = QWidget()
-        layout = QGridLayout(grid)
-        layout.setContentsMargins(0, 0, 0, 0)
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1e-4)
-        self.batch_size = _spin(1, 64, 1, tip="patches per forward pass")
-        self.grad_accum = _spin(1, 64, 4, tip="forward passes per optimizer step")
-        self.threads = _spin(0, 256, 0, tip="CPU threads for torch (0: torch's default)")
-        self.run_folder = PathField("run_folder", "Folder for training runs", directory=True,
-                                    placeholder="default: ~/napari-convlora-runs")
-        for row, (label, box) in enumerate((("learning rate", self.lr), ("batch size", self.batch_size),
-                                            ("accumulate", self.grad_accum), ("CPU threads", self.threads),
-                                            ("runs in", self.run_folder))):
-            layout.addWidget(QLabel(label), row, 0)
-            layout.addWidget(box, row, 1)
-        self.advanced.addWidget(grid)
+        self.options = AdvancedOptions()
+        self.advanced.addWidget(self.options.native)
         form.addRow(self.advanced)
         self.add_pair()
 
@@ -237,9 +237,38 @@ class DataForm(QWidget):
         return names or None
 
     def mode(self) -> str:
-        return LABEL_MODES[self.label_mode.currentText()]
+        return self.label_mode.currentData()
 
-    def length_kwargs(self) -> dict[str, Any]:
-        key = self.unit.currentText()
-        return {"steps": self.length.value(), "epochs": None} if key == "steps" else \
-            {"steps": None, "epochs": float(self.length.value())}
+    def recipe_fields(self) -> dict[str, Any]:
+        """The :class:`TrainRecipe` fields chosen in this form."""
+        length = {"steps": self.length.value()} if self.unit.currentData() == "steps" else \
+            {"epochs": float(self.length.value())}
+        options = self.options
+        return dict(label_mode=self.mode(), class_names=self.names(), val_fraction=self.val_fraction.value(),
+                    lr=options.lr.value, batch_size=options.batch_size.value, grad_accum=options.grad_accum.value,
+                    **length)
+
+
+class AdvancedOptions(Container):
+    """Optimisation details, CPU threads and where runs are saved: a plain form, built with magicgui."""
+
+    def __init__(self) -> None:
+        defaults = TrainRecipe()
+        self.lr = FloatSpinBox(value=defaults.lr, min=1e-6, max=1.0, step=1e-4, label="learning rate",
+                               tooltip="AdamW learning rate (decays linearly to 0 over the run)")
+        self.lr.native.setDecimals(6)
+        self.batch_size = SpinBox(value=defaults.batch_size, min=1, max=64, label="batch size",
+                                  tooltip="patches per forward pass")
+        self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
+                                  tooltip="forward passes per optimizer step")
+        self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
+                               tooltip="CPU threads for torch (0: torch's default)")
+        folder = str(settings().value("run_folder", "") or DEFAULT_RUN_FOLDER)
+        self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
+                                   tooltip="folder where training runs are saved (remembered)")
+        self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
+        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.run_folder])
+        self.margins = (0, 0, 0, 0)
+
+    def run_options(self, device: str, precision: str) -> RunOptions:
+        return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None)

@@ -14,6 +14,7 @@ from qtpy.QtGui import QTextCursor
 from qtpy.QtWidgets import QPlainTextEdit, QProgressBar, QVBoxLayout, QWidget
 
 from .._napari import jobs
+from ..metrics import format_line
 from .pacing import RefreshPacer
 from .plot import TrainingPlot
 
@@ -25,10 +26,6 @@ def eta_text(seconds: float | None) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 class ProgressView(QWidget):
@@ -104,13 +101,8 @@ class ProgressView(QWidget):
             self.plot.set_total_steps(event.total_steps)
             self.say(event.message)
         elif event.kind == "validation":
-            metrics = event.metrics
-            self.plot.add_miou(event.step, metrics.get("mean_iou"))
-            ious = metrics.get("per_class_iou", [])
-            names = list(class_names or [])
-            names = names if len(names) == len(ious) else [f"class {i}" for i in range(len(ious))]
-            per_class = ", ".join(f"{name} {percent(v)}" for name, v in zip(names, ious))
-            self.say(f"step {event.step}: val mIoU {percent(metrics.get('mean_iou'))} ({per_class})")
+            self.plot.add_miou(event.step, event.metrics.get("mean_iou"))
+            self.say(f"step {event.step}: validation {format_line(event.metrics, class_names)}")
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 

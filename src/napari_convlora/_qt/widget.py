@@ -35,12 +35,12 @@ from .._napari.layers import (
     prediction_name,
     write_prediction,
 )
+from ..config import TrainRecipe
+from ..config.choices import SAM_CHECKPOINT_FORMAT
 from .compute import JobWorker, compute_thread
 from .fields import LayerCombo, settings
-from .forms import MODEL_FILTER, DataForm, ModelForm
+from .forms import DEFAULT_RUN_FOLDER, MODEL_FILTER, DataForm, ModelForm
 from .progress_view import ProgressView
-
-DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
 
 
 class ConvLoRAWidget(QWidget):
@@ -51,7 +51,6 @@ class ConvLoRAWidget(QWidget):
         self.viewer = napari_viewer
         self.compute = compute_thread()
         self.model: Any = None  # the fine-tuned model, used by Predict and Save (lives on the compute thread)
-        self.base_path: str | None = None  # the SAM checkpoint that model was built on
         self.run_path: str | None = None  # the training file that Resume continues
         self.resumable = False
         self.workers: list[JobWorker] = []  # this dock's running jobs
@@ -68,7 +67,10 @@ class ConvLoRAWidget(QWidget):
         self.copy_button = QPushButton("Copy to training labels")
         self.copy_button.setToolTip("copy the prediction into the Labels layer paired with this image, to correct it")
         self.save_button = QPushButton("Save adapter…")
-        self.export_button = QPushButton("Export merged…")
+        self.save_button.setToolTip("only the trained tensors (small); loading it needs the same SAM checkpoint")
+        self.export_button = QPushButton("Export bundle…")
+        self.export_button.setToolTip("one self-contained file: the SAM checkpoint, adapters and head side by side "
+                                      "(weights are bundled, not merged), to share or to load without the checkpoint")
         self._layout()
         self._connect()
         self._set_busy(None)
@@ -124,7 +126,7 @@ class ConvLoRAWidget(QWidget):
         self.predict_button.clicked.connect(lambda: self.predict())
         self.copy_button.clicked.connect(lambda: self.copy_to_training_labels())
         self.save_button.clicked.connect(lambda: self.save())
-        self.export_button.clicked.connect(lambda: self.save(merged=True))
+        self.export_button.clicked.connect(lambda: self.save(bundle=True))
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._layers_changed)
         for layer in self.viewer.layers:
@@ -196,15 +198,14 @@ class ConvLoRAWidget(QWidget):
             self._run(jobs.load_file, path, on_returned=self._loaded)
 
     def load_finetuned(self, path: str) -> None:
-        """Load a saved adapter (on the chosen SAM checkpoint) or merged model, for Predict and Resume."""
+        """Load a saved adapter (on the chosen SAM checkpoint) or bundle, for Predict and Resume."""
         if path:
             self._set_busy("load")
             self._run(jobs.load_file, path, self.model_form.sam.path() or None, on_returned=self._loaded)
 
     def _loaded(self, loaded: jobs.LoadedFile) -> None:
         info = loaded.info
-        if info["format"] == "sam-checkpoint":
-            self.base_path = loaded.path
+        if info["format"] == SAM_CHECKPOINT_FORMAT:
             arch = info["architecture"]
             self.model_form.info.setText(f"SAM {info.get('model_type') or 'custom'}, {arch.get('image_size')} px, "
                                          f"{info['parameters'] / 1e6:.1f} M parameters")
@@ -213,18 +214,14 @@ class ConvLoRAWidget(QWidget):
         head = config["head"]
         names = ", ".join(head.get("class_names") or []) or f"{head['num_classes']} classes"
         self.model_form.info.setText(f"{config['adapter']['method']} model: {names}, input {config['input_size']} px")
-        if info["format"] == "napari-convlora-adapter":
-            self.base_path = self.model_form.sam.path()
         self.run_path, self.resumable = loaded.path, loaded.resumable
         self.say(f"loaded {Path(loaded.path).name}" + (" (training can be resumed)" if loaded.resumable else ""))
 
     # ---- train -------------------------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        form, data = self.model_form, self.data_form
-        return dict(method=form.method_name(), input_size=form.input_size.value(), device=form.device_name(),
-                    precision=form.precision.currentText().split()[0], adapter_options=form.adapter_options(),
-                    lr=data.lr.value(), batch_size=data.batch_size.value(), grad_accum=data.grad_accum.value(),
-                    num_threads=data.threads.value() or None, **data.length_kwargs())
+    def recipe(self) -> TrainRecipe:
+        """The training recipe the two forms describe (ValueError when a value is not allowed)."""
+        return TrainRecipe(adapter=self.model_form.adapter_config(), input_size=self.model_form.input_size.value(),
+                           **self.data_form.recipe_fields())
 
     def train(self, resume: bool = False) -> JobWorker | None:
         """Copy the chosen layers and train (or resume the last run) on the compute thread."""
@@ -236,23 +233,27 @@ class ConvLoRAWidget(QWidget):
             return self._refuse("choose at least one Image layer and the Labels layer annotating it")
         if resume and not (self.run_path and self.resumable):
             return self._refuse("nothing to resume: train first, or load a model saved by training")
+        try:
+            recipe = self.recipe()
+            run = self.data_form.options.run_options(self.model_form.device_name(), self.model_form.precision_name())
+        except ValueError as e:
+            return self._refuse(str(e))
         copies = [copy_pair(self.viewer.layers[i], self.viewer.layers[l]) for i, l in pairs]
-        options = jobs.DataOptions(self.data_form.mode(), self.data_form.val_fraction.value(), self.data_form.names())
-        if resume:
+        if resume:  # the run continues in its own file, with its own recipe (the job reads it first)
             out_path = self.run_path
         else:
-            folder = Path(self.data_form.run_folder.path() or DEFAULT_RUN_FOLDER)
+            folder = Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER))
             out_path = str(folder / f"convlora-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
         self.view.start_training()
         self.say(("resuming " if resume else "training into ") + out_path)
         self._set_busy("train")
-        return self._run(jobs.train_job, base, copies, options, out_path, self._config(),
+        return self._run(jobs.train_job, base, copies, recipe, run, out_path,
                          resume_from=out_path if resume else None, stoppable=True, on_returned=self._trained)
 
     def _trained(self, result: jobs.TrainResult | None) -> None:
         if result is None:
             return
-        self.model, self.base_path = result.model, self.model_form.sam.path()
+        self.model = result.model
         self.run_path, self.resumable = result.path, result.resumable and result.stopped
         self.model_form.finetuned.set_path(result.path, emit=False)
 
@@ -311,20 +312,19 @@ class ConvLoRAWidget(QWidget):
         self.say(f"copied {changed:,} pixels into '{target.name}': correct them, then Train again")
         return changed
 
-    def save(self, merged: bool = False, path: str | None = None) -> JobWorker | None:
-        """Save the adapter (small; needs the base SAM) or export one merged file (file dialog)."""
+    def save(self, bundle: bool = False, path: str | None = None) -> JobWorker | None:
+        """Save the adapter (small; needs the base SAM to load) or export one bundle file (file dialog)."""
         if self.model is None:
             return self._refuse("nothing to save yet: train or load a model")
         if path is None:
             start = str(Path(str(settings().value("last_folder", Path.home()))) /
-                        ("model-merged.safetensors" if merged else "adapter.safetensors"))
-            path, _ = QFileDialog.getSaveFileName(self, "Export merged model" if merged else "Save adapter",
+                        ("model-bundle.safetensors" if bundle else "adapter.safetensors"))
+            path, _ = QFileDialog.getSaveFileName(self, "Export bundle" if bundle else "Save adapter",
                                                   start, MODEL_FILTER)
             if not path:
                 return None
         self._set_busy("save")
-        return self._run(jobs.save_job, self.model, path, merged, self.base_path,
-                         on_returned=self._saved)
+        return self._run(jobs.save_job, self.model, path, bundle, on_returned=self._saved)
 
     def _saved(self, path: str) -> None:
         self.say(f"saved {path}")

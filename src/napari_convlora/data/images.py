@@ -1,6 +1,6 @@
 """Image layouts (2D, RGB/RGBA, multichannel, stacks) turned into the RGB planes SAM sees.
 
-Pure numpy: no torch, no napari, no Qt. An image arrives exactly as a napari Image layer holds it;
+numpy and scikit-image: no torch, no napari, no Qt. An image arrives exactly as a napari Image layer holds it;
 :class:`ImageLayout` says how to read its axes. :func:`to_sam_planes` returns float32
 ``N x Y x X x 3`` planes in 0..255, one per 2D slice of the image (N = 1 for a 2D image, N = Z for a
 ``(Z, Y, X)`` stack, N = T * Z for ``(T, Z, Y, X)``, planes in C order over the leading axes).
@@ -14,11 +14,13 @@ instead; a constant channel maps to 0. Boolean images map False -> 0 and True ->
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+
+from ..config import InputSpec
+from .rescale import rescale_image, scaled_shape
 
 #: Above this many elements per channel, percentiles are computed on a strided subsample.
 PERCENTILE_SAMPLE_SIZE = 4_000_000
@@ -26,58 +28,20 @@ PERCENTILE_SAMPLE_SIZE = 4_000_000
 
 @dataclass
 class ImageLayout:
-    """How to read the axes of an image array.
+    """How to read the axes of one image array (what is stored with the model is the :class:`InputSpec`).
 
     rgb: the napari Image layer's ``rgb`` flag: the last axis holds 3 (RGB) or 4 (RGBA) colour
         channels; alpha is dropped.
     channel_axis: an axis (negative allowed) holding channels of a multichannel image; exclusive
         with ``rgb``. The remaining axes are spatial: ``(Y, X)``, ``(Z, Y, X)``, ...
-    channels: which channels to use (1 to 3 indices). Required when there are more than 3
-        channels; default: all channels.
-    rgb_slots: the RGB slots (0, 1, 2) that the used channels go into, one per channel. Default:
-        1 channel -> repeated into all 3 slots; 2 channels -> (0, 1) (blue stays 0);
-        3 channels -> (0, 1, 2).
-    percentiles: (low, high) intensity percentiles mapped to 0 and 255.
     """
 
     rgb: bool = False
     channel_axis: int | None = None
-    channels: tuple[int, ...] | None = None
-    rgb_slots: tuple[int, ...] | None = None
-    percentiles: tuple[float, float] = (1.0, 99.8)
 
     def __post_init__(self) -> None:
-        if self.channels is not None:
-            self.channels = tuple(int(c) for c in self.channels)
-            if not 1 <= len(self.channels) <= 3:
-                raise ValueError(f"choose 1 to 3 channels, got channels={self.channels}")
-            if len(set(self.channels)) != len(self.channels):
-                raise ValueError(f"channels must be distinct, got {self.channels}")
-        if self.rgb_slots is not None:
-            self.rgb_slots = tuple(int(s) for s in self.rgb_slots)
-            if not self.rgb_slots or not set(self.rgb_slots) <= {0, 1, 2} or len(set(self.rgb_slots)) != len(
-                self.rgb_slots
-            ):
-                raise ValueError(f"rgb_slots must be distinct values among 0, 1, 2; got {self.rgb_slots}")
-        self.percentiles = (float(self.percentiles[0]), float(self.percentiles[1]))
-        low, high = self.percentiles
-        if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
         if self.rgb and self.channel_axis is not None:
             raise ValueError("an image is either rgb (colour in the last axis) or has a channel_axis, not both")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ImageLayout":
-        """Inverse of :meth:`to_dict`; unknown keys are dropped with a warning."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            warnings.warn(f"ImageLayout: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def check_image_dtype(image: np.ndarray) -> None:
@@ -135,37 +99,37 @@ def spatial_shape(image: np.ndarray, layout: ImageLayout) -> tuple[int, ...]:
     return spatial
 
 
-def _used_channels(num_channels: int, layout: ImageLayout, axis: int | None) -> tuple[int, ...]:
+def _used_channels(num_channels: int, layout: ImageLayout, spec: InputSpec, axis: int | None) -> tuple[int, ...]:
     """Indices of the channels to use (alpha of RGBA excluded)."""
     available = 3 if layout.rgb else num_channels
-    if layout.channels is None:
+    if spec.channels is None:
         if available > 3:
             raise ValueError(
                 f"the image has {available} channels along axis {axis}; SAM takes at most 3. "
                 f"Choose up to 3 of them with channels=(i, j, k) (indices 0..{available - 1})"
             )
         return tuple(range(available))
-    bad = [c for c in layout.channels if not 0 <= c < available]
+    bad = [c for c in spec.channels if not 0 <= c < available]
     if bad:
         raise ValueError(
             f"channels {bad} do not exist: the image has {available} channel(s) along axis {axis} "
             f"(valid indices 0..{available - 1})"
         )
-    return layout.channels
+    return spec.channels
 
 
-def _rgb_slots(num_used: int, layout: ImageLayout) -> tuple[tuple[int, ...], ...]:
+def _rgb_slots(num_used: int, spec: InputSpec) -> tuple[tuple[int, ...], ...]:
     """For each used channel, the RGB slots it fills."""
-    if layout.rgb_slots is None:
+    if spec.rgb_slots is None:
         if num_used == 1:
             return ((0, 1, 2),)
         return tuple((slot,) for slot in range(num_used))
-    if len(layout.rgb_slots) != num_used:
+    if len(spec.rgb_slots) != num_used:
         raise ValueError(
-            f"rgb_slots={layout.rgb_slots} names {len(layout.rgb_slots)} slot(s) for {num_used} channel(s); "
+            f"rgb_slots={spec.rgb_slots} names {len(spec.rgb_slots)} slot(s) for {num_used} channel(s); "
             "give one RGB slot per channel used"
         )
-    return tuple((slot,) for slot in layout.rgb_slots)
+    return tuple((slot,) for slot in spec.rgb_slots)
 
 
 def _check_finite(image: np.ndarray) -> None:
@@ -180,14 +144,15 @@ def _check_finite(image: np.ndarray) -> None:
         )
 
 
-def validate_image(image: np.ndarray, layout: ImageLayout) -> tuple[int, ...]:
+def validate_image(image: np.ndarray, layout: ImageLayout, spec: InputSpec | None = None) -> tuple[int, ...]:
     """All checks of :func:`to_sam_planes` without converting; returns :func:`spatial_shape`."""
     image = np.asarray(image)
+    spec = spec or InputSpec()
     check_image_dtype(image)
     shape = spatial_shape(image, layout)
     axis = _channel_axis(image.shape, layout)
-    used = _used_channels(1 if axis is None else image.shape[axis], layout, axis)
-    _rgb_slots(len(used), layout)
+    used = _used_channels(1 if axis is None else image.shape[axis], layout, spec, axis)
+    _rgb_slots(len(used), spec)
     _check_finite(image)
     return shape
 
@@ -213,49 +178,85 @@ def intensity_range(channel: np.ndarray, percentiles: tuple[float, float]) -> tu
     return low, high
 
 
-def to_sam_planes(
-    image: np.ndarray, layout: ImageLayout, plane_indices: Sequence[int] | None = None
-) -> np.ndarray:
-    """The 2D RGB planes SAM sees, normalised over the whole image.
+class SamPlanes:
+    """The 2D planes of one image as SAM sees them, made one at a time on demand.
 
-    image: as a napari Image layer holds it: ``(Y, X)``, ``(Y, X, 3|4)`` with ``rgb``,
-        ``(Z, Y, X)``, ``(Z, Y, X, 3|4)``, or channels along ``layout.channel_axis``;
-        bool, integer or float.
-    plane_indices: which planes to return (indices into the N planes); default all. The
-        normalisation still uses the whole image, so a plane looks the same either way.
-    Returns: float32 ``N x Y x X x 3`` in 0..255 (N = number of planes, or len(plane_indices)).
+    Built once per image: it checks the image against ``layout`` and ``spec`` and computes each channel's
+    intensity range over the whole image (so every plane of a stack is normalised alike); converting a
+    plane then touches only that plane, so predicting one plane of a large stack makes no float copy of
+    the rest.
+
+    image: as a napari Image layer holds it: ``(Y, X)``, ``(Y, X, 3|4)`` with ``rgb``, ``(Z, Y, X)``,
+        ``(Z, Y, X, 3|4)``, or channels along ``layout.channel_axis``; bool, integer or float.
+    Planes are numbered in C order over the leading axes (a 2D image is the single plane 0).
     """
-    image = np.asarray(image)
-    validate_image(image, layout)
-    axis = _channel_axis(image.shape, layout)
-    channels_last = image[..., None] if axis is None else np.moveaxis(image, axis, -1)
-    used = _used_channels(channels_last.shape[-1], layout, axis)
-    slots = _rgb_slots(len(used), layout)
-    leading = channels_last.shape[:-3]
-    num_planes = math.prod(leading)
-    indices = list(range(num_planes)) if plane_indices is None else [int(i) for i in plane_indices]
-    bad = [i for i in indices if not 0 <= i < num_planes]
-    if bad:
-        raise ValueError(f"plane indices {bad} out of range: the image has {num_planes} plane(s)")
 
-    height, width = channels_last.shape[-3:-1]
-    planes = np.zeros((len(indices), height, width, 3), dtype=np.float32)
-    for channel_index, channel_slots in zip(used, slots):
-        channel = channels_last[..., channel_index]
-        if image.dtype == bool:
-            low, high = 0.0, 1.0
-        else:
-            low, high = intensity_range(channel, layout.percentiles)
-        low32, high32 = np.float32(low), np.float32(high)
-        for out_index, plane_index in enumerate(indices):
-            plane = channel[np.unravel_index(plane_index, leading)] if leading else channel
-            values = plane.astype(np.float32) - low32
+    def __init__(self, image: np.ndarray, layout: ImageLayout, spec: InputSpec) -> None:
+        image = np.asarray(image)
+        validate_image(image, layout, spec)
+        self.spec = spec
+        axis = _channel_axis(image.shape, layout)
+        self._channels_last = image[..., None] if axis is None else np.moveaxis(image, axis, -1)
+        self._used = _used_channels(self._channels_last.shape[-1], layout, spec, axis)
+        self._slots = _rgb_slots(len(self._used), spec)
+        self.leading = self._channels_last.shape[:-3]
+        self.shape = tuple(self._channels_last.shape[-3:-1])  # Y, X
+        self.ranges = [
+            (0.0, 1.0) if image.dtype == bool else intensity_range(self._channels_last[..., c], spec.percentiles)
+            for c in self._used
+        ]
+
+    def __len__(self) -> int:
+        return math.prod(self.leading)
+
+    def check_indices(self, indices: Sequence[int]) -> list[int]:
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise ValueError(f"plane indices {bad} out of range: the image has {len(self)} plane(s)")
+        return indices
+
+    def normalised(self, index: int) -> np.ndarray:
+        """Plane ``index`` as float32 ``Y x X x 3`` in 0..255, at the image's own resolution."""
+        (index,) = self.check_indices([index])
+        out = np.zeros(self.shape + (3,), dtype=np.float32)
+        where = np.unravel_index(index, self.leading) if self.leading else ()
+        for channel, slots, (low, high) in zip(self._used, self._slots, self.ranges):
+            values = self._channels_last[where + (Ellipsis, channel)].astype(np.float32)
+            low32, high32 = np.float32(low), np.float32(high)
+            values -= low32
             if high32 > low32:  # divide in float32 so that ``high`` maps to exactly 255
                 values /= high32 - low32
                 values *= np.float32(255.0)
             else:
                 values[...] = 0.0
             np.clip(values, 0.0, 255.0, out=values)
-            for slot in channel_slots:
-                planes[out_index, ..., slot] = values
-    return planes
+            for slot in slots:
+                out[..., slot] = values
+        return out
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(Y', X') of a plane as the model sees it, after ``spec.rescale``."""
+        return scaled_shape(self.shape, self.spec.rescale)
+
+    def model_input(self, index: int) -> np.ndarray:
+        """Plane ``index`` as the model sees it: normalised, then rescaled by ``spec.rescale`` (float32
+        ``Y' x X' x 3``). Training and prediction both take their planes from here."""
+        return rescale_image(self.normalised(index), self.input_shape)
+
+
+def to_sam_planes(
+    image: np.ndarray, layout: ImageLayout, spec: InputSpec | None = None, plane_indices: Sequence[int] | None = None
+) -> np.ndarray:
+    """The normalised 2D RGB planes of an image (see :class:`SamPlanes`), at the image's own resolution.
+
+    plane_indices: which planes to return; default all. The normalisation uses the whole image either way.
+    Returns: float32 ``N x Y x X x 3`` in 0..255 (N = number of planes, or len(plane_indices)).
+    """
+    planes = SamPlanes(image, layout, spec or InputSpec())
+    indices = range(len(planes)) if plane_indices is None else planes.check_indices(plane_indices)
+    out = np.zeros((len(indices),) + planes.shape + (3,), dtype=np.float32)
+    for k, index in enumerate(indices):
+        out[k] = planes.normalised(index)
+    return out

@@ -21,10 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..config import InputSpec
+from ..config.choices import LABEL_MODES
 from ..constants import IGNORE_INDEX
 from .images import ImageLayout, spatial_shape, validate_image
-
-LABEL_MODES = ("dense", "sparse", "instances")
 #: The label value painted as background in sparse mode unless the user says otherwise.
 DEFAULT_SPARSE_BACKGROUND = 1
 #: Most classes (background included) a model can predict.
@@ -52,6 +52,13 @@ def _present_values(labels: np.ndarray) -> np.ndarray:
 
 def _plain_ints(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
+
+
+def label_dtype(values: Sequence[int]) -> np.dtype:
+    """The dtype of a label image holding ``values`` (>= 0): uint8 below 256, else uint16, else uint32.
+    The one rule for every label image the plugin writes."""
+    top = max(values, default=0)
+    return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,8 @@ class LabelEncoding:
 
     @property
     def label_dtype(self) -> np.dtype:
-        """uint8 when every label value is < 256, else uint16 (uint32 beyond 65535)."""
-        top = max(self.class_values)
-        return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+        """The dtype of label images of this encoding (see :func:`label_dtype`)."""
+        return label_dtype(self.class_values)
 
     def decode(self, class_indices: np.ndarray) -> np.ndarray:
         """Class indices (any shape, 0..K-1 or IGNORE_INDEX) -> label values for a napari Labels layer.
@@ -235,14 +241,16 @@ def _shape_hint(image_shape: tuple[int, ...], labels_shape: tuple[int, ...], lay
     return ""
 
 
-def validate_pair(image: np.ndarray, labels: np.ndarray, layout: ImageLayout, mode: str = "dense") -> None:
+def validate_pair(
+    image: np.ndarray, labels: np.ndarray, layout: ImageLayout, mode: str = "dense", spec: InputSpec | None = None
+) -> None:
     """Check one (image, labels) training pair before any training; raise ValueError with the reason.
 
     Checks the image (see :func:`~.images.validate_image`), that labels are integers or bools,
     non-negative, shaped like the image's spatial shape, and (sparse mode) that something is painted.
     """
     image, labels = np.asarray(image), np.asarray(labels)
-    validate_image(image, layout)
+    validate_image(image, layout, spec)
     check_labels_dtype(labels)
     expected = spatial_shape(image, layout)
     if labels.shape != expected:

@@ -1,29 +1,31 @@
 """From napari layer data to the 2D training pairs that the split and the sampler take.
 
-Pure numpy: no torch, no napari, no Qt.
+numpy and scikit-image: no torch, no napari, no Qt.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .images import ImageLayout, to_sam_planes
+from ..config import InputSpec
+from .images import ImageLayout, SamPlanes
 from .labels import LabelEncoding, label_planes, labelled_plane_indices, validate_pair
+from .rescale import rescale_targets
 
 
 def labelled_plane_pairs(
-    image: np.ndarray, labels: np.ndarray, layout: ImageLayout, encoding: LabelEncoding
+    image: np.ndarray, labels: np.ndarray, layout: ImageLayout, spec: InputSpec, encoding: LabelEncoding
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The labelled 2D planes of one (image, labels) layer pair, validated, encoded and normalised.
+    """The labelled 2D planes of one (image, labels) layer pair, validated, encoded and prepared as the model
+    sees them (``SamPlanes.model_input``: normalised over the whole image, then rescaled by ``spec.rescale``).
 
     image, labels: as the napari Image and Labels layers hold them (see :class:`ImageLayout`).
-    Returns [(planes float32 ``Y x X x 3`` in 0..255, targets int64 ``Y x X``), ...] for every
-    plane with a labelled pixel, in plane order. The normalisation uses the whole image, so a plane
-    looks the same as at prediction time; unlabelled planes of a stack are never converted.
-    In dense mode a plane of a stack where nothing was painted (all 0) counts as not annotated:
-    people label a few slices of a stack, not every one.
+    Returns [(planes float32 ``Y' x X' x 3`` in 0..255, targets int64 ``Y' x X'``), ...] for every plane
+    with a labelled pixel, in plane order; targets are rescaled by nearest neighbour. Unlabelled planes of a
+    stack are never converted. In dense mode a plane of a stack where nothing was painted (all 0) counts as
+    not annotated: people label a few slices of a stack, not every one.
     """
-    validate_pair(image, labels, layout, encoding.mode)
+    validate_pair(image, labels, layout, encoding.mode, spec)
     encoded = encoding.encode(labels)
     indices = labelled_plane_indices(encoded)
     if encoding.mode == "dense" and len(indices) > 1:
@@ -31,6 +33,6 @@ def labelled_plane_pairs(
         indices = [i for i in indices if painted[i]]
     if not indices:
         return []
-    planes = to_sam_planes(image, layout, plane_indices=indices)
+    planes = SamPlanes(image, layout, spec)
     targets = label_planes(encoded)
-    return [(planes[k], targets[i]) for k, i in enumerate(indices)]
+    return [(planes.model_input(i), rescale_targets(targets[i], planes.input_shape)) for i in indices]

@@ -1,7 +1,7 @@
 """Square training patches drawn at random, and a fixed tiling of the validation pixels.
 
-Pure numpy + scikit-image. Inputs are 2D pairs (planes float32 ``Y x X x 3`` in 0..255, targets
-int64 ``Y x X`` with IGNORE_INDEX for unlabelled pixels), i.e. after encoding, splitting and
+Pure numpy. Inputs are 2D pairs (planes float32 ``Y x X x 3`` in 0..255, targets
+int64 ``Y x X`` with IGNORE_INDEX for unlabelled pixels), i.e. after encoding, rescaling, splitting and
 slicing stacks. Patches come out channels-first for torch: images ``3 x S x S`` float32 in 0..255,
 targets ``S x S`` int64. Where a patch reaches past an image, the image is padded with 0 and the
 targets with IGNORE_INDEX (image content sits at the top-left, like SAM's own padding).
@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from skimage.transform import resize
-
 from ..constants import IGNORE_INDEX
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -32,23 +30,6 @@ def _check_pair(image: np.ndarray, targets: np.ndarray, index: int) -> None:
         raise ValueError(f"pair {index}: targets shape {targets.shape} does not match image {image.shape[:2]}")
     if targets.dtype.kind not in "iu":
         raise ValueError(f"pair {index}: targets must be integer class indices, got {targets.dtype}")
-
-
-def rescale_pair(image: np.ndarray, targets: np.ndarray, rescale: float) -> Pair:
-    """Resize a pair by ``rescale``: image bilinear (anti-aliased when shrinking), targets nearest.
-
-    Returns (float32 ``Y' x X' x 3``, int64 ``Y' x X'``) with ``Y' = max(1, round(Y * rescale))``.
-    """
-    if rescale <= 0:
-        raise ValueError(f"rescale must be > 0, got {rescale}")
-    image = np.asarray(image, dtype=np.float32)
-    targets = np.asarray(targets).astype(np.int64, copy=False)
-    if rescale == 1.0:
-        return image, targets
-    shape = tuple(max(1, round(n * rescale)) for n in targets.shape)
-    image = resize(image, shape + (3,), order=1, preserve_range=True, anti_aliasing=rescale < 1.0)
-    targets = resize(targets, shape, order=0, preserve_range=True, anti_aliasing=False)
-    return image.astype(np.float32), np.rint(targets).astype(np.int64)
 
 
 def crop_padded(image: np.ndarray, targets: np.ndarray, top: int, left: int, size: int) -> Pair:
@@ -71,8 +52,6 @@ class PatchSampler:
     pairs: (planes float32 ``Y x X x 3`` in 0..255, targets int64 ``Y x X``) 2D pairs. Pairs
         without a labelled pixel are dropped; at least one must remain.
     patch_size: S, the side of the square patches.
-    rescale: resize factor applied once here (image bilinear, targets nearest), e.g. 0.5 when
-        objects are twice as large as SAM expects.
     labelled_weighting: for sparse annotations: 80% of patches are placed on a random labelled
         pixel (which lands anywhere inside the patch), 20% uniformly. Without it every patch is
         placed uniformly (image chosen in proportion to its area).
@@ -88,14 +67,12 @@ class PatchSampler:
         self,
         pairs: Sequence[Pair],
         patch_size: int,
-        rescale: float = 1.0,
         labelled_weighting: bool = False,
         augment: bool = True,
     ) -> None:
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.patch_size = int(patch_size)
-        self.rescale = float(rescale)
         self.labelled_weighting = bool(labelled_weighting)
         self.augment = bool(augment)
         self.images: list[np.ndarray] = []
@@ -103,7 +80,7 @@ class PatchSampler:
         self._labelled_pixels: list[np.ndarray] = []  # flat indices of labelled pixels, per pair
         for index, (image, targets) in enumerate(pairs):
             _check_pair(np.asarray(image), np.asarray(targets), index)
-            image, targets = rescale_pair(image, targets, self.rescale)
+            image, targets = np.asarray(image, dtype=np.float32), np.asarray(targets).astype(np.int64, copy=False)
             labelled = np.flatnonzero(targets != IGNORE_INDEX)
             if labelled.size:
                 self.images.append(image)
@@ -196,13 +173,10 @@ def _owned_tiles(first: int, stop: int, length: int, size: int) -> list[tuple[in
     return tiles
 
 
-def validation_patches(
-    pairs: Sequence[Pair], patch_size: int, rescale: float = 1.0
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def validation_patches(pairs: Sequence[Pair], patch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """A fixed list of patches in which every labelled (validation) pixel is counted exactly once.
 
-    The bounding box of each pair's labelled pixels (after ``rescale``, as in :class:`PatchSampler`)
-    is cut into ``S x S`` tiles; each patch shows the image window around its tile (shifted inside
+    The bounding box of each pair's labelled pixels is cut into ``S x S`` tiles; each patch shows the image window around its tile (shifted inside
     the image where possible, padded otherwise) and keeps the targets of its own tile only, the rest
     IGNORE_INDEX. Tiles without a labelled pixel are skipped. Order: pair, then row, then column.
     Returns [(image float32 ``3 x S x S`` in 0..255, targets int64 ``S x S``), ...].
@@ -212,7 +186,6 @@ def validation_patches(
     patches = []
     for index, (image, targets) in enumerate(pairs):
         _check_pair(np.asarray(image), np.asarray(targets), index)
-        image, targets = rescale_pair(image, targets, rescale)
         labelled = targets != IGNORE_INDEX
         if not labelled.any():
             continue

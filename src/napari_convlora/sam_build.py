@@ -1,114 +1,23 @@
-"""SAM geometry: a small dataclass, presets, inference from a state dict, and the builder.
+"""Build ``segment_anything``'s ``Sam`` for a :class:`~.config.SamArchitecture`, and read the geometry off
+a checkpoint's tensors.
 
-The builder composes ``segment_anything``'s own classes (no vendored copy), so any SAM whose
-state dict keeps SAM's key names can be rebuilt: official vit_b/l/h, MedSAM, micro-sam exports,
-and the tiny models the tests make.
+The builder composes ``segment_anything``'s own classes (no vendored copy), so any SAM whose state dict keeps
+SAM's key names can be rebuilt: official vit_b/l/h, MedSAM, micro-sam exports, and the tiny models the tests
+make.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from .config.sam import SamArchitecture
 from .constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as asked; the message names the file and what was expected."""
-
-
-@dataclass(frozen=True)
-class SamArchitecture:
-    """Everything needed to rebuild a SAM with ``segment_anything``'s classes.
-
-    Defaults are the official ViT-B at 1024 px. All fields are JSON-serialisable.
-    """
-
-    image_size: int = 1024
-    patch_size: int = 16
-    encoder_embed_dim: int = 768
-    encoder_depth: int = 12
-    encoder_num_heads: int = 12
-    encoder_mlp_ratio: float = 4.0
-    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    window_size: int = 14
-    qkv_bias: bool = True
-    prompt_embed_dim: int = 256
-    mask_in_chans: int = 16
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_num_heads: int = 8
-    attention_downsample_rate: int = 2
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-
-    @property
-    def embedding_size(self) -> int:
-        """Side of the image-embedding grid (64 for a 1024 px SAM)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def model_type(self) -> str | None:
-        """``"vit_b"``, ``"vit_l"`` or ``"vit_h"`` when the geometry is an official one, else None."""
-        for name, preset in PRESETS.items():
-            if preset == self:
-                return name
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SamArchitecture":
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = known - set(d)
-        if missing:
-            raise CheckpointError(f"SAM architecture record lacks {sorted(missing)}")
-        kwargs = {k: v for k, v in d.items() if k in known}
-        kwargs["encoder_global_attn_indexes"] = tuple(kwargs["encoder_global_attn_indexes"])
-        return cls(**kwargs)
-
-    @classmethod
-    def preset(cls, model_type: str) -> "SamArchitecture":
-        """The official geometry for ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``."""
-        try:
-            return PRESETS[model_type]
-        except KeyError:
-            raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {sorted(PRESETS)}") from None
-
-
-PRESETS: dict[str, SamArchitecture] = {
-    "vit_b": SamArchitecture(),
-    "vit_l": SamArchitecture(
-        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
-    ),
-    "vit_h": SamArchitecture(
-        encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)
-    ),
-}
-
-#: A SAM small enough to train in milliseconds on a CPU; used by tests, the demo and benchmarks.
-TINY = SamArchitecture(
-    image_size=256,
-    encoder_embed_dim=64,
-    encoder_depth=2,
-    encoder_num_heads=2,
-    encoder_global_attn_indexes=(1,),
-    window_size=4,
-    prompt_embed_dim=64,
-    mask_in_chans=8,
-    decoder_mlp_dim=128,
-    iou_head_hidden_dim=32,
-)
+from .errors import CheckpointError
 
 
 def build_sam(arch: SamArchitecture) -> "Sam":  # noqa: F821 (segment_anything imported lazily)
@@ -216,6 +125,3 @@ def infer_architecture(state: Mapping[str, torch.Tensor], decoder_num_heads: int
         iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
     )
 
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,45 @@
+"""Every choice list and file-format name of the plugin, defined once (no torch, no Qt).
+
+The core validates against these tuples, the command line offers them as ``choices``, and the dock shows
+them through the ``*_LABELS`` dictionaries (value -> text in the menu).
+"""
+
+from __future__ import annotations
+
+#: Encoder adaptation: LoRA with a mixture of convolution experts, plain LoRA, or none (decoder only).
+METHODS = ("conv_lora", "lora", "decoder")
+METHOD_LABELS = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "Decoder only"}
+
+#: Where to compute; "auto" takes CUDA, then Apple MPS, then the CPU.
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DEVICE_LABELS = {"auto": "auto", "cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
+
+#: Arithmetic of training and prediction; mixed precision (bf16, fp16) on CUDA only.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIXED_PRECISIONS = ("bf16", "fp16")
+
+#: How label values are read (see ``data/labels.py``).
+LABEL_MODES = ("dense", "sparse", "instances")
+LABEL_MODE_LABELS = {
+    "dense": "dense (0 = background)",
+    "sparse": "sparse (0 = not annotated)",
+    "instances": "instances (objects vs background)",
+}
+
+#: How long to train: a number of optimizer steps, or of passes over the labelled planes.
+LENGTH_UNITS = ("steps", "epochs")
+
+# ---- files --------------------------------------------------------------------------------------
+#: Only the trained tensors, on top of a base SAM checkpoint named by its sha256.
+ADAPTER_FORMAT = "napari-convlora-adapter"
+#: Base SAM, adapters and head bundled in one file (weights side by side, not merged into each other).
+BUNDLE_FORMAT = "napari-convlora-bundle"
+#: The name format version 1 gave the bundle.
+BUNDLE_FORMAT_V1 = "napari-convlora-model"
+#: What ``describe`` reports for a SAM checkpoint (official, MedSAM, micro-sam export, ...).
+SAM_CHECKPOINT_FORMAT = "sam-checkpoint"
+#: The version of the adapter and bundle files written now; version 1 files are still read.
+FORMAT_VERSION = 2
+
+MODEL_SUFFIX = ".safetensors"
+SAM_SUFFIXES = (".pth", ".pt", ".safetensors")

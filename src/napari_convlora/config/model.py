@@ -1,0 +1,196 @@
+"""What a fine-tuned model is: base geometry, encoder adapter, head, input spec and base checkpoint.
+
+:class:`ModelConfig` is stored in the record of every file this project writes, so that a file alone says
+how to rebuild its model and how to prepare images for it. No torch, no numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .choices import LABEL_MODES, METHODS
+from .sam import SamArchitecture
+
+
+@dataclass
+class AdapterConfig:
+    """Which encoder adapter, where, and its hyper-parameters (defaults: the Conv-LoRA reference).
+
+    method: ``"conv_lora"`` (LoRA with a mixture of scale experts in the bottleneck), ``"lora"``,
+        or ``"decoder"`` (no encoder adapter: only the mask decoder trains; a baseline).
+    targets: suffixes of the encoder Linear layers to wrap (``"attn.qkv"``, ``"attn.proj"``,
+        ``"mlp.lin1"``, ``"mlp.lin2"``); a name matches when it equals or ends with ``"." + target``.
+    scales: the experts' up-sampling factors; None: 1, 2, ..., num_experts.
+    weight_by_gate: multiply each expert's output by its gate value. The reference does not, so its
+        gate learns only from the balance loss; with True it also learns from the task loss.
+    """
+
+    method: str = "conv_lora"
+    rank: int = 3
+    alpha: float = 32.0
+    dropout: float = 0.0
+    num_experts: int = 8
+    scales: tuple[float, ...] | None = None
+    top_k: int = 1
+    weight_by_gate: bool = False
+    noisy_gating: bool = True
+    balance_coef: float = 0.01
+    targets: tuple[str, ...] = ("attn.qkv",)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown adapter method {self.method!r}; expected one of {METHODS}")
+        self.targets = tuple(self.targets)
+        if self.scales is not None:
+            self.scales = tuple(float(s) for s in self.scales)
+            if len(self.scales) != self.num_experts:
+                raise ValueError(f"{len(self.scales)} scales given for {self.num_experts} experts")
+            if min(self.scales) <= 0:
+                raise ValueError(f"expert scales must be positive, got {self.scales}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def expert_scales(self) -> tuple[float, ...]:
+        return self.scales if self.scales is not None else tuple(float(i + 1) for i in range(self.num_experts))
+
+
+@dataclass
+class HeadConfig:
+    """The prompt-free segmentation head and the labels it was trained on.
+
+    num_classes counts background as class 0 (binary = 2). A binary head has one mask token; a multi-class
+    head has ``num_mask_tokens`` tokens (default ``2 * num_classes``) and a class head.
+    class_values: the label value written into napari Labels for each class (default 0..K-1).
+    label_mode and background_value: how the training labels were read (see ``data.LabelEncoding``), so that
+    ground truth for evaluation is read the same way.
+    """
+
+    num_classes: int = 2
+    num_mask_tokens: int | None = None
+    class_names: tuple[str, ...] | None = None
+    class_values: tuple[int, ...] | None = None
+    label_mode: str = "dense"
+    background_value: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.num_classes <= 256:
+            raise ValueError(f"num_classes (background included) must be in 2..256, got {self.num_classes}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+        if self.num_mask_tokens is None:
+            self.num_mask_tokens = 1 if self.binary else 2 * self.num_classes
+        if self.binary and self.num_mask_tokens != 1:
+            raise ValueError("a binary head (num_classes=2) has exactly one mask token")
+        if not self.binary and self.num_mask_tokens < self.num_classes:
+            raise ValueError(
+                f"num_mask_tokens ({self.num_mask_tokens}) must be >= num_classes ({self.num_classes}) "
+                "so that every class present can be matched to a token"
+            )
+        if self.class_values is None:
+            self.class_values = tuple(range(self.num_classes))
+        self.class_values = tuple(int(v) for v in self.class_values)
+        if self.class_names is not None:
+            self.class_names = tuple(str(n) for n in self.class_names)
+        for name in ("class_names", "class_values"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_classes:
+                raise ValueError(f"{len(value)} {name} given for {self.num_classes} classes")
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 2
+
+
+@dataclass
+class InputSpec:
+    """How a raw image becomes the RGB planes SAM sees: everything prediction must repeat from training.
+
+    channels: which channels of a multichannel image to use (1 to 3 indices; default: all, at most 3).
+    rgb_slots: the RGB slot (0, 1, 2) each used channel goes into. Default: 1 channel -> repeated into all
+        three; 2 channels -> red and green; 3 -> red, green, blue.
+    percentiles: (low, high) intensity percentiles of the whole image mapped to 0 and 255.
+    rescale: resize factor applied before SAM sees the image (0.5 when objects are twice as large as SAM
+        expects); predictions are resized back.
+    """
+
+    channels: tuple[int, ...] | None = None
+    rgb_slots: tuple[int, ...] | None = None
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    rescale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            self.channels = tuple(int(c) for c in self.channels)
+            if not 1 <= len(self.channels) <= 3:
+                raise ValueError(f"choose 1 to 3 channels, got channels={self.channels}")
+            if len(set(self.channels)) != len(self.channels) or min(self.channels) < 0:
+                raise ValueError(f"channels must be distinct indices >= 0, got {self.channels}")
+        if self.rgb_slots is not None:
+            self.rgb_slots = tuple(int(s) for s in self.rgb_slots)
+            slots = self.rgb_slots
+            if not slots or not set(slots) <= {0, 1, 2} or len(set(slots)) != len(slots):
+                raise ValueError(f"rgb_slots must be distinct values among 0, 1, 2; got {slots}")
+            if self.channels is not None and len(slots) != len(self.channels):
+                raise ValueError(f"rgb_slots={slots} names {len(slots)} slot(s) for {len(self.channels)} channel(s)")
+        self.percentiles = (float(self.percentiles[0]), float(self.percentiles[1]))
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        self.rescale = float(self.rescale)
+        if not 0.0 < self.rescale <= 16.0:
+            raise ValueError(f"rescale must be in (0, 16], got {self.rescale}")
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """The SAM checkpoint a model was built on, as an adapter file records it."""
+
+    file_name: str
+    sha256: str
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a fine-tuned model on top of its base SAM, and to feed it images.
+
+    base_checkpoint: the base's file name and sha256, taken once when the base was loaded; None for a SAM
+        built in memory (such a model can be saved as a bundle, not as an adapter).
+    pixel_mean, pixel_std: SAM's normalisation of RGB values in 0..255, applied inside the model.
+    """
+
+    base: SamArchitecture
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    input_size: int = 1024
+    input: InputSpec = field(default_factory=InputSpec)
+    pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
+    base_checkpoint: BaseCheckpoint | None = None
+
+    def __post_init__(self) -> None:
+        check_input_size(self.input_size)
+        self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
+        self.pixel_std = tuple(float(v) for v in self.pixel_std)
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_mean and pixel_std need 3 values, std > 0; got {self.pixel_mean}, {self.pixel_std}")
+
+
+#: Smallest input side: 4 x 4 image-embedding tokens.
+MIN_INPUT_SIZE = 64
+
+
+def check_input_size(input_size: int) -> int:
+    """``input_size`` if SAM can take it (a multiple of its 16 px patches, at least 64), else ValueError."""
+    if int(input_size) != input_size or input_size % PATCH_SIZE or input_size < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"input size must be a multiple of {PATCH_SIZE} and at least {MIN_INPUT_SIZE} px, got {input_size}"
+        )
+    return int(input_size)

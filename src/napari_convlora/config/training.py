@@ -1,0 +1,126 @@
+"""How to fine-tune (:class:`TrainRecipe`, saved with the run and reused on resume) and where to run it
+(:class:`RunOptions`, always the caller's, never saved). No torch.
+
+The dock and the command line build these objects directly. Resolve first, then prepare the data: when a
+run is resumed its saved recipe is read before any data are cut (``train.resume_recipe``), because the
+recipe decides the patch size, the normalisation, the label encoding and the validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .choices import DEVICES, LABEL_MODES, PRECISIONS
+from .model import AdapterConfig, InputSpec, check_input_size
+
+#: Passes over the labelled planes when neither steps nor epochs are given.
+DEFAULT_EPOCHS = 10.0
+#: The recipe fields that decide how the data are prepared; data cut for other values cannot train.
+DATA_FIELDS = ("input_size", "input", "label_mode", "background_value", "class_names", "val_fraction", "augment",
+               "seed")
+
+
+@dataclass
+class TrainRecipe:
+    """Everything that decides what a fine-tuning run computes. Defaults follow the Conv-LoRA reference
+    (AdamW 1e-4, weight decay 1e-4, linear decay, clipping at 1.0, 4 patches per optimizer step).
+
+    adapter: the encoder adapter (method and hyper-parameters).
+    input_size: SAM's input side S in pixels, the side of the training patches (1024 is SAM's own).
+    input: how images are normalised, which channels are used and how they are rescaled.
+    label_mode, background_value, class_names: how the Labels are read (``data/labels.py``); None for the
+        background value takes the mode's default (0 dense, 1 sparse).
+    num_mask_tokens: multi-class heads: tokens that compete for the classes (default 2 x classes).
+    val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
+    steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
+    batch_size x grad_accum: patches per optimizer step.
+    val_every: optimizer steps between validations (None: about 10 in a run).
+    """
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    input_size: int = 1024
+    input: InputSpec = field(default_factory=InputSpec)
+    label_mode: str = "dense"
+    background_value: int | None = None
+    class_names: tuple[str, ...] | None = None
+    num_mask_tokens: int | None = None
+    val_fraction: float = 0.1
+    augment: bool = True
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 1
+    grad_accum: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    val_every: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_input_size(self.input_size)
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+        if self.class_names is not None:
+            self.class_names = tuple(str(n) for n in self.class_names)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"the validation fraction must be in [0, 1), got {self.val_fraction}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give the length of training in steps or in epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.val_every is not None and self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"the learning rate must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ValueError(f"weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay}, {self.grad_clip}")
+
+    @property
+    def patches_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run, given how many make one epoch."""
+        if self.steps is not None:
+            return int(self.steps)
+        epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+        return max(1, math.ceil(epochs * steps_per_epoch))
+
+    def differences(self, other: "TrainRecipe", fields: tuple[str, ...] | None = None) -> list[str]:
+        """``["input_size: 512 here, 256 there", ...]`` for the fields (default all) where the two differ."""
+        names = fields or tuple(f.name for f in dataclasses.fields(self))
+        return [f"{name}: {getattr(self, name)!r} here, {getattr(other, name)!r} there"
+                for name in names if getattr(self, name) != getattr(other, name)]
+
+
+@dataclass
+class RunOptions:
+    """Where and how fast to compute; the caller's choice every time, never saved with a run.
+
+    device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"cpu"``.
+    precision: ``"auto"`` (bf16 on CUDA where supported, else fp16 on CUDA, fp32 elsewhere), ``"fp32"``,
+        ``"bf16"``, ``"fp16"``.
+    num_threads: CPU threads for torch (None: leave torch's setting).
+    activation_checkpointing: recompute encoder blocks in the backward pass (less GPU memory, slower; the
+        result is the same).
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    num_threads: int | None = None
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None), got {self.num_threads}")

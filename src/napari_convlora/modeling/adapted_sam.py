@@ -1,0 +1,143 @@
+"""``AdaptedSAM``: a SAM with encoder adapters and heads, assembled from finished parts.
+
+Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_decoder=...)``, it composes:
+
+- ``sam``: SAM as loaded, frozen, and unchanged except for its input size (``resize.py``, the one edit);
+- encoder adapters (LoRA or Conv-LoRA) that wrap the target Linear layers of SAM's image encoder and can be
+  switched off or taken out again (``adapters/``); none for ``method="decoder"``;
+- ``head``: the prompt-free head of the config (``heads.PromptFreeHead``), holding SAM's decoder parts by
+  reference and owning its tokens and class head;
+- ``prompt_head``: SAM's own promptable decoding on the same adapted encoder (``heads.PromptableHead``).
+
+Images go in as RGB in 0..255; the pixel normalisation belongs to the model (its own buffers, from the
+config). Activation checkpointing is a wrapper around the encoder blocks (``checkpointing.py``); an early
+encoder feature, for a decoder-side fusion (HQ-SAM), is taken with a forward hook (``features.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.inject import adapter_layers, inject_adapters, set_adapters_enabled
+from ..config import ModelConfig
+from .checkpointing import set_activation_checkpointing, unwrapped
+from .features import BlockOutputCapture, ImageFeatures
+from .heads import PromptableHead, PromptFreeHead
+from .outputs import SegmentationOutput
+from .resize import resize_sam_input
+
+
+class AdaptedSAM(nn.Module):
+    """SAM + encoder adapters (Conv-LoRA, LoRA or none) + a prompt-free head, and SAM's promptable path.
+
+    Args:
+        sam: ``segment_anything``'s ``Sam`` (``load_base(path).sam``); kept as ``.sam``. Its parameters are
+            frozen, its input size is set to ``config.input_size`` and adapters wrap its encoder's target
+            Linear layers; nothing else of it changes.
+        config: geometry (must describe ``sam``), adapter, head, input size, input spec, base checkpoint.
+    """
+
+    def __init__(self, sam: nn.Module, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.sam = sam
+        sam.requires_grad_(False)
+        resize_sam_input(sam, config.input_size)
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
+        self.adapted_layers = inject_adapters(sam.image_encoder, config.adapter)
+        self.head = PromptFreeHead(sam.prompt_encoder, sam.mask_decoder, config.head)
+        self.prompt_head = PromptableHead(sam.prompt_encoder, sam.mask_decoder)
+        self._early_capture: BlockOutputCapture | None = None
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+
+    # ---- what trains -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapters' own weights (not the Linear layers they wrap) and what the head trains."""
+        adapters = [p for _, layer in adapter_layers(self.sam) for name, p in layer.named_parameters()
+                    if not name.startswith("base_layer.")]
+        return adapters + self.head.trainable_parameters()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors fine-tuning changes, under their state-dict names (what an adapter file holds)."""
+        trained = {id(p) for p in self.trainable_parameters()}
+        return {name: t.detach() for name, t in self.state_dict(keep_vars=True).items() if id(t) in trained}
+
+    # ---- switches ----------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.head.num_classes
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        """Switch the encoder adapters off (the encoder computes plain SAM) or back on."""
+        set_adapters_enabled(self.sam, enabled)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute encoder blocks in the backward pass instead of storing their activations (less memory)."""
+        set_activation_checkpointing(self.sam.image_encoder.blocks, enabled)
+
+    def capture_early_feature(self, enabled: bool = True) -> None:
+        """Make :meth:`encode` also return the output of the first global-attention block (HQ-SAM's early
+        feature), taken with a forward hook on that block."""
+        if enabled and self._early_capture is None:
+            block = unwrapped(self.sam.image_encoder.blocks[self.config.base.first_global_block])
+            self._early_capture = BlockOutputCapture(block)
+        elif not enabled and self._early_capture is not None:
+            self._early_capture.remove()
+            self._early_capture = None
+
+    def balance_loss(self) -> torch.Tensor:
+        """Conv-LoRA's load-balancing losses of the last forward, summed over layers (0 without Conv-LoRA)."""
+        losses = [layer.balance_loss for _, layer in adapter_layers(self.sam) if layer.balance_loss is not None]
+        return torch.stack(losses).sum() if losses else self.pixel_mean.new_zeros(())
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> ImageFeatures:
+        """images: B x 3 x S x S float RGB in 0..255 -> features (embedding B x D x S/16 x S/16)."""
+        s = self.config.input_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (s, s):
+            raise ValueError(f"expected images B x 3 x {s} x {s}, got {tuple(images.shape)}")
+        for _, layer in adapter_layers(self.sam):
+            layer.balance_loss = None
+        embedding = self.sam.image_encoder((images - self.pixel_mean) / self.pixel_std)
+        early = self._early_capture.take() if self._early_capture is not None else None
+        return ImageFeatures(embedding, early)
+
+    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+        """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4)."""
+        masks, class_logits = self.head(self.encode(images).embedding)
+        return SegmentationOutput(masks, class_logits, self.balance_loss())
+
+    def probabilities_from_output(self, out: SegmentationOutput, size: int | None = None) -> torch.Tensor:
+        """Class probabilities B x K x size x size (sum 1 over K) from raw outputs.
+
+        Binary: [1 - p, p] with p = sigmoid(mask). Multi-class: sum_q softmax(class_q)[c] * sigmoid(mask_q)
+        over the K real classes (no-object dropped), normalised over c. Per pixel the sigmoids are divided by
+        the largest one before they are mixed (the normalisation cancels that factor), so that pixels where
+        every mask logit is very negative still get probabilities that sum to 1 instead of underflowing.
+        """
+        size = size or self.config.input_size
+        masks = F.interpolate(out.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+        if out.class_logits is None:
+            p = torch.sigmoid(masks[:, 0])
+            return torch.stack([1 - p, p], dim=1)
+        cls = torch.softmax(out.class_logits.float(), dim=-1)[..., :-1]  # B x Q x K
+        log_sigmoid = F.logsigmoid(masks)  # B x Q x S x S
+        relative = torch.exp(log_sigmoid - log_sigmoid.amax(dim=1, keepdim=True))  # largest token = 1
+        semantic = torch.einsum("bqk,bqhw->bkhw", cls, relative)
+        return semantic / semantic.sum(dim=1, keepdim=True).clamp_min(torch.finfo(semantic.dtype).tiny)
+
+    def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B x 3 x S x S float RGB 0..255 -> B x K x S x S probabilities summing to 1 over K."""
+        return self.probabilities_from_output(self(images))
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B x 3 x S x S float RGB 0..255 -> B x S x S int64 class indices."""
+        return self.class_probabilities(images).argmax(dim=1)

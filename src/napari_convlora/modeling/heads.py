@@ -1,0 +1,134 @@
+"""Heads: what turns image features into masks. Each holds SAM's decoder parts by reference and owns only
+what it adds, so SAM's own promptable decoder keeps working next to every head.
+
+- :class:`PromptFreeHead`: Conv-LoRA's head. No prompts; the prompt encoder gives only its "no mask"
+  embedding. Binary: one mask token. Multi-class: Q mask tokens (copies of SAM's token 0) sharing SAM's
+  hypernetwork MLP 0, and a ``Linear(D, K+1)`` class head (last logit = no object).
+- :class:`PromptableHead`: SAM's own prompt encoder and mask decoder, with its IoU head, on the adapted
+  encoder (WeSAM adapts the encoder through it).
+
+Borrowed parts are not registered as submodules: they belong to the model's ``sam`` and are saved once,
+under ``sam.``. A head's own tensors are saved under ``head.``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import HeadConfig
+
+
+def borrow(module: nn.Module, name: str, part: nn.Module) -> None:
+    """Keep ``part`` as ``module.<name>`` without registering it (it is owned, moved and saved elsewhere)."""
+    object.__setattr__(module, name, part)
+
+
+def dense_positional_encoding(prompt_encoder: nn.Module) -> torch.Tensor:
+    """SAM's positional encoding of the image-embedding grid, 1 x D x g x g, always computed in fp32."""
+    weight = prompt_encoder.no_mask_embed.weight
+    with torch.autocast(weight.device.type, enabled=False):
+        return prompt_encoder.get_dense_pe()
+
+
+class PromptFreeHead(nn.Module):
+    """Class masks without prompts (METHODS.md 1.6), on SAM's two-way transformer and upscaling.
+
+    Args:
+        prompt_encoder, mask_decoder: SAM's own modules (borrowed).
+        config: classes, tokens and label values.
+
+    Trains (see :meth:`trainable_parameters`): its own tokens and class head, and SAM's IoU token,
+    two-way transformer, output upscaling and hypernetwork MLP 0; not SAM's IoU prediction head, its own
+    mask tokens or MLPs 1-3, which only its promptable path uses.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, config: HeadConfig) -> None:
+        super().__init__()
+        borrow(self, "prompt_encoder", prompt_encoder)
+        borrow(self, "decoder", mask_decoder)
+        self.config = config
+        dim = mask_decoder.transformer_dim
+        self.mask_tokens = nn.Embedding(config.num_mask_tokens, dim)
+        with torch.no_grad():
+            self.mask_tokens.weight.copy_(mask_decoder.mask_tokens.weight[0].expand(config.num_mask_tokens, -1))
+        self.class_head = None if config.binary else nn.Linear(dim, config.num_classes + 1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        decoder = self.decoder
+        parts = (decoder.transformer, decoder.output_upscaling, decoder.output_hypernetworks_mlps[0], self)
+        return [decoder.iou_token.weight] + [p for part in parts for p in part.parameters()]
+
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """embedding: B x D x g x g -> (mask logits B x Q x 4g x 4g, class logits B x Q x (K+1) or None)."""
+        decoder, b = self.decoder, embedding.shape[0]
+        tokens = torch.cat([decoder.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = tokens.unsqueeze(0).expand(b, -1, -1)
+        src = embedding + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos = dense_positional_encoding(self.prompt_encoder).expand(b, -1, -1, -1)
+        hs, src = decoder.transformer(src, pos, tokens)
+        mask_tokens_out = hs[:, 1 : 1 + self.config.num_mask_tokens]  # B x Q x D
+        grid = embedding.shape[-2:]
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, -1, *grid))  # B x D/8 x 4g x 4g
+        hyper = decoder.output_hypernetworks_mlps[0](mask_tokens_out)  # B x Q x D/8, one MLP shared by all tokens
+        masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        class_logits = self.class_head(mask_tokens_out) if self.class_head is not None else None
+        return masks, class_logits
+
+
+@dataclass
+class Prompts:
+    """Prompts for one image, in pixel coordinates (x, y) of the S x S model input.
+
+    points: N x P x 2 float, with point_labels N x P (1 positive, 0 negative); boxes: N x 4 (x0, y0, x1, y1);
+    masks: N x 1 x 4g x 4g mask logits. N, the number of objects, must agree between the kinds given.
+    """
+
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+
+class PromptableHead(nn.Module):
+    """SAM's own promptable decoding (prompt encoder + mask decoder with its IoU head) on given features.
+
+    It adds nothing: the same weights and calls as ``segment_anything``'s ``Sam.forward``, minus the image
+    encoder, so with the adapters switched off it reproduces SAM.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
+        super().__init__()
+        borrow(self, "prompt_encoder", prompt_encoder)
+        borrow(self, "decoder", mask_decoder)
+        #: Why SAM's own decoding cannot be trusted on this model (a version-1 bundle lost SAM's own mask
+        #: tokens), or None.
+        self.unavailable: str | None = None
+
+    def forward(
+        self, embedding: torch.Tensor, prompts: Prompts, multimask_output: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for the prompted objects of ONE image.
+
+        Args:
+            embedding: 1 x D x g x g, the image's embedding.
+            multimask_output: SAM's three masks per object instead of one.
+
+        Returns:
+            (mask logits N x M x 4g x 4g, predicted IoU N x M), M = 3 with multimask_output, else 1.
+        """
+        if self.unavailable:
+            raise RuntimeError(self.unavailable)
+        if embedding.dim() != 4 or embedding.shape[0] != 1:
+            raise ValueError(f"expected the embedding of one image, 1 x D x g x g; got {tuple(embedding.shape)}")
+        points = None if prompts.points is None else (prompts.points, prompts.point_labels)
+        sparse, dense = self.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.masks)
+        return self.decoder(
+            image_embeddings=embedding,
+            image_pe=dense_positional_encoding(self.prompt_encoder),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )

@@ -1,0 +1,47 @@
+"""Small builders shared by the tests (imported as ``from helpers import ...``; pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_convlora import AdaptedSAM, load_base
+from napari_convlora.config import AdapterConfig, HeadConfig, InputSpec, ModelConfig
+from napari_convlora.sam_loading import BaseSam
+
+HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value"}
+
+
+def make_model(
+    base: str | Path | BaseSam,
+    num_classes: int = 2,
+    method: str = "conv_lora",
+    input_size: int = 256,
+    input: InputSpec | None = None,
+    **options: Any,
+) -> AdaptedSAM:
+    """An :class:`AdaptedSAM` on ``base`` (a checkpoint path or a ``BaseSam``); ``options`` go to the head
+    (tokens, class names and values, label mode) or the adapter (rank, experts, targets, ...)."""
+    base = base if isinstance(base, BaseSam) else load_base(base)
+    head = HeadConfig(num_classes=num_classes, **{k: v for k, v in options.items() if k in HEAD_FIELDS})
+    adapter = AdapterConfig(method=method, **{k: v for k, v in options.items() if k not in HEAD_FIELDS})
+    config = ModelConfig(base=base.architecture, adapter=adapter, head=head, input_size=input_size,
+                         input=input or InputSpec(), base_checkpoint=base.checkpoint)
+    return AdaptedSAM(base.sam, config)
+
+
+def perturb_trainable(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Move every trainable tensor away from its initial value (B != 0, so A gets gradient too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """n x 3 x size x size random RGB in 0..255."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
