@@ -17,9 +17,10 @@ accumulation, normalisation) are immune to load that changes between passes.
 
 Each repeat times, for each overlap, the encoder pass then the tiled pass; the table shows medians over
 ``--repeats`` and the median of the per-repeat ratios. The model is SAM with random weights
-(``random_sam``) in eval mode. Conv-LoRA's gate starts at zero, which in eval mode sends every window to
-the first expert (scale 1, no resizing); ``--gate random`` (the default) draws its weights from N(0, 1)
-so that windows spread over the experts as in a trained model (the expert counts are reported).
+(``random_base``) adapted by ``AdaptedSAM``, in eval mode. Conv-LoRA's gate starts at zero, which in eval
+mode sends every window to the first expert (scale 1, no resizing); ``--gate random`` (the default) draws
+its weights from N(0, 1) so that windows spread over the experts as in a trained model (the expert counts
+are reported).
 
 Run (CPU, what ``BENCHMARKS.md`` reports)::
 
@@ -46,8 +47,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import _machine  # noqa: E402
 
-import napari_convlora  # noqa: E402
+from napari_convlora import AdaptedSAM, random_base  # noqa: E402
 from napari_convlora.adapters.layers import ConvLoRALinear  # noqa: E402
+from napari_convlora.config import AdapterConfig, HeadConfig, ModelConfig  # noqa: E402
 from napari_convlora.devices import resolve_device  # noqa: E402
 from napari_convlora.predict import make_prob_fn  # noqa: E402
 from napari_convlora.tiling import predict_tiled, tile_starts  # noqa: E402
@@ -56,9 +58,13 @@ RATIO_GOAL = 1.1
 OVERLAPS = (0.0, 0.25)
 
 
-def build_model(model_type: str, method: str, size: int, device: torch.device, gate: str) -> napari_convlora.ConvLoRASAM:
-    model = napari_convlora.ConvLoRASAM(napari_convlora.random_sam(model_type, seed=0), num_classes=2,
-                                        adapter=method, input_size=size)
+def build_model(model_type: str, method: str, size: int, device: torch.device, gate: str) -> AdaptedSAM:
+    """SAM with random weights (``random_base``) adapted by ``method`` at input ``size``, binary head, eval mode;
+    ``gate="random"`` draws Conv-LoRA's gate weights from N(0, 1)."""
+    base = random_base(model_type, seed=0)
+    model = AdaptedSAM(base.sam, ModelConfig(base=base.architecture, adapter=AdapterConfig(method=method),
+                                             head=HeadConfig(num_classes=2), input_size=size,
+                                             base_checkpoint=base.checkpoint))
     if gate == "random":
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -94,7 +100,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_encoder(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Seconds of ``model.encode`` over all batches (inputs moved to the device like ``prob_fn`` does)."""
+    """Seconds of ``model.encode`` (the ``ImageFeatures`` it returns are dropped) over all batches, inputs moved
+    to the device like ``prob_fn`` does."""
     total = 0.0
     with torch.inference_mode():
         for batch in batches:

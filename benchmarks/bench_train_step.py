@@ -2,7 +2,8 @@
 
 One step is what ``train.train`` does per optimizer step at batch 1: forward, ``segmentation_loss``,
 backward, AdamW step on the trainable parameters (``zero_grad(set_to_none=True)`` first). The model is
-SAM with random weights (``random_sam``, vit_b geometry by default) resized to each input size, binary head.
+SAM with random weights (``random_base``, vit_b geometry by default) adapted by ``AdaptedSAM`` at each
+input size, binary head; the optimizer takes ``model.trainable_parameters()``.
 
 Each (input size, method) runs in a fresh subprocess, so that neither peak memory nor allocator caches
 leak from one configuration into the next:
@@ -96,13 +97,15 @@ def _peak_rss_mib(resettable: bool) -> float:
 def _build(model_type: str, method: str, size: int, device, seed: int = 0):
     import torch
 
-    import napari_convlora
+    from napari_convlora import AdaptedSAM, random_base
+    from napari_convlora.config import AdapterConfig, HeadConfig, ModelConfig
 
-    sam = napari_convlora.random_sam(model_type, seed=seed)
-    model = napari_convlora.ConvLoRASAM(sam, num_classes=2, adapter=method, input_size=size).to(device)
+    base = random_base(model_type, seed=seed)
+    config = ModelConfig(base=base.architecture, adapter=AdapterConfig(method=method), head=HeadConfig(num_classes=2),
+                         input_size=size, base_checkpoint=base.checkpoint)
+    model = AdaptedSAM(base.sam, config).to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, eps=1e-6)
     return model, optimizer
 
 
@@ -165,7 +168,7 @@ def measure_config(spec: dict[str, Any]) -> dict[str, Any]:
     model, optimizer = _build(spec["model_type"], spec["method"], spec["size"], device)
     images, targets = _batch(spec["size"], device)
     step = _make_step(model, optimizer, images, targets, device, dtype)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
 
     rss_before = _rss_mib()
     resettable = _reset_peak_rss()

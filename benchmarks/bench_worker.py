@@ -27,6 +27,7 @@ It prints a table and a JSON record (``--json FILE`` also writes it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,37 +36,52 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from napari_convlora.config import RunOptions, TrainRecipe
 
 MODES = ("direct", "dock", "dock-after-main-torch", "naive-worker")
 
 
-def _config(args) -> dict:
-    return dict(method="conv_lora", input_size=args.input_size, steps=args.steps, batch_size=1, grad_accum=1,
-                lr=1e-3, device="cpu", num_threads=args.threads or None)  # validates and saves as the dock does
+def _recipe(args) -> TrainRecipe:
+    """The training recipe of every mode (the dock is set to the same values)."""
+    from napari_convlora.config import AdapterConfig, TrainRecipe
+    from napari_convlora.sample_data import CLASS_NAMES
+
+    return TrainRecipe(adapter=AdapterConfig(method="conv_lora"), input_size=args.input_size, label_mode="dense",
+                       val_fraction=0.1, steps=args.steps, batch_size=1, grad_accum=1, lr=1e-3,
+                       class_names=CLASS_NAMES, seed=0)
+
+
+def _run_options(args) -> RunOptions:
+    """CPU and ``--threads`` (the dock's own RunOptions come from its form, set to the same)."""
+    from napari_convlora.config import RunOptions
+
+    return RunOptions(device="cpu", num_threads=args.threads or None)
 
 
 def _data(args):
-    from napari_convlora.dataset import TrainingPair, prepare_training_data
-    from napari_convlora.sample_data import CLASS_NAMES, synthetic_cells
+    from napari_convlora.data import TrainingPair, prepare_training_data
+    from napari_convlora.sample_data import synthetic_cells
 
     image, labels = synthetic_cells(384, seed=0)
-    return image, labels, prepare_training_data([TrainingPair(image, labels)], "dense", patch_size=args.input_size,
-                                                val_fraction=0.1, class_names=CLASS_NAMES)
+    return image, labels, prepare_training_data([TrainingPair(image, labels)], _recipe(args))
 
 
-def _steps_per_s(event, config) -> float:
-    return event.images_per_s / (config["batch_size"] * config["grad_accum"])
+def _steps_per_s(event, recipe: TrainRecipe) -> float:
+    return event.images_per_s / recipe.patches_per_step
 
 
 def run_direct(args, checkpoint: Path, out: Path) -> dict:
-    from napari_convlora.train import TrainConfig, train
+    from napari_convlora.train import train
 
-    config = _config(args)
+    recipe = _recipe(args)
     _, _, data = _data(args)
     last = None
-    for event in train(checkpoint, data, out / "direct.safetensors", TrainConfig(**config)):
+    for event in train(checkpoint, data, out / "direct.safetensors", recipe, _run_options(args)):
         last = event if event.kind == "step" else last
-    return {"steps_per_s": _steps_per_s(last, config)}
+    return {"steps_per_s": _steps_per_s(last, recipe)}
 
 
 class GapMeter:
@@ -122,12 +138,12 @@ def run_gui(args, mode: str, checkpoint: Path, out: Path) -> dict:
     image, labels, data = _data(args)
     viewer.add_image(image, name="cells")
     viewer.add_labels(labels, name="cells labels")
-    config = _config(args)
+    recipe, run = _recipe(args), _run_options(args)
     if mode != "dock":  # the main thread uses torch first: it now owns an OpenMP pool
         isolate_triton()  # napari's OpenGL context is up: see native_libs
-        from napari_convlora.train import TrainConfig, train
+        from napari_convlora.train import train
 
-        for _ in train(checkpoint, data, out / "main.safetensors", TrainConfig(**{**config, "steps": 5})):
+        for _ in train(checkpoint, data, out / "main.safetensors", dataclasses.replace(recipe, steps=5), run):
             pass
     meter = GapMeter()
     events = []
@@ -144,10 +160,9 @@ def run_gui(args, mode: str, checkpoint: Path, out: Path) -> dict:
 
     if mode == "naive-worker":
         from napari.qt.threading import thread_worker
-        from napari_convlora.train import TrainConfig, train
+        from napari_convlora.train import train
 
-        worker = thread_worker(train, start_thread=False)(checkpoint, data, out / "naive.safetensors",
-                                                         TrainConfig(**config))
+        worker = thread_worker(train, start_thread=False)(checkpoint, data, out / "naive.safetensors", recipe, run)
         done = []
         worker.yielded.connect(on_event)
         worker.finished.connect(lambda: done.append(1))
@@ -160,17 +175,19 @@ def run_gui(args, mode: str, checkpoint: Path, out: Path) -> dict:
         _wait(app, lambda: not widget.workers)
         widget.model_form.input_size.setValue(args.input_size)
         widget.data_form.length.setValue(args.steps)
-        widget.data_form.grad_accum.setValue(1)
-        widget.data_form.lr.setValue(1e-3)
-        widget.data_form.threads.setValue(args.threads)
-        widget.data_form.run_folder.set_path(str(out / "runs"))
-        widget.model_form.device.setCurrentIndex(3)  # CPU
+        options = widget.data_form.options  # the Advanced form (magicgui)
+        options.batch_size.value = recipe.batch_size
+        options.grad_accum.value = recipe.grad_accum
+        options.lr.value = recipe.lr
+        options.threads.value = args.threads
+        options.run_folder.value = out / "runs"
+        widget.model_form.device.setCurrentIndex(widget.model_form.device.findData("cpu"))
         shown = widget._on_event  # the dock's own handler (progress bar, plot, log) still runs
         widget._on_event = lambda event: (on_event(event), shown(event))
         widget.train()
         _wait(app, lambda: not widget.workers)
     _wait(app, lambda: len(events) >= args.steps, 10)  # yielded signals are queued
-    result = {"steps_per_s": _steps_per_s(events[-1], config), **meter.summary()}
+    result = {"steps_per_s": _steps_per_s(events[-1], recipe), **meter.summary()}
     viewer.close()
     return result
 

@@ -26,10 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from napari_convlora import load_model, random_sam, save_sam_checkpoint
-from napari_convlora.dataset import TrainingPair, prepare_training_data
+from napari_convlora.config import AdapterConfig, RunOptions, TrainRecipe
+from napari_convlora.data import TrainingPair, prepare_training_data
 from napari_convlora.predict import predict_image
 from napari_convlora.sample_data import synthetic_cells
-from napari_convlora.train import TrainConfig, train
+from napari_convlora.train import train
 
 
 def _drive(gen, stop: threading.Event | None = None, stop_at: int | None = None):
@@ -62,21 +63,23 @@ def main() -> None:
     base = save_sam_checkpoint(random_sam(args.model_type, seed=0), work / "base_random.pth")
     image, labels = synthetic_cells(384, seed=0)
     test_image, _ = synthetic_cells(384, seed=1)
-    data = prepare_training_data([TrainingPair(image, labels)], "dense", patch_size=256, val_fraction=0.15)
+    recipe = TrainRecipe(adapter=AdapterConfig(method="conv_lora"), input_size=256, label_mode="dense",
+                         val_fraction=0.15, steps=args.steps, batch_size=2, grad_accum=2, lr=1e-3,
+                         val_every=args.steps // 2 or None, seed=0)
+    data = prepare_training_data([TrainingPair(image, labels)], recipe)
     record: dict = {"model": f"{args.model_type} random weights, 256 px, conv_lora, 3 classes", "steps": args.steps}
     for precision in ("bf16", "fp32") if args.device == "cuda" else ("fp32",):
-        config = TrainConfig(method="conv_lora", input_size=256, steps=args.steps, batch_size=2, grad_accum=2,
-                             lr=1e-3, val_every=args.steps // 2, device=args.device, precision=precision, seed=0)
+        run = RunOptions(device=args.device, precision=precision)
         full = work / f"full_{precision}.safetensors"
         start = time.perf_counter()
-        events, model = _drive(train(base, data, full, config))
+        events, model = _drive(train(base, data, full, recipe, run))
         seconds = time.perf_counter() - start
         steps = [e for e in events if e.kind == "step"]
         stop = threading.Event()
         part = work / f"part_{precision}.safetensors"
-        _drive(train(base, data, part, config, stop=stop), stop, stop_at=args.steps // 2 + 1)
-        resumed = work / f"resumed_{precision}.safetensors"
-        _drive(train(base, data, resumed, resume_from=part))
+        _drive(train(base, data, part, recipe, run, stop=stop), stop, stop_at=args.steps // 2 + 1)
+        resumed = work / f"resumed_{precision}.safetensors"  # the saved recipe, the same run options
+        _drive(train(base, data, resumed, recipe, run, resume_from=part))
         record[precision] = {
             "run_s": seconds, "images_per_s_last": steps[-1].images_per_s,
             "loss_first": steps[0].loss, "loss_last": steps[-1].loss,

@@ -64,11 +64,12 @@ def main() -> None:
     dock.model_form.input_size.setValue(256)
     dock.data_form.class_names.setText(", ".join(CLASS_NAMES))
     dock.data_form.length.setValue(STEPS)
-    dock.data_form.lr.setValue(1e-3)
-    dock.data_form.batch_size.setValue(2)
-    dock.data_form.grad_accum.setValue(2)
+    options = dock.data_form.options  # the Advanced form (magicgui)
+    options.lr.value = 1e-3
+    options.batch_size.value = 2
+    options.grad_accum.value = 2
+    options.run_folder.value = tmp / "runs"
     dock.data_form.val_fraction.setValue(0.15)
-    dock.data_form.run_folder.set_path(str(tmp / "runs"))
 
     dock.setup.setCurrentIndex(1)  # the "Training data" tab
     dock.train()

@@ -233,14 +233,13 @@ def test_bool_labels_are_0_and_1():
     validate_pair(np.zeros((4, 4)), labels, ImageLayout())
 
 
-def test_encoding_json_round_trip_and_unknown_keys():
+def test_encoding_is_rebuilt_from_a_head_config_and_refuses_bad_indices():
+    from napari_convlora.config import HeadConfig
+
     encoding = make_label_encoding([np.array([[0, 1, 2]])], mode="sparse")
-    data = json.loads(json.dumps(encoding.to_dict()))
-    assert LabelEncoding.from_dict(data) == encoding
-    with pytest.warns(UserWarning, match="unknown keys"):
-        assert LabelEncoding.from_dict({**data, "future": 1}) == encoding
-    with pytest.raises(ValueError, match="missing keys"):
-        LabelEncoding.from_dict({"mode": "dense"})
+    head = HeadConfig(num_classes=2, class_values=encoding.class_values, label_mode="sparse",
+                      background_value=encoding.background_value)
+    assert LabelEncoding(head.label_mode, head.class_values, head.background_value) == encoding
     with pytest.raises(ValueError, match=r"class indices must be in 0..1 \(or -1\); found 3"):
         encoding.decode(np.array([3]))
 

@@ -132,3 +132,15 @@ def test_invalid_inputs_raise() -> None:
         cm.update(np.array([0, 1]), np.array([0, 5]))
     with pytest.raises(TypeError):
         cm.update(np.array([0.0, 1.0]), np.array([0, 1]))
+
+
+def test_one_line_summary_names_the_classes():
+    from napari_convlora.metrics import format_line
+
+    metrics = evaluate_arrays(np.array([[0, 1], [2, 2]]), np.array([[0, 1], [2, 1]]), 3).to_dict()
+    line = format_line(metrics, ("background", "nucleus", "rod"))
+    assert line == ("mIoU 66.7% (background 100.0%, nucleus 50.0%, rod 50.0%), foreground 50.0%, "
+                    "pixel accuracy 75.0%")
+    assert format_line(metrics, ("too", "few")).startswith("mIoU 66.7% (class 0 100.0%, class 1 50.0%")
+    empty = evaluate_arrays(np.zeros((2, 2), int), np.full((2, 2), IGNORE_INDEX), 2).to_dict()
+    assert format_line(empty) == "mIoU n/a (class 0 n/a, class 1 n/a), foreground n/a, pixel accuracy n/a"

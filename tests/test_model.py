@@ -303,3 +303,15 @@ def test_gate_routes_in_fp32_under_mixed_precision():
         gates, loss = gate(z)
     assert gates.dtype == torch.float32 and loss.dtype == torch.float32
     assert torch.equal(gates, expected) and torch.equal(loss, expected_loss)
+
+
+def test_a_sam_serves_one_model_and_must_match_the_config(tiny_checkpoint):
+    from napari_convlora import AdaptedSAM
+    from napari_convlora.config import ModelConfig, PRESETS
+
+    base = load_base(tiny_checkpoint)
+    make_model(base)
+    with pytest.raises(ValueError, match="already carries adapters"):
+        make_model(base)
+    with pytest.raises(ValueError, match=r"geometry of the config \(differs in \['image_size', 'encoder_embed_dim'"):
+        AdaptedSAM(load_sam(tiny_checkpoint), ModelConfig(base=PRESETS["vit_b"], input_size=256))

@@ -90,3 +90,35 @@ def test_evaluate_against_own_prediction_is_perfect(model):
     assert evaluate_image(model, image, wrong, device="cpu").pixel_accuracy < 1.0
     with pytest.raises(ValueError, match="shape"):
         evaluate_image(model, image, labels[:-1], device="cpu")
+
+
+def test_training_and_prediction_prepare_an_image_identically(tmp_path, tiny_checkpoint):
+    """Channels, RGB slots, percentiles and rescaling are stored with the model and applied by the same code:
+    the tile prediction feeds the model equals the plane training cut its patches from. (Training resized with
+    scikit-image and prediction with torch, and the channel choice had to be repeated by hand.)"""
+    from napari_convlora import load_model
+    from napari_convlora.config import RunOptions, TrainRecipe
+    from napari_convlora.data import TrainingPair, prepare_training_data
+    from napari_convlora.train import train
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 5000, (4, 120, 100), dtype=np.uint16)  # C x Y x X
+    labels = np.zeros((120, 100), np.uint8)
+    labels[20:70, 30:80] = 1
+    spec = InputSpec(channels=(3, 1), rgb_slots=(0, 2), percentiles=(2.0, 98.0), rescale=0.5)
+    recipe = TrainRecipe(input_size=64, input=spec, val_fraction=0.0, augment=False, steps=1, grad_accum=1)
+    layout = ImageLayout(channel_axis=0)
+    data = prepare_training_data([TrainingPair(image, labels, layout)], recipe)
+    ((plane, targets),) = data.train_planes
+    assert plane.shape == (60, 50, 3) and targets.shape == (60, 50) and not plane[..., 1].any()
+    for _ in train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, RunOptions(device="cpu")):
+        pass
+    model = load_model(tmp_path / "m.safetensors", base=tiny_checkpoint)
+    assert model.config.input == spec
+    seen = []
+    real = model.class_probabilities
+    model.class_probabilities = lambda x: (seen.append(x.clone()), real(x))[1]
+    result = predict_image(model, image, layout, device="cpu")
+    assert result.labels.shape == (120, 100) and len(seen) == 1
+    tile = seen[0][0].permute(1, 2, 0).numpy()  # 64 x 64: the plane at the top left, zero padding
+    assert np.array_equal(tile[:60, :50], plane) and not tile[60:].any() and not tile[:, 50:].any()

@@ -15,9 +15,8 @@ Pure numpy: no torch, no napari, no Qt. Labels arrive exactly as a napari Labels
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -63,7 +62,7 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
 
 @dataclass(frozen=True)
 class LabelEncoding:
-    """Label values <-> class indices. JSON round trip with :meth:`to_dict` / :meth:`from_dict`.
+    """Label values <-> class indices (rebuilt from a model's :class:`~napari_convlora.config.HeadConfig`).
 
     mode: ``"dense"``, ``"sparse"`` or ``"instances"`` (see the module docstring).
     class_values: ``class_values[i]`` is the label value of class ``i``; class 0 is background.
@@ -146,20 +145,6 @@ class LabelEncoding:
             )
         lookup = np.asarray(self.class_values + (0,), dtype=self.label_dtype)  # index -1 -> 0
         return lookup[indices]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
-        return {"mode": self.mode, "class_values": list(self.class_values), "background_value": self.background_value}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LabelEncoding":
-        """Inverse of :meth:`to_dict`. Unknown keys are dropped with a warning; missing keys raise."""
-        keys = {"mode", "class_values", "background_value"}
-        if set(d) - keys:
-            warnings.warn(f"LabelEncoding: ignoring unknown keys {sorted(set(d) - keys)}", stacklevel=2)
-        if keys - set(d):
-            raise ValueError(f"LabelEncoding: missing keys {sorted(keys - set(d))}")
-        return cls(mode=d["mode"], class_values=tuple(d["class_values"]), background_value=d["background_value"])
 
 
 def _one_class_error(description: str) -> ValueError:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..adapters.inject import adapter_layers, inject_adapters, set_adapters_enabled
 from ..config import ModelConfig
+from ..sam_build import infer_architecture
 from .checkpointing import set_activation_checkpointing, unwrapped
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
@@ -41,6 +42,12 @@ class AdaptedSAM(nn.Module):
 
     def __init__(self, sam: nn.Module, config: ModelConfig) -> None:
         super().__init__()
+        if adapter_layers(sam):
+            raise ValueError("this SAM already carries adapters: it is part of another model; load the base again")
+        found = infer_architecture(sam.state_dict(), decoder_num_heads=config.base.decoder_num_heads)
+        if found != config.base:
+            differ = [k for k, v in vars(found).items() if getattr(config.base, k) != v]
+            raise ValueError(f"the SAM given does not have the geometry of the config (differs in {differ})")
         self.config = config
         self.sam = sam
         sam.requires_grad_(False)
