@@ -149,7 +149,8 @@ def print_table(record: dict[str, Any]) -> None:
           f"{record['goal_mib']:.1f} MiB, half the stack: {'meets' if record['meets_goal'] else 'MISSES'})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when the goal is missed: the benchmark asserts the memory bound."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--z", type=int, default=40, help="planes of the stack")
     parser.add_argument("--size", type=int, default=2048, help="Y = X of each plane")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.child:
         print(json.dumps(measure_case(json.loads(args.child))))
-        return
+        return 0
 
     base = dict(z=args.z, size=args.size, threads=args.threads)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
+    return 0 if record["meets_goal"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -91,11 +91,12 @@ def test_resume_after_changing_the_input_size_or_leaving_it_out(files, tiny_chec
         assert main([*_train_args(files, tiny_checkpoint, *common), "--out", str(part)]) == 0
     finally:
         train_module.train = real_train
-    assert torch.load(files / "part.training.pt", weights_only=True)["step"] == 2
+    assert torch.load(files / "part.training.pt", map_location="cpu", weights_only=True)["step"] == 2
     capsys.readouterr()
     assert main([*_train_args(files, tiny_checkpoint, *changed), "--out", str(resumed), "--resume", str(part)]) == 0
     err = capsys.readouterr().err
-    assert ("--input-size: the saved run's input_size 64 is kept (asked 128)" in err) == bool(changed)
+    assert ("with its saved recipe: input_size: 128 asked, 64 saved" in err) == bool(changed)
+    assert "1024" not in err  # an option left out is no request
     a, b = load_file(str(full)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -126,10 +127,14 @@ def test_help_does_not_import_torch():
 
 
 def test_choices_come_from_the_config(capsys):
-    from napari_convlora.config.choices import DEVICES, LABEL_MODES, METHODS
+    from napari_convlora.config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for choices in (METHODS, LABEL_MODES, DEVICES):
+    for choices in (METHODS, LABEL_MODES, PRECISIONS):
         assert "{" + ",".join(choices) + "}" in text
+    assert f"one of {', '.join(DEVICES)}, or cuda:N" in text
+    assert main(["predict", "--model", "m.safetensors",
+                "--image", "i.tif", "--out", "o.tif", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err

@@ -74,8 +74,10 @@ def test_vit_b_adapter_size_is_bounded(tmp_path):
 def test_wrong_base_is_refused_unless_overridden(tmp_path, tiny_checkpoint, other_tiny_checkpoint):
     model = _trained_model(tiny_checkpoint)
     path = save_adapter(model, tmp_path / "a.safetensors")
-    with pytest.raises(CheckpointError, match="different sha256"):
+    with pytest.raises(CheckpointError, match=r"trained on 'tiny_sam.pth' \(sha256 .*\) but other_sam.pth has sha256"):
         load_model(path, base=other_tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=r"built in memory, no file\) has no checkpoint file to hash"):
+        load_model(path, base=random_base("tiny"))
     with pytest.raises(CheckpointError, match="needs its base SAM checkpoint"):
         load_model(path)
     loaded = load_model(path, base=other_tiny_checkpoint, check_base_hash=False)
@@ -178,3 +180,17 @@ def test_unknown_keys_warn_and_missing_keys_name_the_file_and_key(tmp_path, tiny
     save_file(tensors, str(tmp_path / "older.safetensors"), metadata={METADATA_KEY: json.dumps(record)})
     with pytest.raises(CheckpointError, match="older.safetensors: the record lacks 'config.head.label_mode'"):
         load_model(tmp_path / "older.safetensors", base=tiny_checkpoint)
+
+
+def test_an_adapter_on_a_base_of_another_geometry_is_refused_with_its_name(tmp_path, tiny_checkpoint):
+    from napari_convlora import save_sam_checkpoint
+    from napari_convlora.config import SamArchitecture
+
+    model = _trained_model(tiny_checkpoint)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    odd = SamArchitecture(image_size=128, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                          encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32, mask_in_chans=8,
+                          decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    other = save_sam_checkpoint(random_sam(odd), tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"a.safetensors: cannot be built on odd.pth: .*geometry.*image_size"):
+        load_model(path, base=other, check_base_hash=False)

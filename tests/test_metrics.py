@@ -116,8 +116,9 @@ def test_to_dict_is_json_safe_and_format_readable() -> None:
     text = json.dumps(d, allow_nan=False)
     assert json.loads(text)["per_class_iou"] == [1.0, 1.0, None]
     assert isinstance(d["num_pixels"], int)
-    table = m.format(["background", "nucleus"])
-    assert "background" in table and "nucleus" in table and "class 2" in table
+    table = m.format(["background", "nucleus", "rod"])
+    assert "background" in table and "nucleus" in table and "rod" in table
+    assert "class 2" in m.format(["background", "nucleus"])  # names that do not match the classes are not used
     assert "mean IoU" in table
     assert isinstance(m, SegmentationMetrics)
 

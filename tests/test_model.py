@@ -309,9 +309,16 @@ def test_a_sam_serves_one_model_and_must_match_the_config(tiny_checkpoint):
     from napari_convlora import AdaptedSAM
     from napari_convlora.config import ModelConfig, PRESETS
 
+    for method in ("conv_lora", "decoder"):  # decoder-only models carry no adapters but share SAM's decoder too
+        base = load_base(tiny_checkpoint)
+        make_model(base, method=method)
+        with pytest.raises(ValueError, match="already part of another model"):
+            make_model(base)
     base = load_base(tiny_checkpoint)
-    make_model(base)
-    with pytest.raises(ValueError, match="already carries adapters"):
-        make_model(base)
+    before = base.sam.image_encoder.pos_embed
+    with pytest.raises(ValueError, match="no Linear layer matches"):
+        make_model(base, input_size=128, targets=("attn.nothing",))
+    assert base.sam.image_encoder.pos_embed is before  # a refused model leaves its SAM as it was
+    make_model(base, input_size=128)
     with pytest.raises(ValueError, match=r"geometry of the config \(differs in \['image_size', 'encoder_embed_dim'"):
         AdaptedSAM(load_sam(tiny_checkpoint), ModelConfig(base=PRESETS["vit_b"], input_size=256))

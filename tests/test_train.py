@@ -153,7 +153,7 @@ def test_resume_after_changing_the_input_size_uses_the_saved_recipe(tmp_path, ti
     _run(train(tiny_checkpoint, _prepare(recipe), full, recipe, CPU))
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe)
     asked = _recipe(steps=6, val_every=3, batch_size=2, input_size=64)
-    with pytest.raises(TrainingError, match=r"input_size: 64 here, 128 there"):
+    with pytest.raises(TrainingError, match=r"another recipe \(input_size: 64 asked, 128 saved\)"):
         _run(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, resume_from=part))
     saved, notes = resume_recipe(part, requested=asked)
     assert saved == recipe and notes == ["input_size: 64 asked, 128 saved"]
@@ -166,7 +166,7 @@ def test_resume_after_changing_the_input_size_uses_the_saved_recipe(tmp_path, ti
 
 def test_data_cut_for_another_recipe_are_refused(tmp_path, tiny_checkpoint, cells):
     other = _recipe(input_size=64)
-    with pytest.raises(TrainingError, match=r"data were prepared for another recipe \(input_size: 64 here, 128 there\)"):
+    with pytest.raises(TrainingError, match=r"prepared for another recipe \(input_size: 64 to train, 128 in the data\)"):
         _run(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", other, CPU))
     assert not (tmp_path / "m.safetensors").exists()
     faster = _recipe(lr=1e-3, steps=2)  # other optimisation settings need no new data
@@ -209,3 +209,32 @@ def test_a_version_1_training_state_is_refused_with_a_reason(tmp_path, tiny_chec
                state_path(done))
     with pytest.raises(CheckpointError, match="napari-convlora 0.1.*cannot be resumed exactly"):
         resume_recipe(done)
+
+
+def test_a_model_file_that_does_not_match_its_training_state_is_refused(tmp_path, tiny_checkpoint):
+    from napari_convlora.config import AdapterConfig
+
+    recipe = _recipe(steps=4, val_every=2)
+    part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
+    other_recipe = _recipe(adapter=AdapterConfig(method="lora"), steps=2, val_every=2)
+    other = tmp_path / "other.safetensors"
+    _run(train(tiny_checkpoint, _prepare(other_recipe), other, other_recipe, CPU))
+    part.write_bytes(other.read_bytes())  # the model file replaced by another run's
+    with pytest.raises(TrainingError, match=r"part.safetensors: the model file and its training state .* differ in \['adapter'\]"):
+        _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
+
+
+def test_a_run_without_fp16_resumes_with_fp16(tmp_path):
+    """The saved scaler of a CPU, fp32 or bf16 run is empty; loading it into an enabled fp16 scaler raised
+    "The source state dict is empty" (a run started on a CPU, resumed on a GPU without bf16)."""
+    from napari_convlora.train import _restore_scaler
+
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    _restore_scaler(scaler, saved)
+    assert scaler.get_scale() == torch.amp.GradScaler("cpu", enabled=True).get_scale()
+    running = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True)
+    running._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    _restore_scaler(scaler, running.state_dict())
+    assert scaler.get_scale() == 8.0

@@ -286,3 +286,19 @@ def test_log_lines_wait_for_the_redraw_while_a_job_runs_and_the_log_follows_them
     bar.triggerAction(bar.SliderAction.SliderToMaximum)  # back at the end: follow again
     view.say("last")
     assert bar.value() == bar.maximum() and view.log.toPlainText().endswith("last")
+
+
+def test_the_openmp_pool_is_released_once_when_the_compute_thread_starts(qapp, monkeypatch):
+    from napari_convlora._qt import compute
+
+    calls = []
+    monkeypatch.setattr(compute, "release_openmp_threads", lambda: calls.append(1) or False)
+    thread = compute.ComputeThread()
+
+    def job():
+        yield None
+
+    for _ in range(3):
+        thread.start(job)
+        assert thread.pool.waitForDone(10_000)
+    assert calls == [1]

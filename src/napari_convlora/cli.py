@@ -8,90 +8,66 @@ is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
 from .errors import CheckpointError, ConfigError, TrainingError
 
-#: train options that set the recipe: option dest -> (part of the recipe, field). A resumed run keeps its
-#: saved recipe; these options, when given with --resume, are reported as set aside.
-RECIPE_OPTIONS = {
-    "method": ("adapter", "method"), "rank": ("adapter", "rank"), "alpha": ("adapter", "alpha"),
-    "experts": ("adapter", "num_experts"), "top_k": ("adapter", "top_k"), "weight_by_gate": ("adapter", "weight_by_gate"),
-    "channels": ("input", "channels"), "low_percentile": ("input", None), "high_percentile": ("input", None),
-    "rescale": ("input", "rescale"), "input_size": (None, "input_size"), "label_mode": (None, "label_mode"),
-    "background_value": (None, "background_value"), "class_names": (None, "class_names"),
-    "mask_tokens": (None, "num_mask_tokens"), "val_fraction": (None, "val_fraction"), "no_augment": (None, "augment"),
-    "steps": (None, "steps"), "epochs": (None, "epochs"), "batch_size": (None, "batch_size"),
-    "grad_accum": (None, "grad_accum"), "lr": (None, "lr"), "val_every": (None, "val_every"), "seed": (None, "seed"),
-}
+if TYPE_CHECKING:
+    from .config import RunOptions, TrainRecipe
+    from .data import ImageLayout
+    from .modeling import AdaptedSAM
 
 
-def _given(args: argparse.Namespace, name: str) -> bool:
-    value = getattr(args, name, None)
-    return value is not None and value is not False
+def _recipe(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe":
+    """``start`` (the defaults, or a resumed run's saved recipe) with the options given on the command line."""
+    def given(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
 
-
-def _recipe(args: argparse.Namespace):
-    """The :class:`TrainRecipe` the options describe; options not given keep the recipe's defaults."""
-    from .config import AdapterConfig, InputSpec, TrainRecipe
-
-    def pick(**values: Any) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if v is not None and v is not False}
-
-    default_input = InputSpec()
-    low = args.low_percentile if args.low_percentile is not None else default_input.percentiles[0]
-    high = args.high_percentile if args.high_percentile is not None else default_input.percentiles[1]
+    low, high = start.input.percentiles
+    percentiles = (args.low_percentile if args.low_percentile is not None else low,
+                   args.high_percentile if args.high_percentile is not None else high)
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
-    adapter = AdapterConfig(**pick(method=args.method, rank=args.rank, alpha=args.alpha, num_experts=args.experts,
-                                   top_k=args.top_k, weight_by_gate=args.weight_by_gate))
-    spec = InputSpec(**pick(channels=channels, rescale=args.rescale), percentiles=(low, high))
-    return TrainRecipe(adapter=adapter, input=spec, **pick(
+    adapter = dataclasses.replace(start.adapter, **given(
+        method=args.method, rank=args.rank, alpha=args.alpha, num_experts=args.experts, top_k=args.top_k,
+        weight_by_gate=True if args.weight_by_gate else None))
+    spec = dataclasses.replace(start.input, percentiles=percentiles, **given(channels=channels, rescale=args.rescale))
+    length = {"steps": args.steps, "epochs": None} if args.steps is not None else \
+        {"steps": None, "epochs": args.epochs} if args.epochs is not None else {}
+    return dataclasses.replace(start, adapter=adapter, input=spec, **length, **given(
         input_size=args.input_size, label_mode=args.label_mode, background_value=args.background_value,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-        num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
-    ), augment=not args.no_augment)
+        num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
+        augment=False if args.no_augment else None))
 
 
-def _set_aside(args: argparse.Namespace, requested, saved) -> list[str]:
-    """What the saved recipe of a resumed run overrides among the options given."""
-    notes = []
-    for name, (part, field) in RECIPE_OPTIONS.items():
-        if not _given(args, name):
-            continue
-        field = field or "percentiles"
-        asked = getattr(getattr(requested, part) if part else requested, field)
-        kept = getattr(getattr(saved, part) if part else saved, field)
-        if asked != kept:
-            notes.append(f"--{name.replace('_', '-')}: the saved run's {field} {kept!r} is kept (asked {asked!r})")
-    return notes
-
-
-def _run_options(args: argparse.Namespace):
+def _run_options(args: argparse.Namespace) -> "RunOptions":
     from .config import RunOptions
 
     return RunOptions(device=args.device, precision=getattr(args, "precision", "auto"), num_threads=args.threads,
                       activation_checkpointing=getattr(args, "activation_checkpointing", False))
 
 
-def _layout(args: argparse.Namespace):
+def _layout(args: argparse.Namespace) -> "ImageLayout":
     from .data import ImageLayout
 
     return ImageLayout(rgb=args.rgb, channel_axis=args.channel_axis)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> "AdaptedSAM":
     from .files import load_model
 
     return load_model(args.model, base=args.checkpoint, check_base_hash=not args.ignore_base_hash)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainRecipe
     from .data import TrainingPair, prepare_training_data
     from .image_io import read_image
     from .progress import TerminalProgress
@@ -101,12 +77,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
     if len(args.val_image) != len(args.val_labels):
         raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
-    recipe, run = _recipe(args), _run_options(args)
-    if args.resume:
-        saved, _ = resume_recipe(args.resume)
-        for note in _set_aside(args, recipe, saved):
-            print(f"resuming {args.resume}: {note}", file=sys.stderr)
-        recipe = saved
+    run = _run_options(args)
+    if args.resume:  # the saved recipe continues; report what the options given would have changed
+        recipe, _ = resume_recipe(args.resume)
+        for note in resume_recipe(args.resume, _recipe(args, recipe))[1]:
+            print(f"resuming {args.resume} with its saved recipe: {note}", file=sys.stderr)
+    else:
+        recipe = _recipe(args, TrainRecipe())
     layout = _layout(args)
     pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
     val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
@@ -128,9 +105,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .image_io import read_image, write_image
     from .predict import predict_image
 
-    _apply_threads(args)
+    device = _use_run_options(args)
     model = _load(args)
-    result = predict_image(model, read_image(args.image), _layout(args), device=args.device, overlap=args.overlap,
+    result = predict_image(model, read_image(args.image), _layout(args), device=device, overlap=args.overlap,
                            batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
                            instances=args.instances is not None)
     write_image(args.out, result.labels)
@@ -148,9 +125,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .image_io import read_image
     from .predict import evaluate_image
 
-    _apply_threads(args)
+    device = _use_run_options(args)
     model = _load(args)
-    metrics = evaluate_image(model, read_image(args.image), read_image(args.labels), _layout(args), device=args.device)
+    metrics = evaluate_image(model, read_image(args.image), read_image(args.labels), _layout(args), device=device)
     if args.json:
         print(json.dumps(metrics.to_dict(), indent=2))
     else:
@@ -158,11 +135,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        import torch
+def _use_run_options(args: argparse.Namespace) -> "torch.device":  # noqa: F821 (torch imported lazily)
+    from .devices import apply_run_options
 
-        torch.set_num_threads(args.threads)
+    return apply_run_options(_run_options(args))[0]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -181,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 

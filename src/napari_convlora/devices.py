@@ -7,6 +7,7 @@ from typing import ContextManager
 
 import torch
 
+from .config import RunOptions
 from .config.choices import DEVICES, MIXED_PRECISIONS, PRECISIONS
 
 
@@ -57,3 +58,11 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None = None) -> 
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def apply_run_options(run: RunOptions) -> tuple[torch.device, torch.dtype]:
+    """Set torch's CPU threads as ``run`` asks and resolve its device and precision (the caller's choice)."""
+    if run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    device = resolve_device(run.device)
+    return device, resolve_precision(run.precision, device)

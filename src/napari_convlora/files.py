@@ -185,17 +185,19 @@ def load_model(
             f"{path}: an adapter file needs its base SAM checkpoint "
             f"('{expected.file_name}', sha256 {expected.sha256[:12]}...)"
         )
-    base_name = base.checkpoint.file_name if isinstance(base, BaseSam) and base.checkpoint else base
     base = base if isinstance(base, BaseSam) else load_base(base)
+    base_name = base.checkpoint.file_name if base.checkpoint else "the SAM given (built in memory, no file)"
     if check_base_hash and (base.checkpoint is None or base.checkpoint.sha256 != expected.sha256):
+        found = f"has sha256 {base.checkpoint.sha256[:12]}..." if base.checkpoint else "has no checkpoint file to hash"
         raise CheckpointError(
-            f"{path}: was trained on '{expected.file_name}' (sha256 {expected.sha256[:12]}...) "
-            f"but {base_name} has a different sha256. Use the same base checkpoint, or pass check_base_hash=False "
-            "if you are sure the weights are the same."
+            f"{path}: was trained on '{expected.file_name}' (sha256 {expected.sha256[:12]}...) but {base_name} "
+            f"{found}. Use the same base checkpoint, or pass check_base_hash=False if you are sure the weights "
+            "are the same."
         )
-    if base.architecture != config.base:
-        raise CheckpointError(f"{path}: the base {base_name} has a different SAM architecture than the adapter was trained on")
-    model = AdaptedSAM(base.sam, dataclasses.replace(config, base_checkpoint=base.checkpoint or expected))
+    try:
+        model = AdaptedSAM(base.sam, dataclasses.replace(config, base_checkpoint=base.checkpoint or expected))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot be built on {base_name}: {e}") from None
     _check_tensor_keys(model, tensors, path, adapter=True)
     model.load_state_dict(tensors, strict=False)
     return model.eval()

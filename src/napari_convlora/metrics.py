@@ -71,8 +71,7 @@ class SegmentationMetrics:
         def num(value: float) -> str:
             return "   -  " if math.isnan(value) else f"{value:6.3f}"
 
-        names = list(class_names) if class_names is not None else []
-        names += [f"class {i}" for i in range(len(names), self.num_classes)]
+        names = class_labels(class_names, self.num_classes)
         width = max([len("class")] + [len(n) for n in names[: self.num_classes]])
         pixels = self.per_class_pixels or [0] * self.num_classes
         lines = [f"{'class':<{width}}     IoU    Dice  pixels"]
@@ -164,6 +163,13 @@ class ConfusionMatrix:
         )
 
 
+def class_labels(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """The names to show for ``num_classes`` classes: ``class_names`` when there is one per class, else
+    ``class 0``, ``class 1``, ... (names that do not match the classes would mislabel them)."""
+    names = list(class_names or [])
+    return names if len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
@@ -173,8 +179,7 @@ def format_line(metrics: Mapping[str, Any], class_names: Sequence[str] | None = 
     ``"mIoU 67.2% (background 92.9%, nucleus 75.2%, rod 33.3%), foreground 54.3%, pixel accuracy 95.1%"``.
     Classes are named by ``class_names`` when there is one name per class, else ``class 0``, ``class 1``..."""
     ious = list(metrics.get("per_class_iou") or [])
-    names = list(class_names or [])
-    names = names if len(names) == len(ious) else [f"class {i}" for i in range(len(ious))]
+    names = class_labels(class_names, len(ious))
     per_class = ", ".join(f"{name} {_percent(v)}" for name, v in zip(names, ious))
     return (f"mIoU {_percent(metrics.get('mean_iou'))} ({per_class}), "
             f"foreground {_percent(metrics.get('mean_iou_foreground'))}, "

@@ -18,6 +18,7 @@ import torch
 
 from .atomic import atomic_path, sha256_file
 from .config import PRESETS, TINY, BaseCheckpoint, SamArchitecture
+from .config.choices import MODEL_SUFFIX
 from .errors import CheckpointError
 from .sam_build import build_sam, infer_architecture
 
@@ -39,7 +40,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    if path.suffix == ".safetensors":
+    if path.suffix == MODEL_SUFFIX:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

@@ -25,7 +25,7 @@ import torch
 from .atomic import copy_file
 from .config import DATA_FIELDS, HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from .data import LabelEncoding, PreparedData
-from .devices import autocast_context, resolve_device, resolve_precision
+from .devices import apply_run_options, autocast_context
 from .errors import TrainingError
 from .files import load_model, save_adapter
 from .losses import segmentation_loss
@@ -60,10 +60,7 @@ def resume_recipe(resume_from: str | Path, requested: TrainRecipe | None = None)
     the caller's settings were set aside (``"input_size: 512 asked, 256 saved"``), for the caller to show.
     """
     _, saved = load_training_state(state_path(resume_from))
-    notes = [] if requested is None else [
-        line.replace(" here, ", " asked, ").replace(" there", " saved") for line in requested.differences(saved)
-    ]
-    return saved, notes
+    return saved, [] if requested is None else requested.differences(saved, "asked", "saved")
 
 
 def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding) -> ModelConfig:
@@ -115,16 +112,36 @@ def _score(metrics: dict[str, Any] | None) -> float:
 
 def _check_recipe(data: PreparedData, recipe: TrainRecipe, resume_from: Path | None, saved: TrainRecipe | None) -> None:
     if saved is not None and recipe != saved:
+        differences = "; ".join(recipe.differences(saved, "asked", "saved"))
         raise TrainingError(
-            f"{resume_from}: this run was started with another recipe ({'; '.join(recipe.differences(saved))}); "
-            "resume it with its saved recipe (train.resume_recipe) and data prepared with that recipe"
+            f"{resume_from}: this run was started with another recipe ({differences}); resume it with its saved "
+            "recipe (train.resume_recipe) and data prepared with that recipe"
         )
-    mismatch = recipe.differences(data.recipe, DATA_FIELDS)
+    mismatch = recipe.differences(data.recipe, "to train", "in the data", DATA_FIELDS)
     if mismatch:
         raise TrainingError(
             f"the data were prepared for another recipe ({'; '.join(mismatch)}): prepare them with the recipe "
             "that trains (prepare_training_data(pairs, recipe))"
         )
+
+
+def _check_resumed_model(model: AdaptedSAM, expected: ModelConfig, resume_from: Path) -> None:
+    """The model file being resumed must be the model its training state describes."""
+    found = dataclasses.replace(model.config, base_checkpoint=None)
+    expected = dataclasses.replace(expected, base_checkpoint=None)
+    if found != expected:
+        differ = [f.name for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(expected, f.name)]
+        raise TrainingError(
+            f"{resume_from}: the model file and its training state ({state_path(resume_from).name}) describe "
+            f"different models (they differ in {differ}); was one of them replaced?"
+        )
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """The fp16 loss scale of the run, when it had one; a run started without fp16 (CPU, fp32, bf16) and
+    resumed in fp16 starts from a fresh scale."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
 
 
 def train(
@@ -156,23 +173,22 @@ def train(
     run = run or RunOptions()
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     _check_recipe(data, recipe, resume_from, saved)
-    if run.num_threads:
-        torch.set_num_threads(run.num_threads)
-    device = resolve_device(run.device)
-    dtype = resolve_precision(run.precision, device)
+    device, dtype = apply_run_options(run)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
 
+    base = load_base(base_checkpoint)
+    config = model_config_for(base, recipe, data.encoding)
     if state:
-        model = load_model(resume_from, base=base_checkpoint)
+        model = load_model(resume_from, base=base)
+        if model.config.head.class_values != tuple(data.encoding.class_values):
+            raise TrainingError(
+                f"the model was trained on label values {list(model.config.head.class_values)} but the labels now "
+                f"hold {list(data.encoding.class_values)}; a new class needs a new training run"
+            )
+        _check_resumed_model(model, config, resume_from)
     else:
-        base = load_base(base_checkpoint)
-        model = AdaptedSAM(base.sam, model_config_for(base, recipe, data.encoding))
-    if model.config.head.class_values != tuple(data.encoding.class_values):
-        raise TrainingError(
-            f"the model was trained on label values {list(model.config.head.class_values)} but the labels now hold "
-            f"{list(data.encoding.class_values)}; a new class needs a new training run"
-        )
+        model = AdaptedSAM(base.sam, config)
     model.to(device)
     model.set_activation_checkpointing(run.activation_checkpointing)
     params = model.trainable_parameters()
@@ -185,8 +201,7 @@ def train(
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        _restore_scaler(scaler, state.get("scaler", {}))
         step, best, history = state["step"], state["best"], state["history"]
         restore_rng(rng, state["rng"])
         if resume_from != out_path and best_path(resume_from).is_file():

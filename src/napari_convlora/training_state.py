@@ -17,6 +17,7 @@ import torch
 
 from .atomic import atomic_path
 from .config import TrainRecipe, from_record, to_record
+from .config.choices import BEST_SUFFIX, MODEL_SUFFIX, TRAINING_STATE_SUFFIX
 from .errors import CheckpointError, ConfigError
 
 #: Version of the training-state record; version 1 (napari-convlora 0.1.0) did not save the data settings.
@@ -27,13 +28,13 @@ _REQUIRED = ("step", "best", "history", "optimizer", "scheduler", "rng", "recipe
 def state_path(model_path: str | os.PathLike) -> Path:
     """``run/model.safetensors`` -> ``run/model.training.pt``."""
     model_path = Path(model_path)
-    return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".training.pt")
+    return model_path.with_name(model_path.name.removesuffix(MODEL_SUFFIX) + TRAINING_STATE_SUFFIX)
 
 
 def best_path(model_path: str | os.PathLike) -> Path:
     """``run/model.safetensors`` -> ``run/model.best.safetensors``."""
     model_path = Path(model_path)
-    return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".best.safetensors")
+    return model_path.with_name(model_path.name.removesuffix(MODEL_SUFFIX) + BEST_SUFFIX)
 
 
 def rng_snapshot(rng: np.random.Generator) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class ComputeThread:
         self.pool.setMaxThreadCount(1)
         self.pool.setExpiryTimeout(-1)
         self.running: set[JobWorker] = set()
-        self.openmp_released = False
+        self.started = False
         app = QCoreApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.shutdown)
@@ -78,9 +78,9 @@ class ComputeThread:
         worker.stop_event = stop
         self.running.add(worker)
         worker.finished.connect(lambda: self.running.discard(worker))
-        if not self.openmp_released and not self.pool.activeThreadCount():
-            # once: the main thread's OpenMP pool, if torch made one there before the compute thread started
-            self.openmp_released = release_openmp_threads()
+        if not self.started:  # once, as the compute thread starts: the main thread's OpenMP pool, if it has one
+            self.started = True
+            release_openmp_threads()
         self.pool.start(worker)
         return worker
 

@@ -43,3 +43,6 @@ FORMAT_VERSION = 2
 
 MODEL_SUFFIX = ".safetensors"
 SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
+#: Written next to a run's model file: ``run.best.safetensors`` and ``run.training.pt`` (see training_state.py).
+BEST_SUFFIX = ".best" + MODEL_SUFFIX
+TRAINING_STATE_SUFFIX = ".training.pt"

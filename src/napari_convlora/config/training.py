@@ -93,10 +93,13 @@ class TrainRecipe:
         epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS
         return max(1, math.ceil(epochs * steps_per_epoch))
 
-    def differences(self, other: "TrainRecipe", fields: tuple[str, ...] | None = None) -> list[str]:
-        """``["input_size: 512 here, 256 there", ...]`` for the fields (default all) where the two differ."""
+    def differences(
+        self, other: "TrainRecipe", mine: str, theirs: str, fields: tuple[str, ...] | None = None
+    ) -> list[str]:
+        """``["input_size: 512 asked, 256 saved", ...]`` (``mine="asked"``, ``theirs="saved"``) for the fields
+        (default all) where this recipe and ``other`` differ."""
         names = fields or tuple(f.name for f in dataclasses.fields(self))
-        return [f"{name}: {getattr(self, name)!r} here, {getattr(other, name)!r} there"
+        return [f"{name}: {getattr(self, name)!r} {mine}, {getattr(other, name)!r} {theirs}"
                 for name in names if getattr(self, name) != getattr(other, name)]
 
 

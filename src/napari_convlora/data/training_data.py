@@ -45,10 +45,6 @@ class PreparedData:
     train_planes: list[tuple[np.ndarray, np.ndarray]]
 
     @property
-    def class_names(self) -> tuple[str, ...] | None:
-        return self.recipe.class_names
-
-    @property
     def labelled_pixels(self) -> int:
         return int(sum((t != IGNORE_INDEX).sum() for _, t in self.train_planes))
 

@@ -16,6 +16,8 @@ encoder feature, for a decoder-side fusion (HQ-SAM), is taken with a forward hoo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,9 @@ from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
 from .outputs import SegmentationOutput
 from .resize import resize_sam_input
+
+#: The SAMs that are part of a model: a SAM serves one model (kept outside SAM's objects, weakly).
+_SAMS_IN_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class AdaptedSAM(nn.Module):
@@ -42,19 +47,21 @@ class AdaptedSAM(nn.Module):
 
     def __init__(self, sam: nn.Module, config: ModelConfig) -> None:
         super().__init__()
-        if adapter_layers(sam):
-            raise ValueError("this SAM already carries adapters: it is part of another model; load the base again")
+        if sam in _SAMS_IN_MODELS:
+            raise ValueError("this SAM is already part of another model (they would train the same decoder); "
+                             "load the base again for a second model")
         found = infer_architecture(sam.state_dict(), decoder_num_heads=config.base.decoder_num_heads)
         if found != config.base:
             differ = [k for k, v in vars(found).items() if getattr(config.base, k) != v]
             raise ValueError(f"the SAM given does not have the geometry of the config (differs in {differ})")
         self.config = config
+        self.adapted_layers = inject_adapters(sam.image_encoder, config.adapter)  # raises before changing anything
         self.sam = sam
+        _SAMS_IN_MODELS.add(sam)
         sam.requires_grad_(False)
         resize_sam_input(sam, config.input_size)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
-        self.adapted_layers = inject_adapters(sam.image_encoder, config.adapter)
         self.head = PromptFreeHead(sam.prompt_encoder, sam.mask_decoder, config.head)
         self.prompt_head = PromptableHead(sam.prompt_encoder, sam.mask_decoder)
         self._early_capture: BlockOutputCapture | None = None
@@ -119,7 +126,7 @@ class AdaptedSAM(nn.Module):
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
         """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4)."""
-        masks, class_logits = self.head(self.encode(images).embedding)
+        masks, class_logits = self.head(self.encode(images))
         return SegmentationOutput(masks, class_logits, self.balance_loss())
 
     def probabilities_from_output(self, out: SegmentationOutput, size: int | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import HeadConfig
+from .features import ImageFeatures
 
 
 def borrow(module: nn.Module, name: str, part: nn.Module) -> None:
@@ -61,8 +62,10 @@ class PromptFreeHead(nn.Module):
         parts = (decoder.transformer, decoder.output_upscaling, decoder.output_hypernetworks_mlps[0], self)
         return [decoder.iou_token.weight] + [p for part in parts for p in part.parameters()]
 
-    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """embedding: B x D x g x g -> (mask logits B x Q x 4g x 4g, class logits B x Q x (K+1) or None)."""
+    def forward(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """features (embedding B x D x g x g; a fusion head would also read ``features.early``) ->
+        (mask logits B x Q x 4g x 4g, class logits B x Q x (K+1) or None)."""
+        embedding = features.embedding
         decoder, b = self.decoder, embedding.shape[0]
         tokens = torch.cat([decoder.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(b, -1, -1)
@@ -96,7 +99,8 @@ class PromptableHead(nn.Module):
     """SAM's own promptable decoding (prompt encoder + mask decoder with its IoU head) on given features.
 
     It adds nothing: the same weights and calls as ``segment_anything``'s ``Sam.forward``, minus the image
-    encoder, so with the adapters switched off it reproduces SAM.
+    encoder. It reproduces SAM as loaded while the adapters are off and before training has changed the
+    decoder parts the prompt-free head shares with it (transformer, IoU token, upscaling, MLP 0).
     """
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:

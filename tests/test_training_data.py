@@ -8,7 +8,6 @@ import pytest
 from napari_convlora.config import TrainRecipe
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import ImageLayout, TrainingPair, prepare_training_data
-from napari_convlora.devices import resolve_device, resolve_precision
 
 RNG = np.random.default_rng(0)
 IMAGE = (RNG.random((64, 80)) * 1000).astype(np.uint16)
@@ -73,7 +72,7 @@ def test_explicit_validation_pairs_and_class_names():
     data = prepare_training_data([TrainingPair(IMAGE, LABELS)], _recipe(class_names=["bg", "a", "b"]),
                                  validation_pairs=[TrainingPair(IMAGE[:, ::-1].copy(), LABELS[:, ::-1].copy())])
     assert (data.train_planes[0][1] != IGNORE_INDEX).all()
-    assert data.class_names == ("bg", "a", "b") and data.validation
+    assert data.recipe.class_names == ("bg", "a", "b") and data.validation
     with pytest.raises(ValueError, match="2 class names given but the labels hold 3 classes"):
         _prepare(class_names=["bg", "a"])
 
@@ -86,16 +85,3 @@ def test_layouts_rgb_multichannel_and_dtypes():
     for dtype in (np.uint8, np.int32, np.float32, np.float64):
         plane = _prepare(IMAGE.astype(dtype), val_fraction=0.0).train_planes[0][0]
         assert plane.dtype == np.float32 and plane.min() >= 0 and plane.max() <= 255
-
-
-def test_device_and_precision_choices():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
-    import torch
-
-    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
-    with pytest.raises(ValueError, match="only offered on CUDA"):
-        resolve_precision("fp16", torch.device("cpu"))
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="not available"):
-            resolve_device("cuda")
