@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,10 +109,10 @@ def test_errors_are_reported_not_raised(files, tiny_checkpoint, capsys):
     code = main(["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "img.tif"),
                  "--labels", str(files / "bad_lab.tif"), "--out", str(files / "x.safetensors"), "--steps", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "shape" in err and "(157, 160)" in err
+    assert code == 1 and "shape" in err and "(157, 160)" in err
     assert not (files / "x.safetensors").exists()
     code = main(["info", str(files / "img.tif")])
-    assert code == 2 and "img.tif" in capsys.readouterr().err
+    assert code == 1 and "img.tif" in capsys.readouterr().err
 
 
 def test_console_script_is_installed(tiny_checkpoint):
@@ -138,3 +142,141 @@ def test_choices_come_from_the_config(capsys):
     assert main(["predict", "--model", "m.safetensors",
                 "--image", "i.tif", "--out", "o.tif", "--device", "gpu"]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, input_option", [("--checkpoint", None), ("--image", None), ("--labels", None)])
+def test_train_refuses_an_output_that_is_an_input(files, tiny_checkpoint, capsys, output, input_option):
+    """`train --out` equal to an input overwrote it and exited 0."""
+    target = {"--checkpoint": tiny_checkpoint, "--image": files / "img.tif", "--labels": files / "lab.tif"}[output]
+    before = Path(target).read_bytes()
+    link = files / "link.safetensors"
+    link.symlink_to(target)  # also through a link
+    for out in (target, link):
+        code = main([*_train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64"), "--out", str(out)])
+        assert code == 2 and f"is the same file as {output}" in capsys.readouterr().err
+    assert Path(target).read_bytes() == before
+
+
+def test_predict_refuses_an_output_that_is_an_input_or_another_output(files, tiny_checkpoint, capsys):
+    model = files / "m.safetensors"
+    assert main([*_train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64"), "--out", str(model)]) == 0
+    image_bytes, model_bytes = (files / "img.tif").read_bytes(), model.read_bytes()
+    base = ["predict", "--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image", str(files / "img.tif"),
+            "--device", "cpu"]
+    for extra, message in ((["--out", str(files / "img.tif")], "--out .* is the same file as --image"),
+                           (["--out", str(model)], "--out .* is the same file as --model"),
+                           (["--out", str(files / "p.tif"), "--probabilities", str(files / "p.tif")],
+                            "--out .* is the same file as --probabilities")):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert (files / "img.tif").read_bytes() == image_bytes and model.read_bytes() == model_bytes
+    assert not (files / "p.tif").exists()
+
+
+def test_unwritable_outputs_are_found_before_training(files, tiny_checkpoint, capsys):
+    args = _train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64")
+    assert main([*args, "--out", str(files)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main([*args, "--out", str(files / "img.tif" / "m.safetensors")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = files / "locked"
+        locked.mkdir(mode=0o500)
+        assert main([*args, "--out", str(locked / "m.safetensors")]) == 2
+        assert "no permission to write" in capsys.readouterr().err
+
+
+def test_two_runs_cannot_write_the_same_output_and_a_dead_runs_lock_is_taken_over(files, tiny_checkpoint, capsys):
+    """Two runs writing the same --out both exited 0 and one silently won."""
+    from napari_convlora.safety import lock_path, run_lock
+
+    out = files / "m.safetensors"
+    args = [*_train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64"), "--out", str(out)]
+    with run_lock(out):  # another run of this machine, alive (this very process)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another run (pid {os.getpid()}" in err and str(lock_path(out)) in err
+    assert not out.exists() and not lock_path(out).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}))
+    assert main(args) == 0
+    assert f"took over {lock_path(out).name}: the run that held it (pid {dead.pid}" in capsys.readouterr().err
+    assert out.exists() and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "0", "steps must be >= 1"), ("--steps", "-5", "steps must be >= 1"),
+    ("--batch-size", "0", "batch_size must be >= 1"), ("--grad-accum", "0", "grad_accum must be >= 1"),
+    ("--input-size", "100", "multiple of 16"), ("--val-fraction", "1.5", "validation fraction"),
+])
+def test_settings_that_cannot_work_are_usage_errors(files, tiny_checkpoint, capsys, option, value, message):
+    code = main([*_train_args(files, tiny_checkpoint), "--out", str(files / "m.safetensors"), option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1  # one line, no traceback
+    assert not (files / "m.safetensors").exists()
+
+
+def test_operating_system_errors_are_one_line_with_the_file(files, tiny_checkpoint, capsys, monkeypatch):
+    import napari_convlora.image_io as image_io
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(image_io, "read_image", unreadable)
+    code = main([*_train_args(files, tiny_checkpoint), "--out", str(files / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"napari-convlora train: error: {files / 'img.tif'}: Permission denied\n"
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(files, tiny_checkpoint, capsys,
+                                                                              monkeypatch):
+    """torch reports a full disk as "[enforce fail at inline_container.cc]", which ended in a traceback."""
+    out = files / "m.safetensors"
+    args = [*_train_args(files, tiny_checkpoint, "--steps", "2", "--val-every", "1", "--input-size", "64"),
+            "--out", str(out)]
+    assert main(args) == 0
+    model, state = out.read_bytes(), (files / "m.training.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 320 vs 214")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"napari-convlora train: error: {files / 'm.training.pt'}: could not be written, the "
+                              "previous file is kept ([enforce fail") and sum("error" in line for line in err) == 1
+    assert (files / "m.training.pt").read_bytes() == state and model != out.read_bytes()  # the model was newer
+    assert not [p for p in files.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main([*args[:-2], "--out", str(files / "r.safetensors"), "--resume", str(out)]) == 1
+    assert "not from the same save" in capsys.readouterr().err  # the pair of two saves is not resumed silently
+
+
+def test_medical_formats_are_named_and_evaluate_json_names_the_classes(files, tiny_checkpoint, capsys):
+    (files / "scan.nii.gz").write_bytes(b"\x1f\x8b not really")
+    code = main(["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "scan.nii.gz"), "--labels",
+                 str(files / "lab.tif"), "--out", str(files / "m.safetensors"), "--device", "cpu"])
+    assert code == 1 and "scan.nii.gz: NIfTI images are not read yet; save the image as TIFF" in capsys.readouterr().err
+    model = files / "m.safetensors"
+    assert main([*_train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64", "--class-names",
+                              "bg,nucleus,rod"), "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image",
+                 str(files / "img.tif"), "--labels", str(files / "lab.tif"), "--json", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["class_names"] == ["bg", "nucleus", "rod"] and record["class_values"] == [0, 1, 2]
+
+
+def test_unexpected_errors_are_called_bugs_in_one_line():
+    from napari_convlora.errors import describe_error
+
+    assert describe_error(KeyError("config")) == "unexpected KeyError: 'config' (a bug: please report it with the log)"
+    assert describe_error(IndexError()) == "unexpected IndexError: no message (a bug: please report it with the log)"
+    assert describe_error(PermissionError(13, "Permission denied", "/x/y.tif")) == "/x/y.tif: Permission denied"
+    assert describe_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith("out of memory")
+    assert describe_error(ValueError("labels\n  are bad")) == "labels are bad"

@@ -122,3 +122,27 @@ def test_training_and_prediction_prepare_an_image_identically(tmp_path, tiny_che
     assert result.labels.shape == (120, 100) and len(seen) == 1
     tile = seen[0][0].permute(1, 2, 0).numpy()  # 64 x 64: the plane at the top left, zero padding
     assert np.array_equal(tile[:60, :50], plane) and not tile[60:].any() and not tile[:, 50:].any()
+
+
+def test_label_values_above_65535_train_predict_and_evaluate(tmp_path, tiny_checkpoint):
+    """They trained but prediction and evaluation failed afterwards (labels were capped at uint16)."""
+    from napari_convlora import load_model
+    from napari_convlora.config import RunOptions, TrainRecipe
+    from napari_convlora.data import TrainingPair, prepare_training_data
+    from napari_convlora.image_io import read_image, write_image
+    from napari_convlora.train import train
+
+    image = _image((96, 96), seed=7)
+    labels = np.zeros((96, 96), np.uint32)
+    labels[10:40, 10:40], labels[50:90, 50:90] = 70_000, 5
+    recipe = TrainRecipe(input_size=64, steps=2, grad_accum=1)
+    data = prepare_training_data([TrainingPair(image, labels)], recipe)
+    assert data.encoding.class_values == (0, 5, 70_000)
+    for _ in train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, RunOptions(device="cpu")):
+        pass
+    model = load_model(tmp_path / "m.safetensors", base=tiny_checkpoint)
+    result = predict_image(model, image, device="cpu")
+    assert result.labels.dtype == np.uint32 and set(np.unique(result.labels)) <= {0, 5, 70_000}
+    assert 0 <= evaluate_image(model, image, labels, device="cpu").pixel_accuracy <= 1
+    write_image(tmp_path / "p.tif", result.labels)
+    assert np.array_equal(read_image(tmp_path / "p.tif"), result.labels)

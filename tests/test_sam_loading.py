@@ -168,3 +168,38 @@ def test_loading_never_calls_unsafe_torch_load(monkeypatch, tiny_checkpoint):
 
 def test_zip_is_official_torch_format(tiny_checkpoint):
     assert zipfile.is_zipfile(tiny_checkpoint)
+
+
+def test_file_problems_are_named_for_what_they_are(tmp_path, tiny_checkpoint, monkeypatch):
+    """A safetensors file renamed .pth was called a file that "could run code"; an unreadable file was reported
+    as missing; a folder as a damaged checkpoint."""
+    from safetensors.torch import save_file
+
+    import napari_convlora.safety as safety
+
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    renamed = tmp_path / "sam_weights.pth"
+    save_file(state, str(renamed))
+    assert _same_weights(load_sam(renamed), load_sam(tiny_checkpoint))
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        load_sam(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_sam(tmp_path / "missing.pth")
+    real_access = safety.os.access
+    monkeypatch.setattr(safety.os, "access", lambda p, mode: False if Path(p) == renamed else real_access(p, mode))
+    with pytest.raises(CheckpointError, match="sam_weights.pth: no permission to read it"):
+        load_sam(renamed)
+
+
+def test_a_malicious_training_state_is_refused_without_torchs_advice(tmp_path):
+    from napari_convlora.training_state import load_training_state
+
+    marker = tmp_path / "ran"
+    payload = _Payload()
+    payload.marker = marker
+    path = tmp_path / "m.training.pt"
+    torch.save({"step": payload}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_training_state(path)
+    assert "could run code" in str(refused.value) and "weights_only" not in str(refused.value)
+    assert not marker.exists()

@@ -212,16 +212,79 @@ def test_a_version_1_training_state_is_refused_with_a_reason(tmp_path, tiny_chec
 
 
 def test_a_model_file_that_does_not_match_its_training_state_is_refused(tmp_path, tiny_checkpoint):
+    """The model and its state are two writes: after a crash between them, or with a file replaced, the pair is
+    from two saves and resuming it silently differed from an uninterrupted run (by ~2e-4)."""
     from napari_convlora.config import AdapterConfig
 
     recipe = _recipe(steps=4, val_every=2)
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
+    older_state = state_path(part).read_bytes()
+    events, _ = _run(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, resume_from=part))
+    assert events[-1].kind == "finished"
+    state_path(part).write_bytes(older_state)  # the state of step 2 beside the model of step 4
+    with pytest.raises(CheckpointError, match=r"part.safetensors: the model file and its training state "
+                                              r"\(part.training.pt, step 2\) are not from the same save"):
+        _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
     other_recipe = _recipe(adapter=AdapterConfig(method="lora"), steps=2, val_every=2)
     other = tmp_path / "other.safetensors"
     _run(train(tiny_checkpoint, _prepare(other_recipe), other, other_recipe, CPU))
     part.write_bytes(other.read_bytes())  # the model file replaced by another run's
-    with pytest.raises(TrainingError, match=r"part.safetensors: the model file and its training state .* differ in \['adapter'\]"):
+    with pytest.raises(CheckpointError, match="not from the same save"):
         _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
+
+
+def test_diverging_weights_are_never_saved_and_predict_refuses_them(tmp_path, tiny_checkpoint, cells, monkeypatch):
+    """After a NaN, the "last good" and "best" files were the broken model (100 % NaN probabilities, validation
+    97 % accuracy, predict wrote background with exit 0)."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "m.safetensors"
+    _run(train(tiny_checkpoint, cells, out, _recipe(steps=2, val_every=2), CPU))
+    good, good_best = out.read_bytes(), best_path(out).read_bytes()
+    real_step = torch.optim.AdamW.step
+
+    def diverging_step(self, *args, **kwargs):  # the weights blow up while the loss was still finite
+        result = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
+    with pytest.raises(TrainingError, match=r"weights became NaN or infinite \(sam.image_encoder.blocks.0.attn.qkv."
+                                            r"lora_A.weight and 0 more\) at step 1; training stopped and nothing "
+                                            r"non-finite was saved \(the last good model is .*m.safetensors\)"):
+        _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
+    assert out.read_bytes() == good and best_path(out).read_bytes() == good_best
+    tensors = load_file(str(out))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match="nan.safetensors: 1 tensors hold NaN or infinite values"):
+        load_model(tmp_path / "nan.safetensors", base=tiny_checkpoint)
+
+
+def test_non_finite_outputs_stop_a_multi_class_run_with_a_message(tmp_path, tiny_checkpoint, monkeypatch):
+    """With 3 classes a NaN was not detected: the Hungarian matching failed first with scipy's ValueError."""
+    from napari_convlora.modeling import AdaptedSAM
+
+    recipe = _recipe(label_mode="dense", steps=2, val_every=2)
+    data = _prepare(recipe)
+    assert data.encoding.num_classes == 3
+    real_forward = AdaptedSAM.forward
+
+    def nan_forward(self, images):
+        out = real_forward(self, images)
+        out.class_logits = out.class_logits * float("nan")
+        return out
+
+    monkeypatch.setattr(AdaptedSAM, "forward", nan_forward)
+    with pytest.raises(TrainingError, match="the model's outputs became NaN or infinite at step 1"):
+        _run(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_a_run_without_fp16_resumes_with_fp16(tmp_path):
@@ -238,3 +301,15 @@ def test_a_run_without_fp16_resumes_with_fp16(tmp_path):
     running._lazy_init_scale_growth_tracker(torch.device("cpu"))
     _restore_scaler(scaler, running.state_dict())
     assert scaler.get_scale() == 8.0
+
+
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(tmp_path, tiny_checkpoint, cells):
+    out = tmp_path / "m.safetensors"
+    left = [tmp_path / ".m.safetensors.abc123.tmp", tmp_path / ".m.training.pt.xyz.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    unrelated = tmp_path / ".other.safetensors.abc.tmp"
+    unrelated.write_bytes(b"not ours")
+    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=1, val_every=1), CPU))
+    assert "removed 2 temporary file(s) of an interrupted save" in events[0].message
+    assert not any(p.exists() for p in left) and unrelated.exists()

@@ -123,6 +123,10 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     assert dock.run_path and Path(dock.run_path).name in runs and len(runs) == 2  # the run and its best
     assert dock.model is not None and dock.predict_button.isEnabled()
 
+    checkpoint = Path(dock.model_form.sam.path())
+    before = checkpoint.read_bytes()
+    assert dock.save(path=str(checkpoint)) is None  # refused: never over the SAM checkpoint
+    assert checkpoint.read_bytes() == before and "is the same file as the SAM checkpoint" in dock.log.toPlainText()
     dock.save(path=str(tmp_path / "adapter.safetensors"))
     _wait_idle(dock, qtbot)
     dock.save(bundle=True, path=str(tmp_path / "bundle.safetensors"))

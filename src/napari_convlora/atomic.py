@@ -28,12 +28,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... enforce fail ...")
+            raise WriteError(f"{path}: could not be written, the previous file is kept ({' '.join(str(e).split())})"
+                             ) from e
         os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, lost permission, ...); the message names it. Nothing was replaced."""
+
+
+def temporary_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that :func:`atomic_path` would use for ``path``: left behind only by a process
+    killed while writing (call while no one writes ``path``)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the characters ``glob`` treats specially made literal."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _umask() -> int:

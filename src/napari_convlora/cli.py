@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, describe_error
 
 if TYPE_CHECKING:
     from .config import RunOptions, TrainRecipe
@@ -45,6 +45,21 @@ def _recipe(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe":
         num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
         augment=False if args.no_augment else None))
+
+
+def _numbered(option: str, paths: Sequence[str]) -> dict[str, str]:
+    return {option if len(paths) == 1 else f"{option} #{i + 1}": path for i, path in enumerate(paths)}
+
+
+def _check_outputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Before any work: no output is an input or another output, and every output can be written."""
+    from .safety import check_outputs_are_not_inputs, check_writable
+
+    check_outputs_are_not_inputs(outputs, inputs)
+    given = [(name, path) for name, path in outputs.items() if path is not None]
+    for i, (name, path) in enumerate(given):
+        check_outputs_are_not_inputs({name: path}, dict(given[i + 1:]))
+        check_writable(path, name)
 
 
 def _run_options(args: argparse.Namespace) -> "RunOptions":
@@ -77,6 +92,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
     if len(args.val_image) != len(args.val_labels):
         raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
+    from .training_state import best_path, state_path
+
+    inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image), **_numbered("--labels", args.labels),
+              **_numbered("--val-image", args.val_image), **_numbered("--val-labels", args.val_labels)}
+    _check_outputs({"--out": args.out, "the best file of --out": best_path(args.out),
+                    "the training state of --out": state_path(args.out)}, inputs)
     run = _run_options(args)
     if args.resume:  # the saved recipe continues; report what the options given would have changed
         recipe, _ = resume_recipe(args.resume)
@@ -97,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress.close()
         print("interrupted: run again with --resume to continue from the last save", file=sys.stderr)
         return 130
-    progress.close()
+    finally:
+        progress.close()  # before any error message
     return 0
 
 
@@ -105,6 +127,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .image_io import read_image, write_image
     from .predict import predict_image
 
+    _check_outputs({"--out": args.out, "--probabilities": args.probabilities, "--instances": args.instances},
+                   {"--image": args.image, "--model": args.model, "--checkpoint": args.checkpoint})
     device = _use_run_options(args)
     model = _load(args)
     result = predict_image(model, read_image(args.image), _layout(args), device=device, overlap=args.overlap,
@@ -129,7 +153,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = _load(args)
     metrics = evaluate_image(model, read_image(args.image), read_image(args.labels), _layout(args), device=device)
     if args.json:
-        print(json.dumps(metrics.to_dict(), indent=2))
+        head = model.config.head
+        names = list(head.class_names or [f"class {i}" for i in range(head.num_classes)])
+        print(json.dumps({"class_names": names, "class_values": list(head.class_values), **metrics.to_dict()},
+                         indent=2))
     else:
         print(metrics.format(model.config.head.class_names))
     return 0
@@ -248,13 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit statuses: 2 for options that cannot work (as argparse uses for usage errors), 1 for a failure while
+#: working (a file that cannot be read or written, data that cannot train, a run that diverged, no memory).
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, CheckpointError, ConfigError, TrainingError, FileNotFoundError, RuntimeError, OSError) as e:
+    except ConfigError as e:
         print(f"napari-convlora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (MemoryError, ValueError, CheckpointError, TrainingError, RuntimeError, OSError) as e:
+        print(f"napari-convlora {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

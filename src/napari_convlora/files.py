@@ -165,6 +165,12 @@ def load_model(
     record = _require_record(path)
     config = model_config(record, path)
     tensors = load_file(str(path), device="cpu")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensors hold NaN or infinite values ({bad[0]}, ...): it was saved from a training "
+            "run that diverged; use an earlier file of that run (its .best file) or train again"
+        )
     if record.get("format_version") == 1:
         tensors = files_v1.convert_tensors(tensors)
     if record["format"] == BUNDLE_FORMAT:

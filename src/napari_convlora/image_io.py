@@ -8,15 +8,26 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .safety import unreadable_reason
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+SUPPORTED = "TIFF (.tif, .tiff, also stacks and 16/32-bit), PNG, JPEG, BMP"
+#: Formats people bring from medical imaging, refused with a clear message instead of a reader's error.
+UNSUPPORTED = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
+               ".mhd": "MetaImage", ".dcm": "DICOM"}
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as a numpy array (any dtype, any number of dimensions)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+    reason = unreadable_reason(path)
+    if reason:
+        raise (FileNotFoundError if reason == "no such file" else ValueError)(f"{path}: {reason}")
+    name = path.name.lower()
+    unsupported = next((kind for suffix, kind in UNSUPPORTED.items() if name.endswith(suffix)), None)
+    if unsupported:
+        raise ValueError(f"{path}: {unsupported} images are not read yet; save the image as TIFF "
+                         f"(supported: {SUPPORTED})")
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
@@ -26,7 +37,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
         return np.asarray(iio.imread(path))
     except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
-        raise ValueError(f"{path}: could not read the image ({e})") from e
+        raise ValueError(f"{path}: could not read the image ({' '.join(str(e).split())[:300]}); "
+                         f"supported: {SUPPORTED}") from e
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:

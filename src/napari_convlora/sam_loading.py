@@ -20,6 +20,7 @@ from .atomic import atomic_path, sha256_file
 from .config import PRESETS, TINY, BaseCheckpoint, SamArchitecture
 from .config.choices import MODEL_SUFFIX
 from .errors import CheckpointError
+from .safety import unreadable_reason
 from .sam_build import build_sam, infer_architecture
 
 #: Keys under which training frameworks nest a SAM state dict (micro-sam, lightning, ...).
@@ -36,11 +37,10 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: missing, truncated, unsafe (would execute code) or unreadable file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    if path.suffix == MODEL_SUFFIX:
+    reason = unreadable_reason(path)
+    if reason:
+        raise CheckpointError(f"{path}: {reason}")
+    if path.suffix == MODEL_SUFFIX or is_safetensors(path):  # also a safetensors file under another name
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -60,6 +60,13 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: could not read it as a PyTorch checkpoint; it may be truncated or of another format ({e})"
         ) from e
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file: an 8-byte header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def extract_sam_state(obj: Any, path: str | os.PathLike = "<state dict>") -> dict[str, torch.Tensor]:

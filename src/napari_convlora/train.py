@@ -22,15 +22,16 @@ from typing import Any, Generator
 import numpy as np
 import torch
 
-from .atomic import copy_file
+from .atomic import copy_file, sha256_file, temporary_files
 from .config import DATA_FIELDS, HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from .data import LabelEncoding, PreparedData
 from .devices import apply_run_options, autocast_context
-from .errors import TrainingError
+from .errors import CheckpointError, TrainingError
 from .files import load_model, save_adapter
 from .losses import segmentation_loss
 from .metrics import ConfusionMatrix
-from .modeling import AdaptedSAM
+from .modeling import AdaptedSAM, SegmentationOutput
+from .safety import check_outputs_are_not_inputs, check_writable, run_lock
 from .sam_loading import BaseSam, load_base
 from .training_state import best_path, load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
 
@@ -137,6 +138,41 @@ def _check_resumed_model(model: AdaptedSAM, expected: ModelConfig, resume_from: 
         )
 
 
+def _check_pair(resume_from: Path, state: dict[str, Any]) -> None:
+    """The model file and the training state must come from the same save (they are two writes: a crash or a
+    full disk between them leaves a pair one step apart, and resuming it would silently not be exact)."""
+    if state.get("model_sha256") != sha256_file(resume_from):
+        raise CheckpointError(
+            f"{resume_from}: the model file and its training state ({state_path(resume_from).name}, step "
+            f"{state.get('step')}) are not from the same save (was a save interrupted, or a file replaced?), so the "
+            f"run cannot be resumed exactly. The model file itself is complete: predict with it, or train anew"
+        )
+
+
+def _not_finite_message(what: str, step: int, out_path: Path) -> str:
+    kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
+    return (f"{what} at step {step}; training stopped and nothing non-finite was saved ({kept}). "
+            "Try a lower learning rate, or fp32 instead of fp16.")
+
+
+def _check_finite(model: AdaptedSAM, step: int, out_path: Path) -> None:
+    """Stop (before the next forward, validation or save) when a trained weight is not finite: one check of all
+    of them (a single wait for the GPU), and their names only when something is wrong."""
+    params = model.trainable_parameters()
+    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    bad = [name for name, t in model.trainable_state_dict().items() if not bool(torch.isfinite(t).all())]
+    raise TrainingError(_not_finite_message(f"the weights became NaN or infinite ({bad[0]} and "
+                                            f"{len(bad) - 1} more)", step, out_path))
+
+
+def _check_finite_output(out: SegmentationOutput, step: int, out_path: Path) -> None:
+    """Non-finite outputs stop training before the loss (the matching of the multi-class loss fails on them)."""
+    for logits in (out.mask_logits, out.class_logits):
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise TrainingError(_not_finite_message("the model's outputs became NaN or infinite", step, out_path))
+
+
 def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
     """The fp16 loss scale of the run, when it had one; a run started without fp16 (CPU, fp32, bf16) and
     resumed in fp16 starts from a fresh scale."""
@@ -169,8 +205,30 @@ def train(
     out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
     resume_from = Path(resume_from) if resume_from is not None else None
     recipe = recipe or data.recipe
-    stop = stop or threading.Event()
     run = run or RunOptions()
+    outputs = {"the output": out_path, "its best file": best_path(out_path), "its training state": state_path(out_path)}
+    check_outputs_are_not_inputs(outputs, {"the base checkpoint": base_checkpoint})
+    check_writable(out_path, "the output")
+    with run_lock(out_path) as note:
+        leftovers = [tmp for path in outputs.values() for tmp in temporary_files(path)]
+        for tmp in leftovers:  # this run holds the lock: they belong to a save that was killed
+            tmp.unlink(missing_ok=True)
+        if leftovers:
+            note = "; ".join(filter(None, [note, f"removed {len(leftovers)} temporary file(s) of an interrupted save"]))
+        return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, stop or threading.Event(),
+                                  note))
+
+
+def _train(
+    base_checkpoint: Path,
+    data: PreparedData,
+    out_path: Path,
+    recipe: TrainRecipe,
+    run: RunOptions,
+    resume_from: Path | None,
+    stop: threading.Event,
+    note: str,
+) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     _check_recipe(data, recipe, resume_from, saved)
     device, dtype = apply_run_options(run)
@@ -180,6 +238,7 @@ def train(
     base = load_base(base_checkpoint)
     config = model_config_for(base, recipe, data.encoding)
     if state:
+        _check_pair(resume_from, state)
         model = load_model(resume_from, base=base)
         if model.config.head.class_values != tuple(data.encoding.class_values):
             raise TrainingError(
@@ -208,16 +267,18 @@ def train(
             copy_file(best_path(resume_from), best_path(out_path))  # the run's best so far goes with it
 
     def save(kind: str, snapshot: dict[str, Any]) -> TrainingEvent:
+        _check_finite(model, step, out_path)
         save_adapter(model, out_path)
         save_training_state(state_path(out_path), {
-            "step": step, "best": best, "history": history, "rng": snapshot,
+            "step": step, "best": best, "history": history, "rng": snapshot, "model_sha256": sha256_file(out_path),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         }, recipe)
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
                         message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}), "
-                                f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px")
+                                f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
+                                + (f"; {note}" if note else ""))
     if step == 0:
         metrics = validate(model, data, device, dtype)
         if metrics:
@@ -238,13 +299,12 @@ def train(
             images = torch.from_numpy(images).to(device, non_blocking=True)
             targets = torch.from_numpy(targets).to(device, non_blocking=True)
             with autocast_context(device, dtype):
-                losses = segmentation_loss(model(images), targets, model.num_classes)
+                out = model(images)
+                _check_finite_output(out, step + 1, out_path)
+                losses = segmentation_loss(out, targets, model.num_classes)
             loss = losses["total"]
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {float(loss.detach())} at step {step + 1}; training stopped. The last good model "
-                    f"is {out_path if out_path.exists() else 'not saved yet'}. Try a lower learning rate or fp32."
-                )
+                raise TrainingError(_not_finite_message(f"the loss became {float(loss.detach())}", step + 1, out_path))
             scaler.scale(loss / recipe.grad_accum).backward()
             for name, value in losses.items():
                 parts[name] = parts.get(name, 0.0) + float(value.detach()) / recipe.grad_accum
@@ -260,6 +320,7 @@ def train(
         scaler.update()
         scheduler.step()
         step += 1
+        _check_finite(model, step, out_path)
         history["loss"].append((step, parts["total"]))
         elapsed = time.perf_counter() - started
         rate = (step - done_at_start) / elapsed
@@ -274,7 +335,7 @@ def train(
                 yield TrainingEvent("validation", step, total, step / steps_per_epoch, metrics=metrics)
                 if _score(metrics) > best:
                     best = _score(metrics)
-                    save_adapter(model, best_path(out_path))
+                    save_adapter(model, best_path(out_path))  # weights checked above
             yield save("saved", rng_snapshot(rng))
     model.set_activation_checkpointing(False)
     if step < total:

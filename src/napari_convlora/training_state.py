@@ -9,6 +9,7 @@ saved: a resumed run takes the caller's.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .atomic import atomic_path
 from .config import TrainRecipe, from_record, to_record
 from .config.choices import BEST_SUFFIX, MODEL_SUFFIX, TRAINING_STATE_SUFFIX
 from .errors import CheckpointError, ConfigError
+from .safety import unreadable_reason
 
 #: Version of the training-state record; version 1 (napari-convlora 0.1.0) did not save the data settings.
 STATE_VERSION = 2
@@ -67,14 +69,21 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], TrainR
         CheckpointError: no state, an unreadable one, one of another version, or one that lacks a part.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"{path}: no training state to resume from (it is written next to the model file when training saves)"
         )
+    reason = unreadable_reason(path)
+    if reason:
+        raise CheckpointError(f"{path}: {reason}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused to load: it holds Python objects beyond tensors and numbers, which "
+                              "could run code when unpickled; this is not a training state napari-convlora wrote"
+                              ) from None
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable; say which
-        raise CheckpointError(f"{path}: could not read the training state ({e})") from e
+        raise CheckpointError(f"{path}: could not read the training state ({' '.join(str(e).split())[:300]})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training state (found {type(state).__name__})")
     if state.get("state_version") is None and "train_config" in state:

@@ -37,6 +37,8 @@ from .._napari.layers import (
 )
 from ..config import TrainRecipe
 from ..config.choices import SAM_CHECKPOINT_FORMAT
+from ..errors import describe_error
+from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker, compute_thread
 from .fields import LayerCombo, settings
 from .forms import DEFAULT_RUN_FOLDER, MODEL_FILTER, DataForm, ModelForm
@@ -180,7 +182,7 @@ class ConvLoRAWidget(QWidget):
         self.view.say(text)
 
     def _on_error(self, exc: Exception) -> None:
-        message = str(exc) or type(exc).__name__
+        message = describe_error(exc)
         self.say(f"Error: {message}")
         show_error(f"napari-convlora: {message}")
 
@@ -323,6 +325,11 @@ class ConvLoRAWidget(QWidget):
                                                   start, MODEL_FILTER)
             if not path:
                 return None
+        try:  # never over the SAM checkpoint that adapters are loaded on
+            base = self.model_form.sam.path() or None
+            check_outputs_are_not_inputs({"the file chosen": path}, {"the SAM checkpoint": base})
+        except ValueError as e:
+            return self._refuse(str(e))
         self._set_busy("save")
         return self._run(jobs.save_job, self.model, path, bundle, on_returned=self._saved)
 

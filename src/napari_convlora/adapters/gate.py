@@ -75,7 +75,7 @@ class NoisyTopKGate(nn.Module):
         threshold_if_in = top_noisy[:, k : k + 1]
         threshold_if_out = top_noisy[:, k - 1 : k]
         is_in = noisy > threshold_if_in
-        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()), validate_args=False)
         prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
         prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out)

@@ -10,7 +10,14 @@
 """
 
 from .choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
-from .model import AdapterConfig, BaseCheckpoint, HeadConfig, InputSpec, ModelConfig, check_input_size
+from .model import (
+    AdapterConfig,
+    BaseCheckpoint,
+    HeadConfig,
+    InputSpec,
+    ModelConfig,
+    check_input_size,
+)
 from .records import from_record, to_record
 from .sam import PRESETS, TINY, SamArchitecture
 from .training import DATA_FIELDS, RunOptions, TrainRecipe

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from ..errors import ConfigError
 from .choices import LABEL_MODES, METHODS
 from .sam import SamArchitecture
 
@@ -40,22 +41,22 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown adapter method {self.method!r}; expected one of {METHODS}")
+            raise ConfigError(f"unknown adapter method {self.method!r}; expected one of {METHODS}")
         self.targets = tuple(self.targets)
         if self.scales is not None:
             self.scales = tuple(float(s) for s in self.scales)
             if len(self.scales) != self.num_experts:
-                raise ValueError(f"{len(self.scales)} scales given for {self.num_experts} experts")
+                raise ConfigError(f"{len(self.scales)} scales given for {self.num_experts} experts")
             if min(self.scales) <= 0:
-                raise ValueError(f"expert scales must be positive, got {self.scales}")
+                raise ConfigError(f"expert scales must be positive, got {self.scales}")
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+            raise ConfigError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+            raise ConfigError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def expert_scales(self) -> tuple[float, ...]:
@@ -82,15 +83,15 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= 256:
-            raise ValueError(f"num_classes (background included) must be in 2..256, got {self.num_classes}")
+            raise ConfigError(f"num_classes (background included) must be in 2..256, got {self.num_classes}")
         if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+            raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
         if self.num_mask_tokens is None:
             self.num_mask_tokens = 1 if self.binary else 2 * self.num_classes
         if self.binary and self.num_mask_tokens != 1:
-            raise ValueError("a binary head (num_classes=2) has exactly one mask token")
+            raise ConfigError("a binary head (num_classes=2) has exactly one mask token")
         if not self.binary and self.num_mask_tokens < self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"num_mask_tokens ({self.num_mask_tokens}) must be >= num_classes ({self.num_classes}) "
                 "so that every class present can be matched to a token"
             )
@@ -102,7 +103,7 @@ class HeadConfig:
         for name in ("class_names", "class_values"):
             value = getattr(self, name)
             if value is not None and len(value) != self.num_classes:
-                raise ValueError(f"{len(value)} {name} given for {self.num_classes} classes")
+                raise ConfigError(f"{len(value)} {name} given for {self.num_classes} classes")
 
     @property
     def binary(self) -> bool:
@@ -130,23 +131,23 @@ class InputSpec:
         if self.channels is not None:
             self.channels = tuple(int(c) for c in self.channels)
             if not 1 <= len(self.channels) <= 3:
-                raise ValueError(f"choose 1 to 3 channels, got channels={self.channels}")
+                raise ConfigError(f"choose 1 to 3 channels, got channels={self.channels}")
             if len(set(self.channels)) != len(self.channels) or min(self.channels) < 0:
-                raise ValueError(f"channels must be distinct indices >= 0, got {self.channels}")
+                raise ConfigError(f"channels must be distinct indices >= 0, got {self.channels}")
         if self.rgb_slots is not None:
             self.rgb_slots = tuple(int(s) for s in self.rgb_slots)
             slots = self.rgb_slots
             if not slots or not set(slots) <= {0, 1, 2} or len(set(slots)) != len(slots):
-                raise ValueError(f"rgb_slots must be distinct values among 0, 1, 2; got {slots}")
+                raise ConfigError(f"rgb_slots must be distinct values among 0, 1, 2; got {slots}")
             if self.channels is not None and len(slots) != len(self.channels):
-                raise ValueError(f"rgb_slots={slots} names {len(slots)} slot(s) for {len(self.channels)} channel(s)")
+                raise ConfigError(f"rgb_slots={slots} names {len(slots)} slot(s) for {len(self.channels)} channel(s)")
         self.percentiles = (float(self.percentiles[0]), float(self.percentiles[1]))
         low, high = self.percentiles
         if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+            raise ConfigError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
         self.rescale = float(self.rescale)
         if not 0.0 < self.rescale <= 16.0:
-            raise ValueError(f"rescale must be in (0, 16], got {self.rescale}")
+            raise ConfigError(f"rescale must be in (0, 16], got {self.rescale}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class ModelConfig:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError(f"pixel_mean and pixel_std need 3 values, std > 0; got {self.pixel_mean}, {self.pixel_std}")
+            raise ConfigError(f"pixel_mean and pixel_std need 3 values, std > 0; got {self.pixel_mean}, {self.pixel_std}")
 
 
 #: Smallest input side: 4 x 4 image-embedding tokens.
@@ -190,7 +191,7 @@ MIN_INPUT_SIZE = 64
 def check_input_size(input_size: int) -> int:
     """``input_size`` if SAM can take it (a multiple of its 16 px patches, at least 64), else ValueError."""
     if int(input_size) != input_size or input_size % PATCH_SIZE or input_size < MIN_INPUT_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"input size must be a multiple of {PATCH_SIZE} and at least {MIN_INPUT_SIZE} px, got {input_size}"
         )
     return int(input_size)

@@ -79,7 +79,5 @@ def from_record(cls: type[T], record: Any, where: str, path: str = "") -> T:
         values[name] = value
     try:
         return cls(**values)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except (TypeError, ValueError) as e:  # this level's own check (nested records were built above)
         raise ConfigError(f"{label}: {e}") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamArchitecture:
@@ -48,7 +50,7 @@ class SamArchitecture:
     def first_global_block(self) -> int:
         """Index of the first global-attention block, whose output HQ-SAM fuses (2 / 5 / 7 for ViT-B / L / H)."""
         if not self.encoder_global_attn_indexes:
-            raise ValueError("this SAM has no global-attention block")
+            raise ConfigError("this SAM has no global-attention block")
         return min(self.encoder_global_attn_indexes)
 
     @property
@@ -64,7 +66,7 @@ class SamArchitecture:
         try:
             return PRESETS[model_type]
         except KeyError:
-            raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {sorted(PRESETS)}") from None
+            raise ConfigError(f"unknown SAM model type {model_type!r}; expected one of {sorted(PRESETS)}") from None
 
 
 PRESETS: dict[str, SamArchitecture] = {

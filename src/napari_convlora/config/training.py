@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from .choices import DEVICES, LABEL_MODES, PRECISIONS
 from .model import AdapterConfig, InputSpec, check_input_size
 
@@ -61,26 +62,26 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
         if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+            raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
         if self.class_names is not None:
             self.class_names = tuple(str(n) for n in self.class_names)
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"the validation fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"the validation fraction must be in [0, 1), got {self.val_fraction}")
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give the length of training in steps or in epochs, not both")
+            raise ConfigError("give the length of training in steps or in epochs, not both")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.val_every is not None and self.val_every < 1:
-            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+            raise ConfigError(f"val_every must be >= 1, got {self.val_every}")
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"the learning rate must be a positive number, got {self.lr}")
+            raise ConfigError(f"the learning rate must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or not self.grad_clip > 0:
-            raise ValueError(f"weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay}, {self.grad_clip}")
+            raise ConfigError(f"weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay}, {self.grad_clip}")
 
     @property
     def patches_per_step(self) -> int:
@@ -122,8 +123,8 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {DEVICES}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 (or None), got {self.num_threads}")
+            raise ConfigError(f"num_threads must be >= 1 (or None), got {self.num_threads}")
