@@ -30,7 +30,20 @@ def test_run_options_are_checked_and_applied():
     assert RunOptions(device="cuda:1").device == "cuda:1"
     before = torch.get_num_threads()
     try:
-        device, dtype = apply_run_options(RunOptions(device="cpu", num_threads=1))
-        assert (device.type, dtype, torch.get_num_threads()) == ("cpu", torch.float32, 1)
+        resolved = apply_run_options(RunOptions(device="cpu", num_threads=1))
+        assert (resolved.device.type, resolved.dtype, torch.get_num_threads()) == ("cpu", torch.float32, 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_threads_give_way_to_other_processes(monkeypatch):
+    """Two OpenMP threads on two cores that other processes keep busy made training 10-20 times slower."""
+    from napari_convlora.devices import cpu_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cpu_threads(RunOptions(), load=0.2, cpus=2) == (2, "2 CPU thread(s)")
+    threads, note = cpu_threads(RunOptions(), load=1.1, cpus=2)
+    assert threads == 1 and "other processes keep 1.1 of the 2 CPUs busy" in note
+    assert cpu_threads(RunOptions(), load=9.7, cpus=2)[0] == 1
+    assert cpu_threads(RunOptions(), load=3.0, cpus=16)[0] == 2  # plenty left: torch's default
+    assert cpu_threads(RunOptions(num_threads=2), load=9.7, cpus=2) == (2, "2 CPU thread(s) as asked")

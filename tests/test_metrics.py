@@ -145,3 +145,24 @@ def test_one_line_summary_names_the_classes():
     assert format_line(metrics, ("too", "few")).startswith("mIoU 66.7% (class 0 100.0%, class 1 50.0%")
     empty = evaluate_arrays(np.zeros((2, 2), int), np.full((2, 2), IGNORE_INDEX), 2).to_dict()
     assert format_line(empty) == "mIoU n/a (class 0 n/a, class 1 n/a), foreground n/a, pixel accuracy n/a"
+
+
+def test_the_best_model_is_chosen_on_every_class_present_in_validation():
+    """Foreground mIoU chose, on a lesion task, a model frozen at step 30 that predicted nothing (its score was 0
+    from the first check), and on a sparse EM task an all-interior model while the membrane class was at 0."""
+    from napari_convlora.metrics import selection_score
+
+    target = np.array([0] * 90 + [1] * 10)
+    nothing = evaluate_arrays(np.zeros(100, int), target, 2).to_dict()  # predicts background everywhere
+    something = evaluate_arrays(np.array([0] * 85 + [1] * 15), target, 2).to_dict()
+    assert nothing["mean_iou_foreground"] == 0.0 and something["mean_iou_foreground"] > 0
+    assert selection_score(something) > selection_score(nothing)
+    later_nothing = evaluate_arrays(np.array([0] * 92 + [1] * 8), np.array([0] * 95 + [1] * 5), 2).to_dict()
+    assert selection_score(later_nothing) != selection_score(nothing)  # moves even while foreground stays low
+    three = np.array([0] * 50 + [1] * 45 + [2] * 5)
+    all_interior = evaluate_arrays(np.array([0] * 50 + [1] * 50), three, 3).to_dict()  # membrane (2) at 0
+    balanced = evaluate_arrays(np.array([0] * 50 + [1] * 43 + [2] * 7), three, 3).to_dict()
+    assert selection_score(balanced) > selection_score(all_interior)
+    only_two_present = evaluate_arrays(np.array([0, 1, 1]), np.array([0, 1, 1]), 3).to_dict()
+    assert selection_score(only_two_present) == 1.0  # a class absent from validation does not count
+    assert selection_score(None) == -math.inf

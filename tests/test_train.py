@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from napari_convlora import CheckpointError, load_model
 from napari_convlora.config import RunOptions, TrainRecipe
 from napari_convlora.data import TrainingPair, prepare_training_data
+from napari_convlora.metrics import selection_score
 from napari_convlora.sample_data import synthetic_cells
 from napari_convlora.train import TrainingError, resume_recipe, train
 from napari_convlora.training_state import best_path, state_path
@@ -313,3 +314,20 @@ def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(tmp_path, 
     events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=1, val_every=1), CPU))
     assert "removed 2 temporary file(s) of an interrupted save" in events[0].message
     assert not any(p.exists() for p in left) and unrelated.exists()
+
+
+def test_the_log_says_which_file_is_which_and_warns_about_thin_validation(tmp_path, tiny_checkpoint, cells):
+    out = tmp_path / "m.safetensors"
+    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=6, val_every=2), CPU))
+    state = torch.load(state_path(out), map_location="cpu", weights_only=True)
+    scores = {step: selection_score(m) for step, m in state["history"]["validation"] if step}
+    best_step = max(scores, key=scores.get)  # the first of the best (strictly better replaces)
+    assert state["best_step"] == best_step and state["best"] == scores[best_step]
+    finished = events[-1].message
+    assert f"the best on validation, m.best.safetensors, is from step {best_step}" in finished
+    assert any(e.kind == "validation" and "best so far" in e.message for e in events)
+    image, labels = synthetic_cells(256, seed=0)
+    thin = prepare_training_data([TrainingPair(image, labels)], _recipe(val_fraction=0.02))
+    assert thin.validation_pixels().min() < 1000
+    events, _ = _run(train(tiny_checkpoint, thin, tmp_path / "t.safetensors", _recipe(val_fraction=0.02, steps=1), CPU))
+    assert "validation pixels: its IoU is noisy" in events[0].message

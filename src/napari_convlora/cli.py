@@ -165,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _use_run_options(args: argparse.Namespace) -> "torch.device":  # noqa: F821 (torch imported lazily)
     from .devices import apply_run_options
 
-    return apply_run_options(_run_options(args))[0]
+    return apply_run_options(_run_options(args)).device
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -185,7 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, or cuda:N (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's, fewer when other processes keep the CPUs busy)")
 
 
 def _add_layout_options(p: argparse.ArgumentParser) -> None:

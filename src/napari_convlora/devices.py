@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from typing import ContextManager
 
 import torch
@@ -60,9 +62,53 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None = None) -> 
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def apply_run_options(run: RunOptions) -> tuple[torch.device, torch.dtype]:
-    """Set torch's CPU threads as ``run`` asks and resolve its device and precision (the caller's choice)."""
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_threads(run: RunOptions, load: float | None = None, cpus: int | None = None) -> tuple[int, str]:
+    """The CPU threads torch should use, and a line saying why.
+
+    Asked for (``run.num_threads``): that. Otherwise torch's default, unless other processes keep CPUs busy
+    (the 1-minute load average before this run starts): then only the CPUs left free, at least one. With two
+    OpenMP threads on two cores that others keep busy, every parallel region waits for the thread the scheduler
+    parked, and a step was 12 times slower (7.6 s against 0.6 s; BENCHMARKS.md, "busy CPUs").
+    """
+    default = torch.get_num_threads()
     if run.num_threads:
-        torch.set_num_threads(run.num_threads)
+        return run.num_threads, f"{run.num_threads} CPU thread(s) as asked"
+    cpus = cpus or available_cpus()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = cpus - load
+    if free >= default - 0.5:
+        return default, f"{default} CPU thread(s)"
+    threads = max(1, int(free + 0.5))
+    return threads, (f"{threads} CPU thread(s): other processes keep {load:.1f} of the {cpus} CPUs busy "
+                     f"(set the number of threads to override)")
+
+
+@dataclass
+class Resolved:
+    """What a run actually uses: the device, the precision, and (on the CPU) how many threads and why."""
+
+    device: torch.device
+    dtype: torch.dtype
+    threads_note: str = ""
+
+
+def apply_run_options(run: RunOptions, load: float | None = None) -> Resolved:
+    """Resolve ``run``'s device and precision and, for the CPU, set torch's threads (see :func:`cpu_threads`)."""
     device = resolve_device(run.device)
-    return device, resolve_precision(run.precision, device)
+    dtype = resolve_precision(run.precision, device)
+    note = ""
+    if device.type == "cpu":
+        threads, note = cpu_threads(run, load)
+        torch.set_num_threads(threads)
+    elif run.num_threads:
+        torch.set_num_threads(run.num_threads)
+    return Resolved(device, dtype, note)

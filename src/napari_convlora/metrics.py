@@ -163,6 +163,17 @@ class ConfusionMatrix:
         )
 
 
+def selection_score(metrics: Mapping[str, Any] | None) -> float:
+    """The score the best model is chosen on: mean IoU over the classes present in the validation labels,
+    background included. Unlike foreground mIoU it cannot reward predicting one class everywhere (that scores
+    at most 1/K), and it still moves when a rare class stays at 0. -inf without validation."""
+    if not metrics:
+        return -math.inf
+    ious, pixels = metrics.get("per_class_iou") or [], metrics.get("per_class_pixels") or []
+    present = [iou or 0.0 for iou, n in zip(ious, pixels) if n]
+    return float(np.mean(present)) if present else -math.inf
+
+
 def class_labels(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
     """The names to show for ``num_classes`` classes: ``class_names`` when there is one per class, else
     ``class 0``, ``class 1``, ... (names that do not match the classes would mislabel them)."""

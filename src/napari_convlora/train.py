@@ -29,7 +29,7 @@ from .devices import apply_run_options, autocast_context
 from .errors import CheckpointError, TrainingError
 from .files import load_model, save_adapter
 from .losses import segmentation_loss
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, class_labels, selection_score
 from .modeling import AdaptedSAM, SegmentationOutput
 from .safety import check_outputs_are_not_inputs, check_writable, run_lock
 from .sam_loading import BaseSam, load_base
@@ -104,11 +104,30 @@ def validate(
     return matrix.compute().to_dict()
 
 
-def _score(metrics: dict[str, Any] | None) -> float:
-    if not metrics:
-        return -math.inf
-    value = metrics.get("mean_iou_foreground")
-    return -math.inf if value is None else float(value)
+#: Fewer labelled validation pixels of a class than this make its IoU too noisy to choose a model on.
+MIN_VALIDATION_PIXELS = 1000
+
+
+def validation_notes(data: PreparedData) -> list[str]:
+    """What the user should know about the validation set before trusting the "best" model."""
+    if not data.validation:
+        return ["no validation pixels: the best model cannot be chosen; the last one is saved"]
+    names = class_labels(data.recipe.class_names, data.encoding.num_classes)
+    notes = []
+    for name, value, count in zip(names, data.encoding.class_values, data.validation_pixels()):
+        if count == 0:
+            notes.append(f"{name} (label {value}) has no validation pixels: the best model is chosen without it")
+        elif count < MIN_VALIDATION_PIXELS:
+            notes.append(f"{name} (label {value}) has only {count} validation pixels: its IoU is noisy; raise "
+                         "the validation fraction or add validation images")
+    return notes
+
+
+def _which_file(best: float, best_step: int | None, out_path: Path) -> str:
+    if best_step is None:
+        return " (no validation: no best file)"
+    return (f"; the best on validation, {best_path(out_path).name}, is from step {best_step} (mean IoU over the classes "
+            f"in validation {100 * best:.1f}%)")
 
 
 def _check_recipe(data: PreparedData, recipe: TrainRecipe, resume_from: Path | None, saved: TrainRecipe | None) -> None:
@@ -200,7 +219,8 @@ def train(
         stop: set it to end training at the next step (a half-accumulated step is discarded); the loop saves.
 
     Files: ``out_path`` (latest adapter, saved at every validation, at the end and on stop),
-    ``*.best.safetensors`` (best foreground mIoU on validation) and ``*.training.pt`` (resume state).
+    ``*.best.safetensors`` (best mean IoU over the classes present in validation) and ``*.training.pt``
+    (resume state).
     """
     out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
     resume_from = Path(resume_from) if resume_from is not None else None
@@ -231,7 +251,8 @@ def _train(
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     _check_recipe(data, recipe, resume_from, saved)
-    device, dtype = apply_run_options(run)
+    resolved = apply_run_options(run)
+    device, dtype = resolved.device, resolved.dtype
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
 
@@ -256,12 +277,13 @@ def _train(
     total = recipe.total_steps(steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    step, best, history = 0, -math.inf, {"loss": [], "validation": []}
+    step, best, best_step, history = 0, -math.inf, None, {"loss": [], "validation": []}
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_scaler(scaler, state.get("scaler", {}))
         step, best, history = state["step"], state["best"], state["history"]
+        best_step = state.get("best_step")
         restore_rng(rng, state["rng"])
         if resume_from != out_path and best_path(resume_from).is_file():
             copy_file(best_path(resume_from), best_path(out_path))  # the run's best so far goes with it
@@ -270,15 +292,17 @@ def _train(
         _check_finite(model, step, out_path)
         save_adapter(model, out_path)
         save_training_state(state_path(out_path), {
-            "step": step, "best": best, "history": history, "rng": snapshot, "model_sha256": sha256_file(out_path),
+            "step": step, "best": best, "best_step": best_step, "history": history, "rng": snapshot,
+            "model_sha256": sha256_file(out_path),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         }, recipe)
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
-                        message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}), "
+                        message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}"
+                                + (f", {resolved.threads_note}" if resolved.threads_note else "") + "), "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
-                                + (f"; {note}" if note else ""))
+                                + "".join(f"; {line}" for line in [note, *validation_notes(data)] if line))
     if step == 0:
         metrics = validate(model, data, device, dtype)
         if metrics:
@@ -332,10 +356,12 @@ def _train(
             metrics = validate(model, data, device, dtype)
             if metrics:
                 history["validation"].append((step, metrics))
-                yield TrainingEvent("validation", step, total, step / steps_per_epoch, metrics=metrics)
-                if _score(metrics) > best:
-                    best = _score(metrics)
+                better = selection_score(metrics) > best
+                if better:
+                    best, best_step = selection_score(metrics), step
                     save_adapter(model, best_path(out_path))  # weights checked above
+                yield TrainingEvent("validation", step, total, step / steps_per_epoch, metrics=metrics,
+                                    message=f"best so far: saved to {best_path(out_path).name}" if better else "")
             yield save("saved", rng_snapshot(rng))
     model.set_activation_checkpointing(False)
     if step < total:
@@ -344,5 +370,6 @@ def _train(
         if step == done_at_start:  # a finished run resumed (into a new file, say): nothing trained, still write it
             yield save("saved", rng_snapshot(rng))
         yield TrainingEvent("finished", step, total, step / steps_per_epoch, path=str(out_path),
-                            message=f"finished {total} steps; model saved to {out_path}")
+                            message=f"finished {total} steps; model saved to {out_path}" + _which_file(best, best_step,
+                                                                                                       out_path))
     return model.eval()

@@ -262,7 +262,8 @@ class AdvancedOptions(Container):
         self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
                                   tooltip="forward passes per optimizer step")
         self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
-                               tooltip="CPU threads for torch (0: torch's default)")
+                               tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
+                                       "processes keep the CPUs busy, which would slow training down many times)")
         folder = str(settings().value("run_folder", "") or DEFAULT_RUN_FOLDER)
         self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
                                    tooltip="folder where training runs are saved (remembered)")

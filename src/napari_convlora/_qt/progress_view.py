@@ -102,7 +102,8 @@ class ProgressView(QWidget):
             self.say(event.message)
         elif event.kind == "validation":
             self.plot.add_miou(event.step, event.metrics.get("mean_iou"))
-            self.say(f"step {event.step}: validation {format_line(event.metrics, class_names)}")
+            line = f"step {event.step}: validation {format_line(event.metrics, class_names)}"
+            self.say(line + (f" ({event.message})" if event.message else ""))
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 

@@ -48,6 +48,14 @@ class PreparedData:
     def labelled_pixels(self) -> int:
         return int(sum((t != IGNORE_INDEX).sum() for _, t in self.train_planes))
 
+    def validation_pixels(self) -> np.ndarray:
+        """Labelled validation pixels per class (int64, K)."""
+        counts = np.zeros(self.encoding.num_classes, dtype=np.int64)
+        for _, targets in self.validation:
+            labelled = targets[targets != IGNORE_INDEX]
+            counts += np.bincount(labelled, minlength=self.encoding.num_classes)
+        return counts
+
     def steps_per_epoch(self) -> int:
         """Optimizer steps for as many patches as it takes to tile every training plane once."""
         size = self.recipe.input_size
