@@ -280,3 +280,16 @@ def test_unexpected_errors_are_called_bugs_in_one_line():
     assert describe_error(PermissionError(13, "Permission denied", "/x/y.tif")) == "/x/y.tif: Permission denied"
     assert describe_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith("out of memory")
     assert describe_error(ValueError("labels\n  are bad")) == "labels are bad"
+
+
+def test_an_image_too_large_for_memory_is_refused_before_it_is_read(files, monkeypatch):
+    """A compressed TIFF that expands to 50000 x 50000 ended in a MemoryError traceback."""
+    import napari_convlora.image_io as image_io
+
+    big = np.zeros((64, 64), np.uint16)
+    tifffile.imwrite(files / "big.tif", big, compression="zlib")
+    monkeypatch.setattr(image_io, "memory_bytes", lambda: 10_000)  # a machine with 10 kB of memory
+    with pytest.raises(ValueError, match=r"big.tif: the image is 64 x 64 uint16, 0.0 GiB once read, more than half"):
+        image_io.read_image(files / "big.tif")
+    monkeypatch.setattr(image_io, "memory_bytes", lambda: 10**12)
+    assert image_io.read_image(files / "big.tif").shape == (64, 64)

@@ -194,3 +194,24 @@ def test_an_adapter_on_a_base_of_another_geometry_is_refused_with_its_name(tmp_p
     other = save_sam_checkpoint(random_sam(odd), tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"a.safetensors: cannot be built on odd.pth: .*geometry.*image_size"):
         load_model(path, base=other, check_base_hash=False)
+
+
+def test_a_bundle_whose_record_claims_a_larger_sam_is_refused_before_building_it(tmp_path, tiny_checkpoint,
+                                                                                monkeypatch):
+    """A tiny file whose config claimed vit_h built the whole vit_h (3.2 GB, 26 s) before refusing it."""
+    import napari_convlora.files as files
+    from napari_convlora.config import PRESETS, to_record
+
+    model = _trained_model(tiny_checkpoint)
+    path = save_bundle(model, tmp_path / "b.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()[METADATA_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    record["config"]["base"] = to_record(PRESETS["vit_h"])
+    save_file(tensors, str(tmp_path / "claims_vit_h.safetensors"), metadata={METADATA_KEY: json.dumps(record)})
+    built = []
+    monkeypatch.setattr(files, "build_sam", lambda arch: built.append(arch))
+    with pytest.raises(CheckpointError, match=r"claims_vit_h.safetensors: its tensors are not the SAM its record "
+                                              r"describes"):
+        load_model(tmp_path / "claims_vit_h.safetensors")
+    assert built == []

@@ -126,6 +126,27 @@ def model_config(record: dict[str, Any], path: str | os.PathLike) -> ModelConfig
         raise CheckpointError(str(e)) from None
 
 
+def _check_bundle_geometry(tensors: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    """The SAM in a bundle's tensors must be the one its record describes."""
+    # SAM's own names: without the "sam." prefix and the adapters' "base_layer." level
+    sam_tensors = {k[len("sam."):].replace(".base_layer.", "."): v for k, v in tensors.items() if k.startswith("sam.")}
+    pos = sam_tensors.get("image_encoder.pos_embed")
+    if pos is not None:  # stored at the model's input size: only SAM's own grid tells its global blocks apart
+        grid = config.base.embedding_size
+        sam_tensors["image_encoder.pos_embed"] = torch.empty((1, grid, grid, pos.shape[-1]), device="meta")
+    tokens = "mask_decoder.mask_tokens.weight"  # version-1 bundles did not keep SAM's own tokens
+    sam_tensors.setdefault(tokens, torch.empty((config.base.num_multimask_outputs + 1, 1), device="meta"))
+    try:
+        found = infer_architecture(sam_tensors, decoder_num_heads=config.base.decoder_num_heads)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the bundle lacks SAM tensor {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: its tensors are not the SAM its record describes ({e})") from None
+    if found != config.base:
+        differ = [k for k, v in vars(found).items() if getattr(config.base, k) != v]
+        raise CheckpointError(f"{path}: its tensors are not the SAM its record describes (they differ in {differ})")
+
+
 def _check_tensor_keys(model: AdaptedSAM, tensors: dict[str, torch.Tensor], path: Any, adapter: bool) -> None:
     """Adapter files hold exactly the trained tensors; bundles any subset of the state dict."""
     expected = model.state_dict()
@@ -174,6 +195,7 @@ def load_model(
     if record.get("format_version") == 1:
         tensors = files_v1.convert_tensors(tensors)
     if record["format"] == BUNDLE_FORMAT:
+        _check_bundle_geometry(tensors, config, path)  # before building a model of the size the record claims
         model = AdaptedSAM(build_sam(config.base), config)
         _check_tensor_keys(model, tensors, path, adapter=False)
         missing = set(model.state_dict()) - set(tensors)

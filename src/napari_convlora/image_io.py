@@ -32,13 +32,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            return tifffile.imread(path)
+            with tifffile.TiffFile(path) as tiff:
+                _check_fits_in_memory(path, tiff.series[0].shape, tiff.series[0].dtype)
+                return tiff.asarray()
         import imageio.v3 as iio
 
         return np.asarray(iio.imread(path))
     except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
         raise ValueError(f"{path}: could not read the image ({' '.join(str(e).split())[:300]}); "
                          f"supported: {SUPPORTED}") from e
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+#: An image that needs more than this share of the machine's memory is refused before it is read.
+MEMORY_SHARE = 0.5
+
+
+def _check_fits_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    needed = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    total = memory_bytes()
+    if total is not None and needed > MEMORY_SHARE * total:
+        raise ValueError(f"{path}: the image is {' x '.join(map(str, shape))} {np.dtype(dtype)}, {needed / 2**30:.1f} GiB "
+                         f"once read, more than half of this machine's {total / 2**30:.1f} GiB; crop it or split it "
+                         "into parts first")
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
