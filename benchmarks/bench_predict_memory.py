@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
     from napari_convlora import AdaptedSAM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import _machine, _peak_rss_mib, _reset_peak_rss, _rss_mib  # noqa: E402
+from bench_train_step import _machine, _peak_rss_mib, _reset_peak_rss, _rss_mib, run_child  # noqa: E402
 
 CASES = ("stack", "plane")
 NUM_CLASSES = 3
@@ -119,15 +118,6 @@ def measure_case(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``spec`` in a fresh Python process and return its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed for {spec}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # --------------------------------------------------------------------------------------------------
 # Report
 
@@ -167,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     for case in CASES:
-        rows.append(run_child({**base, "case": case}))
+        rows.append(run_child({**base, "case": case}, __file__))
         print(f"  {case}: peak {rows[-1]['peak_delta_mib']:.1f} MiB, {rows[-1]['seconds']:.2f} s",
               file=sys.stderr, flush=True)
     by_case = {r["case"]: r for r in rows}

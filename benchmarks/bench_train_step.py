@@ -218,9 +218,9 @@ def measure_pair(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``spec`` in a fresh Python process and return its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+def run_child(spec: dict[str, Any], script: str = __file__) -> dict[str, Any]:
+    """Run ``script --child SPEC`` in a fresh Python process and return its JSON result."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed for {spec}:\n{proc.stderr[-4000:]}")
