@@ -293,3 +293,17 @@ def test_an_image_too_large_for_memory_is_refused_before_it_is_read(files, monke
         image_io.read_image(files / "big.tif")
     monkeypatch.setattr(image_io, "memory_bytes", lambda: 10**12)
     assert image_io.read_image(files / "big.tif").shape == (64, 64)
+
+
+def test_a_finished_run_can_be_continued_for_more_steps(files, tiny_checkpoint, capsys):
+    """`--resume` on a finished 3-step run with `--steps 5` printed "finished 3 steps" and trained nothing."""
+    model, longer = files / "m.safetensors", files / "longer.safetensors"
+    args = _train_args(files, tiny_checkpoint, "--input-size", "64", "--val-every", "1")
+    assert main([*args, "--steps", "3", "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--steps", "5", "--lr", "0.5", "--out", str(longer), "--resume", str(model)]) == 0
+    err = capsys.readouterr().err
+    assert "for longer: 3 -> 5 steps" in err and "lr: 0.5 asked, 0.0001 saved" in err and "finished 5 steps" in err
+    assert torch.load(files / "longer.training.pt", map_location="cpu", weights_only=True)["step"] == 5
+    assert main([*args, "--steps", "2", "--out", str(files / "x.safetensors"), "--resume", str(longer)]) == 1
+    assert "has already made 5 steps" in capsys.readouterr().err

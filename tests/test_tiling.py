@@ -252,3 +252,16 @@ def test_instances_dtype_grows_past_uint16() -> None:
     labels[0, ::2] = 1  # 70000 isolated pixels with face connectivity
     inst = instances_from_labels(labels, connectivity=1)
     assert inst.dtype == np.uint32 and inst.max() == 70000
+
+
+def test_instances_of_a_stack_are_labelled_plane_by_plane_unless_asked_for_3d() -> None:
+    """Objects merged across slices and time points when components were taken over the whole stack."""
+    stack = np.zeros((3, 6, 6), np.uint8)
+    stack[0, 1:3, 1:3] = stack[1, 1:3, 1:3] = 2  # the same place in two slices: two objects, one per plane
+    stack[2, 4:6, 4:6] = 2
+    per_plane = instances_from_labels(stack)
+    assert [len(np.unique(p[p > 0])) for p in per_plane] == [1, 1, 1]
+    assert len(np.unique(per_plane[per_plane > 0])) == 3  # ids unique across planes
+    volume = instances_from_labels(stack, per_plane=False)
+    assert len(np.unique(volume[volume > 0])) == 2
+    assert np.array_equal(instances_from_labels(stack[0]), per_plane[0])

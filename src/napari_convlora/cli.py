@@ -99,10 +99,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_outputs({"--out": args.out, "the best file of --out": best_path(args.out),
                     "the training state of --out": state_path(args.out)}, inputs)
     run = _run_options(args)
-    if args.resume:  # the saved recipe continues; report what the options given would have changed
-        recipe, _ = resume_recipe(args.resume)
-        for note in resume_recipe(args.resume, _recipe(args, recipe))[1]:
+    if args.resume:  # the saved recipe continues, for longer if asked; report what other options would change
+        saved, _ = resume_recipe(args.resume)
+        requested = _recipe(args, saved)
+        recipe = dataclasses.replace(saved, steps=requested.steps, epochs=requested.epochs)
+        for note in requested.differences(recipe, "asked", "saved"):
             print(f"resuming {args.resume} with its saved recipe: {note}", file=sys.stderr)
+        if recipe != saved:
+            print(f"resuming {args.resume} for longer: {saved.steps or saved.epochs} -> "
+                  f"{recipe.steps or recipe.epochs} {'steps' if recipe.steps else 'epochs'}; the learning rate now "
+                  "decays over the new length (not the same as a run that long from the start)", file=sys.stderr)
     else:
         recipe = _recipe(args, TrainRecipe())
     layout = _layout(args)
@@ -133,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = _load(args)
     result = predict_image(model, read_image(args.image), _layout(args), device=device, overlap=args.overlap,
                            batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
-                           instances=args.instances is not None)
+                           instances=args.instances is not None, instances_3d=args.instances_3d)
     write_image(args.out, result.labels)
     print(f"labels {result.labels.shape} {result.labels.dtype} -> {args.out}")
     if args.probabilities:
@@ -255,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--out", required=True, help="label image to write (.tif)")
             p.add_argument("--probabilities", default=None, help="also write class probabilities (.tif)")
-            p.add_argument("--instances", default=None, help="also write connected components (.tif)")
+            p.add_argument("--instances", default=None,
+                           help="also write connected components (.tif), labelled plane by plane for stacks")
+            p.add_argument("--instances-3d", action="store_true", help="label components of stacks in 3D")
             p.set_defaults(func=cmd_predict)
         else:
             p.add_argument("--labels", required=True)

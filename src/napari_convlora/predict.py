@@ -71,6 +71,7 @@ def predict_image(
     batch_size: int = 4,
     return_probabilities: bool = False,
     instances: bool = False,
+    instances_3d: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Prediction:
@@ -79,6 +80,8 @@ def predict_image(
     Args:
         layout: how to read the image's axes (RGB, channel axis); the rest comes from the model's input spec.
         planes: for stacks, which planes to predict (others stay 0); None = all.
+        instances: also return connected components per class, labelled plane by plane (objects do not merge
+            across slices or time points), or in 3D with ``instances_3d``.
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
     """
@@ -105,7 +108,7 @@ def predict_image(
     labels = labels.reshape(spatial)
     if probabilities is not None:
         probabilities = probabilities.reshape((k, *spatial))
-    inst = instances_from_labels(labels, background_value=values[0]) if instances else None
+    inst = instances_from_labels(labels, background_value=values[0], per_plane=not instances_3d) if instances else None
     return Prediction(labels, probabilities, inst)
 
 

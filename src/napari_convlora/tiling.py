@@ -189,29 +189,32 @@ def probabilities_to_labels(probs: np.ndarray, class_values: Sequence[int]) -> n
 
 
 def instances_from_labels(
-    labels: np.ndarray, background_value: int = 0, connectivity: int | None = None
+    labels: np.ndarray, background_value: int = 0, connectivity: int | None = None, per_plane: bool = True
 ) -> np.ndarray:
     """Instance ids from a semantic label image: connected components of each class.
 
     Args:
-        labels: integer label image, any number of dimensions.
+        labels: integer label image: ``Y x X``, or planes ``... x Y x X`` (a stack, a time series).
         background_value: label value left as instance 0.
         connectivity: as in ``skimage.measure.label`` (None: full connectivity).
+        per_plane: label each 2D plane on its own, so that objects do not merge across slices or time points
+            (False: components in all dimensions, for a 3D volume with isotropic enough sampling).
 
     Returns:
-        Same shape; ids ``1..N`` unique across all classes (two touching components of
+        Same shape; ids ``1..N`` unique across all classes and planes (two touching components of
         different classes get different ids), uint16 when ``N < 65536`` else uint32.
     """
     labels = np.asarray(labels)
-    instances = np.zeros(labels.shape, dtype=np.uint32)
+    planes = labels.reshape((-1,) + labels.shape[-2:]) if per_plane and labels.ndim > 2 else labels[None]
+    instances = np.zeros(planes.shape, dtype=np.uint32)
     next_id = 0
-    for value in np.unique(labels):
-        if value == background_value:
-            continue
-        components, count = connected_components(
-            labels == value, connectivity=connectivity, return_num=True
-        )
-        mask = components > 0
-        instances[mask] = components[mask] + next_id
-        next_id += count
+    for index, plane in enumerate(planes):
+        for value in np.unique(plane):
+            if value == background_value:
+                continue
+            components, count = connected_components(plane == value, connectivity=connectivity, return_num=True)
+            mask = components > 0
+            instances[index][mask] = components[mask] + next_id
+            next_id += count
+    instances = instances.reshape(labels.shape)
     return instances.astype(np.uint16) if next_id < 2**16 else instances

@@ -24,6 +24,7 @@ import torch
 
 from .atomic import copy_file, sha256_file, temporary_files
 from .config import DATA_FIELDS, HeadConfig, ModelConfig, RunOptions, TrainRecipe
+from .constants import IGNORE_INDEX
 from .data import LabelEncoding, PreparedData
 from .devices import apply_run_options, autocast_context
 from .errors import CheckpointError, TrainingError
@@ -108,12 +109,28 @@ def validate(
 MIN_VALIDATION_PIXELS = 1000
 
 
-def validation_notes(data: PreparedData) -> list[str]:
-    """What the user should know about the validation set before trusting the "best" model."""
-    if not data.validation:
-        return ["no validation pixels: the best model cannot be chosen; the last one is saved"]
+#: In a binary task, a background class below this share of the labelled pixels is probably the thin structure.
+MINORITY_BACKGROUND = 0.25
+
+
+def data_notes(data: PreparedData) -> list[str]:
+    """What the user should know about the data before trusting the run: a binary task whose background is the
+    thin class, and classes too thin in validation to choose the "best" model on."""
     names = class_labels(data.recipe.class_names, data.encoding.num_classes)
     notes = []
+    if data.encoding.num_classes == 2:
+        counts = np.zeros(2, dtype=np.int64)
+        for _, targets in data.train_planes:
+            counts += np.bincount(targets[targets != IGNORE_INDEX], minlength=2)
+        share = counts[0] / max(1, counts.sum())
+        if share < MINORITY_BACKGROUND:
+            notes.append(
+                f"the background class {names[0]} (label {data.encoding.class_values[0]}) is only {100 * share:.0f} % "
+                "of the labelled pixels: if it is the thin structure you want (membranes, boundaries), make it the "
+                "foreground: a binary head learns to find its foreground class"
+            )
+    if not data.validation:
+        return notes + ["no validation pixels: the best model cannot be chosen; the last one is saved"]
     for name, value, count in zip(names, data.encoding.class_values, data.validation_pixels()):
         if count == 0:
             notes.append(f"{name} (label {value}) has no validation pixels: the best model is chosen without it")
@@ -130,8 +147,13 @@ def _which_file(best: float, best_step: int | None, out_path: Path) -> str:
             f"in validation {100 * best:.1f}%)")
 
 
+#: What may change when a run is resumed: how long it trains (a finished run can be continued for longer; the
+#: learning rate then decays over the new length).
+LENGTH_FIELDS = ("steps", "epochs")
+
+
 def _check_recipe(data: PreparedData, recipe: TrainRecipe, resume_from: Path | None, saved: TrainRecipe | None) -> None:
-    if saved is not None and recipe != saved:
+    if saved is not None and dataclasses.replace(recipe, steps=saved.steps, epochs=saved.epochs) != saved:
         differences = "; ".join(recipe.differences(saved, "asked", "saved"))
         raise TrainingError(
             f"{resume_from}: this run was started with another recipe ({differences}); resume it with its saved "
@@ -275,6 +297,9 @@ def _train(
     optimizer = _optimizer(model, recipe)
     steps_per_epoch = data.steps_per_epoch()
     total = recipe.total_steps(steps_per_epoch)
+    if state and total < state["step"]:
+        raise TrainingError(f"{resume_from}: the run has already made {state['step']} steps; to continue it, give "
+                            f"more than that (asked for {total})")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     step, best, best_step, history = 0, -math.inf, None, {"loss": [], "validation": []}
@@ -302,7 +327,7 @@ def _train(
                         message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}"
                                 + (f", {resolved.threads_note}" if resolved.threads_note else "") + "), "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
-                                + "".join(f"; {line}" for line in [note, *validation_notes(data)] if line))
+                                + "".join(f"; {line}" for line in [note, *data_notes(data)] if line))
     if step == 0:
         metrics = validate(model, data, device, dtype)
         if metrics:
