@@ -29,6 +29,9 @@ Run (CPU, about 15 seconds)::
 
     python benchmarks/bench_predict_memory.py --threads 1 --json predict_memory.json
 
+``--image-sizes 1024 2048 4096 8192`` measures instead the peak memory of predicting 2D uint16 images of those
+sides, next to the labels' own size (uint8: one byte per pixel): what prediction needs beyond its output.
+
 It prints a table and a JSON record (``--json FILE`` also writes it).
 """
 
@@ -40,6 +43,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -139,18 +143,45 @@ def print_table(record: dict[str, Any]) -> None:
           f"{record['goal_mib']:.1f} MiB, half the stack: {'meets' if record['meets_goal'] else 'MISSES'})")
 
 
+def by_image_size(sizes: list[int], threads: int) -> dict[str, Any]:
+    """Peak memory of predicting 2D uint16 images of each size, beyond the labels' own bytes."""
+    rows = []
+    for size in sizes:
+        row = run_child({"z": 1, "size": size, "threads": threads, "case": "plane"}, __file__)
+        pixels = size * size
+        row.update(size=size, bytes_per_pixel=row["peak_delta_mib"] * 2**20 / pixels,
+                   labels_mib=pixels / 2**20, beyond_labels_mib=row["peak_delta_mib"] - pixels / 2**20)
+        rows.append(row)
+        print(f"  {size} x {size}: peak {row['peak_delta_mib']:.1f} MiB ({row['bytes_per_pixel']:.1f} bytes per "
+              f"pixel), {row['seconds']:.1f} s", file=sys.stderr, flush=True)
+    print(f"{'image':>13} {'labels MiB':>10} {'peak MiB':>9} {'beyond labels':>13} {'bytes/pixel':>11} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['size']:>6} x {r['size']:<6} {r['labels_mib']:>10.1f} {r['peak_delta_mib']:>9.1f} "
+              f"{r['beyond_labels_mib']:>13.1f} {r['bytes_per_pixel']:>11.2f} {r['seconds']:>8.1f}")
+    return {"benchmark": "predict_memory_by_size", "machine": _machine(), "command": " ".join(sys.argv),
+            "model_type": "tiny", "input_size": INPUT_SIZE, "num_classes": NUM_CLASSES, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 when the goal is missed: the benchmark asserts the memory bound."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--z", type=int, default=40, help="planes of the stack")
     parser.add_argument("--size", type=int, default=2048, help="Y = X of each plane")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=None,
+                        help="instead: peak memory against the size of 2D images of these sides")
     parser.add_argument("--json", help="also write the JSON record to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         print(json.dumps(measure_case(json.loads(args.child))))
+        return 0
+    if args.image_sizes:
+        record = by_image_size(args.image_sizes, args.threads)
+        print(json.dumps(record))
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=2))
         return 0
 
     base = dict(z=args.z, size=args.size, threads=args.threads)

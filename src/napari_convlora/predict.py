@@ -51,14 +51,27 @@ def predict_plane_probabilities(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> np.ndarray:
+    sink: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray | None:
     """Plane ``index`` of ``planes`` -> K x Y x X float32 probabilities at the plane's own size, by blended tiles
-    over the plane as the model sees it (rescaled by the input spec), resized back."""
+    over the plane as the model sees it (rescaled by the input spec), resized back.
+
+    With ``sink`` (and no rescaling) the plane is prepared tile by tile and the probabilities are handed over
+    in bands of rows, ``sink(first_row, K x n x X)``, and never held whole: memory beyond the output is then a
+    band of tile rows, whatever the plane's size. With rescaling the bands come from the whole resized plane."""
+    view = planes.input_view(index)
+    streaming = sink is not None and not isinstance(view, np.ndarray)
     probs = predict_tiled(
-        make_prob_fn(model, device), planes.model_input(index), model.input_size, model.num_classes,
-        overlap=overlap, batch_size=batch_size, progress=progress, should_stop=should_stop,
+        make_prob_fn(model, device), view, model.input_size, model.num_classes, overlap=overlap,
+        batch_size=batch_size, progress=progress, should_stop=should_stop, sink=sink if streaming else None,
     )
-    return rescale_probabilities(probs, planes.shape)
+    if streaming:
+        return None
+    probs = rescale_probabilities(probs, planes.shape)
+    if sink is None:
+        return probs
+    sink(0, probs)
+    return None
 
 
 def predict_image(
@@ -99,11 +112,14 @@ def predict_image(
             progress(index * total + done, len(chosen) * total)
 
     for index, z in enumerate(chosen):
-        probs = predict_plane_probabilities(model, sam_planes, z, device, overlap, batch_size, plane_progress,
-                                            should_stop)
-        labels[z] = probabilities_to_labels(probs, values)
-        if probabilities is not None:
-            probabilities[:, z] = probs
+
+        def write_rows(first: int, band: np.ndarray, z: int = z) -> None:  # labels (and probabilities) by bands
+            labels[z, first : first + band.shape[1]] = probabilities_to_labels(band, values)
+            if probabilities is not None:
+                probabilities[:, z, first : first + band.shape[1]] = band
+
+        predict_plane_probabilities(model, sam_planes, z, device, overlap, batch_size, plane_progress, should_stop,
+                                    sink=write_rows)
     spatial = sam_planes.leading + (y, x)  # planes are the leading axes flattened in C order
     labels = labels.reshape(spatial)
     if probabilities is not None:

@@ -99,15 +99,21 @@ def predict_tiled(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> np.ndarray:
+    sink: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray | None:
     """Class probabilities of a whole image from overlapping, blended tiles.
+
+    Tiles are predicted row of tiles by row of tiles; the rows of pixels that no later tile covers are finished
+    at once, so the blending holds one band of ``tile`` rows, not the whole image.
 
     Args:
         prob_fn: maps a ``B x 3 x tile x tile`` float32 CPU tensor (values 0..255) to
             ``B x K x tile x tile`` class probabilities summing to 1 over K (any device or
             float dtype; it moves the batch to its own device). Called under
             ``torch.inference_mode()`` with ``B <= batch_size``.
-        image: ``Y x X x 3`` array, RGB in 0..255 (already normalised to that range).
+        image: ``Y x X x 3``, RGB in 0..255 (already normalised to that range): an array, or any object with
+            that ``shape`` whose ``[rows, cols]`` slices are such arrays (``data.SamPlanes.input_view``: a plane
+            prepared tile by tile, never whole).
         tile: the model's square input size in pixels.
         num_classes: K.
         overlap: minimum fraction of a tile shared by neighbouring tiles, in [0, 1).
@@ -115,23 +121,24 @@ def predict_tiled(
         progress: called as ``progress(done_tiles, total_tiles)`` after each batch.
         should_stop: polled before each batch; when it returns True,
             :class:`PredictionCancelled` is raised.
+        sink: called as ``sink(first_row, probabilities)`` with ``K x n x X`` float32 for consecutive bands of
+            rows, top to bottom; then nothing is returned and no ``K x Y x X`` array is ever made.
 
     Returns:
-        ``K x Y x X`` float32 probabilities: per pixel, the weighted average
+        ``K x Y x X`` float32 probabilities (None with ``sink``): per pixel, the weighted average
         ``sum(w * p) / sum(w)`` over the tiles covering it (still summing to 1 over K).
         A side shorter than ``tile`` is zero-padded to ``tile`` and cropped back.
     """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be Y x X x 3, got shape {image.shape}")
+    if len(image.shape) != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be Y x X x 3, got shape {tuple(image.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_tile_overlap(tile, overlap)
     height, width = image.shape[:2]
     pad_h, pad_w = max(height, tile), max(width, tile)
-    if (pad_h, pad_w) != (height, width):
+    if (pad_h, pad_w) != (height, width):  # a side shorter than a tile: small enough to hold padded
         padded = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
-        padded[:height, :width] = image
+        padded[:height, :width] = image[:, :]
         image = padded
 
     ys, xs = tile_starts(pad_h, tile, overlap), tile_starts(pad_w, tile, overlap)
@@ -141,15 +148,32 @@ def predict_tiled(
     positions = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
     total = len(positions)
 
-    accum = np.zeros((num_classes, pad_h, pad_w), dtype=np.float32)
-    weight_sum = np.zeros((pad_h, pad_w), dtype=np.float32)
+    out = None if sink is not None else np.empty((num_classes, height, width), dtype=np.float32)
+    band = np.zeros((num_classes, tile, pad_w), dtype=np.float32)  # rows band_top .. band_top + tile
+    band_weight = np.zeros((tile, pad_w), dtype=np.float32)
+    band_top = 0
+
+    def finish(rows: int) -> None:
+        """Hand over the band's top ``rows`` rows (no later tile covers them) and move the band down."""
+        nonlocal band_top
+        keep = min(rows, max(0, height - band_top))
+        if keep:
+            done = band[:, :keep, :width] / band_weight[:keep, :width]
+            if sink is not None:
+                sink(band_top, done)
+            else:
+                out[:, band_top : band_top + keep] = done
+        band[:, : tile - rows] = band[:, rows:]
+        band[:, tile - rows :] = 0.0
+        band_weight[: tile - rows] = band_weight[rows:]
+        band_weight[tile - rows :] = 0.0
+        band_top += rows
+
     for first in range(0, total, batch_size):
         if should_stop is not None and should_stop():
             raise PredictionCancelled(f"prediction stopped after {first} of {total} tiles")
         chunk = positions[first : first + batch_size]
-        batch = np.stack(
-            [image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk]
-        )
+        batch = np.stack([image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk])
         batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
         with torch.inference_mode():
             probs_t = prob_fn(batch_t)
@@ -159,14 +183,15 @@ def predict_tiled(
         probs = probs_t.detach().to("cpu", torch.float32).numpy()
         for (iy, ix), tile_probs in zip(chunk, probs):
             y0, x0 = ys[iy], xs[ix]
+            if y0 > band_top:  # a new row of tiles: the rows above it are complete
+                finish(y0 - band_top)
             window = np.outer(y_windows[iy], x_windows[ix])
-            accum[:, y0 : y0 + tile, x0 : x0 + tile] += tile_probs * window
-            weight_sum[y0 : y0 + tile, x0 : x0 + tile] += window
+            band[:, :, x0 : x0 + tile] += tile_probs * window
+            band_weight[:, x0 : x0 + tile] += window
         if progress is not None:
             progress(first + len(chunk), total)
-
-    accum /= weight_sum
-    return np.ascontiguousarray(accum[:, :height, :width])
+    finish(pad_h - band_top)
+    return out
 
 
 def probabilities_to_labels(probs: np.ndarray, class_values: Sequence[int]) -> np.ndarray:

@@ -216,13 +216,16 @@ class SamPlanes:
             raise ValueError(f"plane indices {bad} out of range: the image has {len(self)} plane(s)")
         return indices
 
-    def normalised(self, index: int) -> np.ndarray:
-        """Plane ``index`` as float32 ``Y x X x 3`` in 0..255, at the image's own resolution."""
+    def normalised(self, index: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Plane ``index`` (or its ``rows`` x ``cols`` window) as float32 ``Y x X x 3`` in 0..255, at the image's
+        own resolution."""
         (index,) = self.check_indices([index])
-        out = np.zeros(self.shape + (3,), dtype=np.float32)
         where = np.unravel_index(index, self.leading) if self.leading else ()
+        height = len(range(*rows.indices(self.shape[0])))
+        width = len(range(*cols.indices(self.shape[1])))
+        out = np.zeros((height, width, 3), dtype=np.float32)
         for channel, slots, (low, high) in zip(self._used, self._slots, self.ranges):
-            values = self._channels_last[where + (Ellipsis, channel)].astype(np.float32)
+            values = self._channels_last[where + (rows, cols, channel)].astype(np.float32)
             low32, high32 = np.float32(low), np.float32(high)
             values -= low32
             if high32 > low32:  # divide in float32 so that ``high`` maps to exactly 255
@@ -240,10 +243,32 @@ class SamPlanes:
         """(Y', X') of a plane as the model sees it, after ``spec.rescale``."""
         return scaled_shape(self.shape, self.spec.rescale)
 
+    def input_view(self, index: int) -> "np.ndarray | PlaneView":
+        """Plane ``index`` as the model sees it, for tiled prediction: without rescaling, a view that prepares
+        only the windows asked for (a tile at a time, never the whole plane); with rescaling, the whole plane."""
+        if self.spec.rescale != 1.0:
+            return self.model_input(index)
+        self.check_indices([index])
+        return PlaneView(self, index)
+
     def model_input(self, index: int) -> np.ndarray:
         """Plane ``index`` as the model sees it: normalised, then rescaled by ``spec.rescale`` (float32
         ``Y' x X' x 3``). Training and prediction both take their planes from here."""
         return rescale_image(self.normalised(index), self.input_shape)
+
+
+class PlaneView:
+    """One plane of :class:`SamPlanes` as a ``Y x X x 3`` float32 array that is prepared window by window:
+    ``view[y0:y1, x0:x1]`` normalises just that window (the same values as the whole plane would have)."""
+
+    def __init__(self, planes: SamPlanes, index: int) -> None:
+        self.planes, self.index = planes, index
+        self.shape = planes.shape + (3,)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        return self.planes.normalised(self.index, rows, cols)
 
 
 def to_sam_planes(
