@@ -342,3 +342,21 @@ def test_a_binary_task_whose_background_is_the_thin_class_is_pointed_out(tmp_pat
     data = prepare_training_data([TrainingPair(image, labels)], recipe)
     events, _ = _run(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
     assert "the background class class 0 (label 1) is only 12 % of the labelled pixels" in events[0].message
+
+
+def test_sparse_instances_train_and_predict_values_that_copy_back(tmp_path, tiny_checkpoint):
+    from napari_convlora.predict import predict_image
+
+    image, dense = synthetic_cells(128, seed=0)
+    labels = np.zeros((128, 128), np.uint16)
+    labels[:20][dense[:20] == 0] = 1  # background painted in the top rows only
+    labels[dense == 1] = 3  # the nuclei, painted as instances with one id
+    recipe = _recipe(label_mode="sparse_instances", steps=2, input_size=64)
+    _, model = _run(train(tiny_checkpoint, _prepare_with(image, labels, recipe), tmp_path / "m.safetensors",
+                          recipe, CPU))
+    assert model.config.head.label_mode == "sparse_instances" and model.config.head.class_values == (1, 2)
+    assert set(np.unique(predict_image(model, image, device="cpu").labels)) <= {1, 2}
+
+
+def _prepare_with(image, labels, recipe):
+    return prepare_training_data([TrainingPair(image, labels)], recipe)

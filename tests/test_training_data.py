@@ -85,3 +85,36 @@ def test_layouts_rgb_multichannel_and_dtypes():
     for dtype in (np.uint8, np.int32, np.float32, np.float64):
         plane = _prepare(IMAGE.astype(dtype), val_fraction=0.0).train_planes[0][0]
         assert plane.dtype == np.float32 and plane.min() >= 0 and plane.max() <= 255
+
+
+def test_one_visible_rule_for_unpainted_planes_in_every_mode():
+    """Dense mode dropped unpainted planes while instance mode trained on them as background: a stack
+    annotated on one plane of 25 trained on 24 blank planes and then predicted no foreground at all."""
+    stack = np.stack([IMAGE] * 25)
+    labels = np.zeros((25, 64, 80), np.uint16)
+    labels[4, 10:30, 10:30], labels[4, 40:60, 50:70] = 7, 9  # two objects on one plane
+    for mode in ("instances", "dense"):
+        skip = prepare_training_data([TrainingPair(stack, labels)], _recipe(mode, val_fraction=0.0))
+        assert len(skip.train_planes) == 1 and skip.plane_counts == [(1, 25)]
+        assert "image 1: 1 of 25 planes (unpainted planes skipped as not annotated)" in skip.summary()
+        negatives = prepare_training_data([TrainingPair(stack, labels)],
+                                          _recipe(mode, val_fraction=0.0, unpainted_planes="background"))
+        assert len(negatives.train_planes) == 25
+        assert all((t == 0).all() for i, (_, t) in enumerate(negatives.train_planes) if i != 4)
+    assert "pixels per class (training / validation): class 0 " in skip.summary()
+
+
+def test_sparse_instance_labels():
+    """What people paint: a few objects (any ids) and some background, the rest left 0 (not annotated)."""
+    labels = np.zeros((64, 80), np.uint16)
+    labels[5:15, 5:60] = 1  # background strokes
+    labels[20:30, 20:30], labels[40:50, 50:60] = 17, 230  # two objects with their own ids
+    data = _prepare(labels=labels, mode="sparse_instances", val_fraction=0.0)
+    assert data.encoding.class_values == (1, 2) and data.encoding.num_classes == 2
+    ((_, targets),) = data.train_planes
+    assert (targets == 0).sum() == (labels == 1).sum() and (targets == 1).sum() == 200
+    assert (targets == IGNORE_INDEX).sum() == (labels == 0).sum()
+    assert data.sampler.labelled_weighting
+    with pytest.raises(ValueError, match="sparse instances: the background label value 1 is not painted"):
+        _prepare(labels=np.where(labels == 1, 0, labels).astype(np.uint16), mode="sparse_instances")
+    assert data.encoding.decode(np.array([0, 1])).tolist() == [1, 2]  # predictions copy back as labels

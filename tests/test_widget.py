@@ -257,9 +257,10 @@ def test_forms_build_the_core_config_objects(dock, tmp_path):
     data.label_mode.setCurrentIndex(1)  # sparse
     data.options.batch_size.value = 2
     data.options.threads.value = 1
+    data.unpainted.setCurrentIndex(1)  # unpainted planes are background
     assert dock.recipe() == TrainRecipe(adapter=AdapterConfig(method="lora", rank=5), input_size=128,
-                                        label_mode="sparse", class_names=CLASS_NAMES, val_fraction=0.1,
-                                        steps=STEPS, lr=1e-3, batch_size=2, grad_accum=1)
+                                        label_mode="sparse", unpainted_planes="background", class_names=CLASS_NAMES,
+                                        val_fraction=0.1, steps=STEPS, lr=1e-3, batch_size=2, grad_accum=1)
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
 
 

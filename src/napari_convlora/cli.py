@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS
+from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS, UNPAINTED_PLANES
 from .errors import CheckpointError, ConfigError, TrainingError, describe_error
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def _recipe(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe":
         {"steps": None, "epochs": args.epochs} if args.epochs is not None else {}
     return dataclasses.replace(start, adapter=adapter, input=spec, **length, **given(
         input_size=args.input_size, label_mode=args.label_mode, background_value=args.background_value,
+        unpainted_planes=args.unpainted_planes,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
         num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
@@ -115,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
     val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
     data = prepare_training_data(pairs, recipe, val)
+    print(f"label values {list(data.encoding.class_values)}; {data.summary()}", file=sys.stderr)
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
     try:
@@ -214,6 +216,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--method", default=None, choices=METHODS, help="default conv_lora")
     p.add_argument("--label-mode", default=None, choices=LABEL_MODES, help="default dense")
     p.add_argument("--background-value", type=int, default=None, help="label value of background (sparse: default 1)")
+    p.add_argument("--unpainted-planes", default=None, choices=UNPAINTED_PLANES,
+                   help="stacks: a plane where nothing is painted is not annotated (skip, default) or background")
     p.add_argument("--class-names", default=None, help="comma-separated, background first")
     p.add_argument("--input-size", type=int, default=None, help="SAM input side (default 1024, SAM's own; 512/256 faster)")
     length = p.add_mutually_exclusive_group()

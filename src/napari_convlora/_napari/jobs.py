@@ -159,8 +159,7 @@ def train_job(
     yield Message(f"checking {len(pairs)} annotated image(s)")
     training = [TrainingPair(p.image, p.labels, ImageLayout(rgb=p.rgb)) for p in pairs]
     data = prepare_training_data(training, recipe)
-    yield Message(f"{data.labelled_pixels:,} labelled pixels for training, "
-                  f"{len(data.validation)} validation patches, classes {list(data.encoding.class_values)}")
+    yield Message(f"label values {list(data.encoding.class_values)}; {data.summary()}")
     if stop.is_set():
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ from ..config.choices import (
     MODEL_SUFFIX,
     PRECISIONS,
     SAM_SUFFIXES,
+    UNPAINTED_PLANE_LABELS,
+    UNPAINTED_PLANES,
 )
 from .fields import LayerCombo, PathField, set_item_enabled, settings
 
@@ -182,6 +184,9 @@ class DataForm(QWidget):
         add.setToolTip("train on one more Image + Labels pair")
         add.clicked.connect(lambda: self.add_pair())
         self.label_mode = _combo(LABEL_MODES, LABEL_MODE_LABELS, "how label values are read")
+        self.unpainted = _combo(UNPAINTED_PLANES, UNPAINTED_PLANE_LABELS,
+                                "in a stack or time series: a plane where nothing is painted is not annotated "
+                                "(skipped), or a real negative (all background); sparse modes always skip it")
         self.class_names = QLineEdit()
         self.class_names.setPlaceholderText("optional: background, nucleus, …")
         self.class_names.setToolTip("one name per class, background first, separated by commas")
@@ -199,6 +204,7 @@ class DataForm(QWidget):
         form.addRow(self.rows_box)
         form.addRow("", add)
         form.addRow("Labels", self.label_mode)
+        form.addRow("Unpainted planes", self.unpainted)
         form.addRow("Classes", self.class_names)
         form.addRow("Validation", self.val_fraction)
         form.addRow("Train for", length)
@@ -244,7 +250,8 @@ class DataForm(QWidget):
         length = {"steps": self.length.value()} if self.unit.currentData() == "steps" else \
             {"epochs": float(self.length.value())}
         options = self.options
-        return dict(label_mode=self.mode(), class_names=self.names(), val_fraction=self.val_fraction.value(),
+        return dict(label_mode=self.mode(), unpainted_planes=self.unpainted.currentData(), class_names=self.names(),
+                    val_fraction=self.val_fraction.value(),
                     lr=options.lr.value, batch_size=options.batch_size.value, grad_accum=options.grad_accum.value,
                     **length)
 

@@ -19,12 +19,17 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIXED_PRECISIONS = ("bf16", "fp16")
 
 #: How label values are read (see ``data/labels.py``).
-LABEL_MODES = ("dense", "sparse", "instances")
+LABEL_MODES = ("dense", "sparse", "instances", "sparse_instances")
 LABEL_MODE_LABELS = {
     "dense": "dense (0 = background)",
     "sparse": "sparse (0 = not annotated)",
-    "instances": "instances (objects vs background)",
+    "instances": "instances (objects vs background 0)",
+    "sparse_instances": "sparse instances (0 = not annotated)",
 }
+#: In a stack or time series, a plane where nothing was painted is "not annotated" (skipped) or "background"
+#: (a real negative: every pixel of it trains as background). Sparse modes always skip: 0 means not annotated.
+UNPAINTED_PLANES = ("skip", "background")
+UNPAINTED_PLANE_LABELS = {"skip": "not annotated (skipped)", "background": "background (negatives)"}
 
 #: How long to train: a number of optimizer steps, or of passes over the labelled planes.
 LENGTH_UNITS = ("steps", "epochs")

@@ -13,14 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .choices import DEVICES, LABEL_MODES, PRECISIONS
+from .choices import DEVICES, LABEL_MODES, PRECISIONS, UNPAINTED_PLANES
 from .model import AdapterConfig, InputSpec, check_input_size
 
 #: Passes over the labelled planes when neither steps nor epochs are given.
 DEFAULT_EPOCHS = 10.0
 #: The recipe fields that decide how the data are prepared; data cut for other values cannot train.
-DATA_FIELDS = ("input_size", "input", "label_mode", "background_value", "class_names", "val_fraction", "augment",
-               "seed")
+DATA_FIELDS = ("input_size", "input", "label_mode", "background_value", "unpainted_planes", "class_names",
+               "val_fraction", "augment", "seed")
 
 
 @dataclass
@@ -32,7 +32,9 @@ class TrainRecipe:
     input_size: SAM's input side S in pixels, the side of the training patches (1024 is SAM's own).
     input: how images are normalised, which channels are used and how they are rescaled.
     label_mode, background_value, class_names: how the Labels are read (``data/labels.py``); None for the
-        background value takes the mode's default (0 dense, 1 sparse).
+        background value takes the mode's default (0 dense and instances, 1 sparse modes).
+    unpainted_planes: in stacks, a plane where nothing is painted is skipped (``"skip"``: not annotated) or
+        trains as background (``"background"``: a real negative); dense and instances modes only.
     num_mask_tokens: multi-class heads: tokens that compete for the classes (default 2 x classes).
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
@@ -45,6 +47,7 @@ class TrainRecipe:
     input: InputSpec = field(default_factory=InputSpec)
     label_mode: str = "dense"
     background_value: int | None = None
+    unpainted_planes: str = "skip"
     class_names: tuple[str, ...] | None = None
     num_mask_tokens: int | None = None
     val_fraction: float = 0.1
@@ -63,6 +66,8 @@ class TrainRecipe:
         check_input_size(self.input_size)
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+        if self.unpainted_planes not in UNPAINTED_PLANES:
+            raise ConfigError(f"unpainted_planes must be one of {UNPAINTED_PLANES}, got {self.unpainted_planes!r}")
         if self.class_names is not None:
             self.class_names = tuple(str(n) for n in self.class_names)
         if not 0.0 <= self.val_fraction < 1.0:

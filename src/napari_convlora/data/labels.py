@@ -11,6 +11,9 @@ Pure numpy: no torch, no napari, no Qt. Labels arrive exactly as a napari Labels
   non-zero value is a class 1.., in sorted order.
 - ``"instances"``: instance masks (e.g. nuclei): 0 is background, every non-zero id is the single
   foreground class 1.
+- ``"sparse_instances"``: instance masks painted in part: 0 means "not annotated", ``background_value``
+  (default 1) is background, every other id is the foreground class. Predictions write background as
+  ``background_value`` and foreground as the next free value, so they can be copied back into the labels.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..config import InputSpec
 from ..config.choices import LABEL_MODES
 from ..constants import IGNORE_INDEX
 from .images import ImageLayout, spatial_shape, validate_image
+#: Modes where 0 means "not annotated".
+SPARSE_MODES = ("sparse", "sparse_instances")
 #: The label value painted as background in sparse mode unless the user says otherwise.
 DEFAULT_SPARSE_BACKGROUND = 1
 #: Most classes (background included) a model can predict.
@@ -64,7 +69,7 @@ def label_dtype(values: Sequence[int]) -> np.dtype:
 class LabelEncoding:
     """Label values <-> class indices (rebuilt from a model's :class:`~napari_convlora.config.HeadConfig`).
 
-    mode: ``"dense"``, ``"sparse"`` or ``"instances"`` (see the module docstring).
+    mode: ``"dense"``, ``"sparse"``, ``"instances"`` or ``"sparse_instances"`` (see the module docstring).
     class_values: ``class_values[i]`` is the label value of class ``i``; class 0 is background.
     background_value: the label value of the background class (== ``class_values[0]``).
     """
@@ -91,6 +96,8 @@ class LabelEncoding:
             raise ValueError("in sparse mode the label value 0 means 'not annotated' and cannot be a class")
         if self.mode == "instances" and values != (0, 1):
             raise ValueError(f"instances mode has class_values (0, 1), got {values}")
+        if self.mode == "sparse_instances" and (len(values) != 2 or 0 in values):
+            raise ValueError(f"sparse instances mode has two non-zero class values, got {values}")
         order = np.argsort(values)
         object.__setattr__(self, "_sorted_values", np.asarray(values, dtype=np.int64)[order])
         object.__setattr__(self, "_class_of_sorted", order.astype(np.int64))
@@ -110,6 +117,11 @@ class LabelEncoding:
         check_labels_dtype(labels)
         if self.mode == "instances":
             return (labels > 0).astype(np.int64)
+        if self.mode == "sparse_instances":
+            encoded = (labels > 0).astype(np.int64)  # any object id: foreground
+            encoded[labels == 0] = IGNORE_INDEX
+            encoded[labels == self.background_value] = 0
+            return encoded
         if labels.dtype == bool:
             labels = labels.view(np.uint8)
         if labels.size and labels.min() >= 0 and labels.max() < LOOKUP_TABLE_SIZE:
@@ -158,7 +170,7 @@ def make_label_encoding(
 ) -> LabelEncoding:
     """The encoding of a training set, built over ALL its label arrays (any shapes).
 
-    background_value: dense: default 0; sparse: default :data:`DEFAULT_SPARSE_BACKGROUND` (1),
+    background_value: dense: default 0; sparse modes: default :data:`DEFAULT_SPARSE_BACKGROUND` (1),
         must be > 0 (0 means "not annotated") and must be painted somewhere; instances: 0 only.
     Raises ValueError for non-integer or negative labels, a single class, or > MAX_CLASSES classes.
     """
@@ -185,6 +197,19 @@ def make_label_encoding(
         if 0 not in present:
             raise _one_class_error("objects only, no background 0")
         return LabelEncoding("instances", (0, 1), 0)
+
+    if mode == "sparse_instances":
+        background = DEFAULT_SPARSE_BACKGROUND if background_value is None else int(background_value)
+        if background <= 0:
+            raise ValueError(f"sparse instances: 0 means 'not annotated', so background_value must be > 0, "
+                             f"got {background}")
+        painted = present - {0}
+        if background not in painted:
+            raise ValueError(f"sparse instances: the background label value {background} is not painted anywhere "
+                             f"(painted values: {sorted(painted)[:10]}); paint background with {background}")
+        if painted == {background}:
+            raise _one_class_error(f"label value {background} = background, no object")
+        return LabelEncoding("sparse_instances", (background, background + 1), background)
 
     if mode == "sparse":
         background = DEFAULT_SPARSE_BACKGROUND if background_value is None else int(background_value)
@@ -245,7 +270,7 @@ def validate_pair(
         )
     if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
         raise ValueError(f"labels contain negative values (min {int(labels.min())}); label values must be >= 0")
-    if mode == "sparse" and not labels.any():
+    if mode in SPARSE_MODES and not labels.any():
         raise ValueError(
             "labels have no annotated pixel: in sparse mode 0 means 'not annotated'; paint some pixels"
         )

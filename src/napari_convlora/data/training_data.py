@@ -17,7 +17,8 @@ import numpy as np
 from ..config import TrainRecipe
 from ..constants import IGNORE_INDEX
 from .images import ImageLayout
-from .labels import LabelEncoding, make_label_encoding, validate_pair
+from ..metrics import class_labels
+from .labels import SPARSE_MODES, LabelEncoding, make_label_encoding, validate_pair
 from .pairs import labelled_plane_pairs
 from .sampling import PatchSampler, validation_patches
 from .split import split_pairs
@@ -43,6 +44,24 @@ class PreparedData:
     sampler: PatchSampler
     validation: list[tuple[np.ndarray, np.ndarray]]
     train_planes: list[tuple[np.ndarray, np.ndarray]]
+    #: For each image (training images, then validation images): (planes with labels used, planes in all).
+    plane_counts: list[tuple[int, int]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """What trains, before it trains: the planes used of each image and the pixels of each class."""
+        names = class_labels(self.recipe.class_names, self.encoding.num_classes)
+        train = np.zeros(self.encoding.num_classes, dtype=np.int64)
+        for _, targets in self.train_planes:
+            train += np.bincount(targets[targets != IGNORE_INDEX], minlength=self.encoding.num_classes)
+        parts = []
+        for index, (used, total) in enumerate(self.plane_counts):
+            if total > 1:
+                skipped = "skipped as not annotated" if self.recipe.unpainted_planes == "skip" else "background"
+                parts.append(f"image {index + 1}: {used} of {total} planes"
+                             + (f" (unpainted planes {skipped})" if used < total else ""))
+        pixels = ", ".join(f"{name} {int(t):,} / {int(v):,}" for name, t, v in
+                           zip(names, train, self.validation_pixels()))
+        return "; ".join(parts + [f"pixels per class (training / validation): {pixels}"])
 
     @property
     def labelled_pixels(self) -> int:
@@ -95,8 +114,15 @@ def prepare_training_data(
             f"(label values {list(encoding.class_values)})"
         )
 
+    plane_counts = []
+
     def planes_of(some_pairs: Sequence[TrainingPair]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [pl for p in some_pairs for pl in labelled_plane_pairs(p.image, p.labels, p.layout, recipe.input, encoding)]
+        planes = []
+        for p in some_pairs:
+            found = labelled_plane_pairs(p.image, p.labels, p.layout, recipe.input, encoding, recipe.unpainted_planes)
+            plane_counts.append((len(found), int(np.prod(np.shape(p.labels)[:-2], dtype=np.int64))))
+            planes += found
+        return planes
 
     if validation_pairs:
         train_planes, val_planes = planes_of(pairs), planes_of(validation_pairs)
@@ -110,8 +136,9 @@ def prepare_training_data(
     return PreparedData(
         recipe=recipe,
         encoding=encoding,
-        sampler=PatchSampler(train_planes, size, labelled_weighting=recipe.label_mode == "sparse",
+        sampler=PatchSampler(train_planes, size, labelled_weighting=recipe.label_mode in SPARSE_MODES,
                              augment=recipe.augment),
         validation=validation_patches([(im, t) for im, t in val_planes if (t != IGNORE_INDEX).any()], size),
         train_planes=train_planes,
+        plane_counts=plane_counts,
     )
