@@ -153,7 +153,7 @@ LENGTH_FIELDS = ("steps", "epochs")
 
 
 def _check_recipe(data: PreparedData, recipe: TrainRecipe, resume_from: Path | None, saved: TrainRecipe | None) -> None:
-    if saved is not None and dataclasses.replace(recipe, steps=saved.steps, epochs=saved.epochs) != saved:
+    if saved is not None and dataclasses.replace(recipe, **{f: getattr(saved, f) for f in LENGTH_FIELDS}) != saved:
         differences = "; ".join(recipe.differences(saved, "asked", "saved"))
         raise TrainingError(
             f"{resume_from}: this run was started with another recipe ({differences}); resume it with its saved "

@@ -63,10 +63,6 @@ class PreparedData:
                            zip(names, train, self.validation_pixels()))
         return "; ".join(parts + [f"pixels per class (training / validation): {pixels}"])
 
-    @property
-    def labelled_pixels(self) -> int:
-        return int(sum((t != IGNORE_INDEX).sum() for _, t in self.train_planes))
-
     def validation_pixels(self) -> np.ndarray:
         """Labelled validation pixels per class (int64, K)."""
         counts = np.zeros(self.encoding.num_classes, dtype=np.int64)
