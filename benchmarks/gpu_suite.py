@@ -7,8 +7,10 @@ Runs, each part in its own subprocess with its own time limit, and writes one JS
 2. ``train_step_vit_b``: ``bench_train_step.py`` on vit_b at 256, 512 and 1024 px (decoder, LoRA,
    Conv-LoRA; bf16 autocast; peak ``max_memory_allocated``; paired Conv-LoRA / LoRA ratio).
 3. ``train_step_vit_h``: the same at 1024 px on vit_h (the backbone of the Conv-LoRA paper's preset).
-4. ``tiled_vit_b``: ``bench_tiled_predict.py``, 1024 px tiles over a 4096 x 4096 image.
-5. ``e2e``: the real training loop on CUDA (``train``), stopped and resumed, against an uninterrupted
+4. ``expert_variants``: ``bench_expert_variants.py``: each scale expert alone in bf16 and fp32, Conv-LoRA
+   steps with the experts run different ways paired with LoRA (batch 1 and 4), GPU time per step.
+5. ``tiled_vit_b``: ``bench_tiled_predict.py``, 1024 px tiles over a 4096 x 4096 image.
+6. ``e2e``: the real training loop on CUDA (``train``), stopped and resumed, against an uninterrupted
    run (how exact resume is on a GPU), and the CUDA prediction against the CPU prediction of the same model.
 
 Run on a CUDA machine (about 6 minutes on one H100/H200)::
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = [
         ("train_step_vit_b", [py, str(HERE / "bench_train_step.py"), "--model-type", "vit_b", "--device", "cuda",
                               "--sizes", "256", "512", "1024", "--steps", "8", "--warmup", "2",
-                              "--json", str(out / "train_step_vit_b.json")], 170),
+                              "--json", str(out / "train_step_vit_b.json")], 260),
+        ("expert_variants", [py, str(HERE / "bench_expert_variants.py"), "--sizes", "512", "1024", "--batch", "1", "4",
+                             "--json", str(out / "expert_variants.json")], 150),
         ("e2e", [py, str(HERE / "gpu_e2e.py"), "--json", str(out / "e2e.json")], 90),
         ("tiled_vit_b", [py, str(HERE / "bench_tiled_predict.py"), "--model-type", "vit_b", "--device", "cuda",
                          "--input-size", "1024", "--image-size", "4096", "--repeats", "2",

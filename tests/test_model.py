@@ -322,3 +322,22 @@ def test_a_sam_serves_one_model_and_must_match_the_config(tiny_checkpoint):
     make_model(base, input_size=128)
     with pytest.raises(ValueError, match=r"geometry of the config \(differs in \['image_size', 'encoder_embed_dim'"):
         AdaptedSAM(load_sam(tiny_checkpoint), ModelConfig(base=PRESETS["vit_b"], input_size=256))
+
+
+def test_experts_run_in_fp32_under_mixed_precision():
+    """Bicubic resizing's backward in bf16 made each expert 3-8 x slower on an H200 than in fp32
+    (``benchmarks/bench_expert_variants.py``); the experts now run in their weights' dtype, whatever the
+    autocast state, and their sum joins the bottleneck in its own dtype."""
+    from napari_convlora.adapters.layers import ConvLoRALinear
+
+    layer = ConvLoRALinear(torch.nn.Linear(8, 8), rank=3).train()
+    seen = []
+    for expert in layer.experts:
+        expert.conv.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    x = torch.randn(4, 6, 6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert seen and all(pair == (torch.float32, torch.float32) for pair in seen)
+    assert y.dtype == torch.bfloat16  # the layer's output keeps autocast's dtype
+    assert any(e.conv.weight.grad is not None for e in layer.experts)

@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
 class ScaleExpert(nn.Module):
     """One Conv-LoRA expert: bicubic up by ``scale``, 3x3 conv (r -> r, zero bias), GELU, bicubic back down.
 
-    A scale of 1 skips both resizes. Input and output: N x r x h x w.
+    A scale of 1 skips both resizes. Input and output: N x r x h x w, in the conv weight's dtype.
     """
 
     def __init__(self, rank: int, scale: float):
@@ -133,9 +133,12 @@ class ConvLoRALinear(LoRALinear):
         pairs = gates.t().nonzero()  # E x 2: (expert, row), sorted by expert then row
         rows = pairs[:, 1]
         counts = torch.bincount(pairs[:, 0], minlength=len(self.experts)).tolist()
-        inputs = zc.index_select(0, rows).split(counts)
-        outs = [expert(x) for expert, x, n in zip(self.experts, inputs, counts) if n]
-        out = torch.cat(outs)
+        # The experts run in their weights' dtype (fp32 under mixed precision): in bf16, bicubic resizing's
+        # backward made each expert 3-8 x slower on an H200 (benchmarks/bench_expert_variants.py).
+        dtype = self.experts[0].conv.weight.dtype
+        with torch.autocast(z.device.type, enabled=False):
+            inputs = zc.to(dtype).index_select(0, rows).split(counts)
+            out = torch.cat([expert(x) for expert, x, n in zip(self.experts, inputs, counts) if n])
         if self.weight_by_gate:
             out = out * gates[rows, pairs[:, 0]].view(-1, 1, 1, 1).to(out.dtype)
         mixed = torch.zeros_like(zc).index_add(0, rows, out.to(zc.dtype))
