@@ -125,7 +125,6 @@ def experts_part(size: int, device, repeats: int) -> list[dict]:
 
 def steps_part(size: int, device, steps: int, batch: int = 1) -> dict:
     """Paired step times: LoRA, then Conv-LoRA with each variant of running the experts (``batch`` images)."""
-    import torch
     from bench_train_step import _batch, _build, _make_step
 
     from napari_convlora.adapters.layers import ConvLoRALinear

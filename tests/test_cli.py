@@ -261,7 +261,11 @@ def test_medical_formats_are_named_and_evaluate_json_names_the_classes(files, ti
     (files / "scan.nii.gz").write_bytes(b"\x1f\x8b not really")
     code = main(["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "scan.nii.gz"), "--labels",
                  str(files / "lab.tif"), "--out", str(files / "m.safetensors"), "--device", "cpu"])
-    assert code == 1 and "scan.nii.gz: NIfTI images are not read yet; save the image as TIFF" in capsys.readouterr().err
+    assert code == 1 and "scan.nii.gz: could not read the NIfTI image (" in capsys.readouterr().err
+    (files / "scan.mha").write_bytes(b"ObjectType = Image")
+    code = main(["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "scan.mha"), "--labels",
+                 str(files / "lab.tif"), "--out", str(files / "m.safetensors"), "--device", "cpu"])
+    assert code == 1 and "scan.mha: MetaImage images are not read yet; save the image as TIFF" in capsys.readouterr().err
     model = files / "m.safetensors"
     assert main([*_train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64", "--class-names",
                               "bg,nucleus,rod"), "--out", str(model)]) == 0

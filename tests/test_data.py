@@ -478,3 +478,27 @@ def test_data_package_imports_no_torch_napari_or_qt():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for forbidden in ("torch", "napari", "qtpy", "PyQt5", "PyQt6", "PySide6", "magicgui"):
         assert f"'{forbidden}'" not in loaded
+
+
+def test_training_patches_pad_only_bottom_and_right_as_prediction_does():
+    """A patch larger than its image was padded at the bottom and right and then flipped and rotated, so the
+    model was trained with black padding on every side, while prediction (like SAM) pads only the bottom and
+    right: a lead for the false foreground seen along one real image's top border (issue 9, item 12). The
+    crop is now flipped and rotated first and padded after."""
+    from napari_convlora.constants import IGNORE_INDEX
+    from napari_convlora.data import PatchSampler
+
+    image = np.full((20, 12, 3), 100.0, dtype=np.float32)
+    targets = np.ones((20, 12), dtype=np.int64)
+    sampler = PatchSampler([(image, targets)], patch_size=32, augment=True)
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for _ in range(40):
+        images, patch_targets = sampler.sample(rng, 1)
+        labelled = patch_targets[0] != IGNORE_INDEX
+        rows, cols = np.flatnonzero(labelled.any(axis=1)), np.flatnonzero(labelled.any(axis=0))
+        assert rows[0] == 0 and cols[0] == 0  # the content starts at the top-left corner
+        assert labelled[: rows[-1] + 1, : cols[-1] + 1].all()
+        assert (images[0][:, ~labelled] == 0).all() and (images[0][:, labelled] > 0).all()
+        shapes.add((rows[-1] + 1, cols[-1] + 1))
+    assert shapes == {(20, 12), (12, 20)}  # rotations still happen

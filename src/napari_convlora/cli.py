@@ -142,13 +142,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_image(model, read_image(args.image), _layout(args), device=device, overlap=args.overlap,
                            batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
                            instances=args.instances is not None, instances_3d=args.instances_3d)
-    write_image(args.out, result.labels)
+    write_image(args.out, result.labels, like=args.image)
     print(f"labels {result.labels.shape} {result.labels.dtype} -> {args.out}")
     if args.probabilities:
-        write_image(args.probabilities, result.probabilities)
+        write_image(args.probabilities, result.probabilities, like=args.image)
         print(f"probabilities -> {args.probabilities}")
     if args.instances:
-        write_image(args.instances, result.instances)
+        write_image(args.instances, result.instances, like=args.image)
         print(f"instances -> {args.instances}")
     return 0
 
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_layout_options(p)
         _add_run_options(p)
         if name == "predict":
-            p.add_argument("--out", required=True, help="label image to write (.tif)")
+            p.add_argument("--out", required=True, help="label image to write (.tif; .nii.gz or .nrrd with the 'medical' extra)")
             p.add_argument("--probabilities", default=None, help="also write class probabilities (.tif)")
             p.add_argument("--instances", default=None,
                            help="also write connected components (.tif), labelled plane by plane for stacks")

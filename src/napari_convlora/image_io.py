@@ -1,4 +1,5 @@
-"""Images in and out: TIFF with tifffile, common 2D formats (PNG, JPEG, BMP) with imageio."""
+"""Images in and out: TIFF with tifffile, common 2D formats (PNG, JPEG, BMP) with imageio, and the volumes of
+medical imaging (NIfTI with nibabel, NRRD with pynrrd: the optional ``medical`` extra) read in Z x Y x X order."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from .atomic import atomic_path
 from .safety import unreadable_reason
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-SUPPORTED = "TIFF (.tif, .tiff, also stacks and 16/32-bit), PNG, JPEG, BMP"
-#: Formats people bring from medical imaging, refused with a clear message instead of a reader's error.
-UNSUPPORTED = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
-               ".mhd": "MetaImage", ".dcm": "DICOM"}
+SUPPORTED = ("TIFF (.tif, .tiff, also stacks and 16/32-bit), PNG, JPEG, BMP, NIfTI (.nii, .nii.gz) and NRRD "
+             "(.nrrd, .nhdr) with the 'medical' extra")
+#: Volumes of medical imaging read by an optional package: suffix -> (format, module, PyPI package).
+MEDICAL = {".nii": ("NIfTI", "nibabel", "nibabel"), ".nii.gz": ("NIfTI", "nibabel", "nibabel"),
+           ".nrrd": ("NRRD", "nrrd", "pynrrd"), ".nhdr": ("NRRD", "nrrd", "pynrrd")}
+#: Formats refused with a clear message instead of a reader's error.
+UNSUPPORTED = {".mha": "MetaImage", ".mhd": "MetaImage", ".dcm": "DICOM"}
+#: NRRD's type names by the bytes of one value (the first word of the header's ``type``), for the memory check.
+_NRRD_ITEMSIZE = {"signed": None, "unsigned": None, "int8": 1, "uint8": 1, "uchar": 1, "char": 1, "short": 2,
+                  "ushort": 2, "int16": 2, "uint16": 2, "int": 4, "uint": 4, "int32": 4, "uint32": 4,
+                  "float": 4, "double": 8, "longlong": 8, "ulonglong": 8, "int64": 8, "uint64": 8}
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -28,6 +36,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if unsupported:
         raise ValueError(f"{path}: {unsupported} images are not read yet; save the image as TIFF "
                          f"(supported: {SUPPORTED})")
+    medical = _medical_format(path)
+    if medical:
+        return _read_medical(path, *medical)
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
@@ -41,6 +52,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
         raise ValueError(f"{path}: could not read the image ({' '.join(str(e).split())[:300]}); "
                          f"supported: {SUPPORTED}") from e
+
+
+def _read_medical(path: Path, kind: str, module: str, package: str) -> np.ndarray:
+    """A NIfTI or NRRD volume as a numpy array, axes reversed from the file's (x, y, z[, t]) to ([t,] z, y, x).
+
+    NIfTI values are scaled as the header says (``scl_slope``/``scl_inter``); the orientation (affine, space
+    directions) is not applied: image and labels of one scan share it, so they stay aligned.
+    """
+    import importlib
+
+    try:
+        reader = importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{path}: reading {kind} needs the optional package {package}: "
+                         f"pip install 'napari-convlora[medical]' (or save the image as TIFF)") from None
+    try:
+        if kind == "NIfTI":
+            image = reader.load(str(path))
+            _check_fits_in_memory(path, image.shape, image.get_data_dtype())
+            array = np.asanyarray(image.dataobj)
+            return np.ascontiguousarray(array.transpose(tuple(range(array.ndim))[::-1]))
+        header = reader.read_header(str(path))
+        itemsize = _NRRD_ITEMSIZE.get(str(header.get("type", "")).split()[0], None) or 8
+        _check_fits_in_memory(path, tuple(int(n) for n in header.get("sizes", ())), np.dtype(f"u{itemsize}"))
+        array, _ = reader.read(str(path), index_order="C")
+        return np.ascontiguousarray(array)
+    except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):  # the memory check's own message
+            raise
+        raise ValueError(f"{path}: could not read the {kind} image ({' '.join(str(e).split())[:300]})") from e
 
 
 def memory_bytes() -> int | None:
@@ -64,11 +105,27 @@ def _check_fits_in_memory(path: Path, shape: tuple[int, ...], dtype: np.dtype) -
                          "into parts first")
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write atomically: TIFF (zlib-compressed) for ``.tif``/``.tiff``, else a 2D format via imageio."""
+def _medical_format(path: Path) -> tuple[str, str, str] | None:
+    name = path.name.lower()
+    return next((reader for suffix, reader in MEDICAL.items() if name.endswith(suffix)), None)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, like: str | os.PathLike | None = None) -> Path:
+    """Write atomically: TIFF (zlib-compressed) for ``.tif``/``.tiff``, NIfTI / NRRD (``.nii``, ``.nii.gz``,
+    ``.nrrd``) for a ``[C x] Z x Y x X`` array, else a 2D format via imageio.
+
+    like: the image the array was predicted from; a NIfTI or NRRD output of the same format takes its
+        orientation and voxel spacing (affine / space directions), so that the labels overlay the scan in
+        medical viewers.
+    """
     path = Path(path)
+    medical = _medical_format(path)
+    if medical and path.name.lower().endswith(".nhdr"):
+        raise ValueError(f"{path}: a detached NRRD header needs a data file; write .nrrd instead")
     with atomic_path(path) as tmp:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if medical:
+            _write_medical(tmp, path, array, medical, None if like is None else Path(like))
+        elif path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
             tifffile.imwrite(tmp, array, compression="zlib", photometric="minisblack")
@@ -77,6 +134,39 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> Path:
 
             iio.imwrite(tmp, array, extension=path.suffix)
     return path
+
+
+def _write_medical(tmp: Path, path: Path, array: np.ndarray, medical: tuple[str, str, str], like: Path | None) -> None:
+    import importlib
+
+    kind, module, package = medical
+    try:
+        writer = importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{path}: writing {kind} needs the optional package {package}: "
+                         f"pip install 'napari-convlora[medical]' (or write a .tif)") from None
+    same_format = like is not None and _medical_format(like) is not None and _medical_format(like)[0] == kind
+    if kind == "NIfTI":
+        import gzip
+
+        data = array.transpose(tuple(range(array.ndim))[::-1])  # back to the file's x, y, z[, c]
+        affine, header = np.eye(4), None
+        if same_format:
+            source = writer.load(str(like))
+            affine, header = source.affine, source.header.copy()
+        image = writer.Nifti1Image(data, affine, header)
+        image.header.set_data_dtype(data.dtype)
+        image.header.set_slope_inter(1.0, 0.0)  # the values are written as they are, not rescaled
+        raw = image.to_bytes()
+        tmp.write_bytes(gzip.compress(raw) if path.name.lower().endswith(".gz") else raw)
+    else:
+        header = {}
+        if same_format:
+            source = writer.read_header(str(like))
+            if len(source.get("sizes", ())) == array.ndim:
+                header = {k: source[k] for k in ("space", "space directions", "space origin", "spacings")
+                          if k in source}
+        writer.write(str(tmp), np.ascontiguousarray(array), header, index_order="C")
 
 
 def overlay_png(

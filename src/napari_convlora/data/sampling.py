@@ -4,7 +4,8 @@ Pure numpy. Inputs are 2D pairs (planes float32 ``Y x X x 3`` in 0..255, targets
 int64 ``Y x X`` with IGNORE_INDEX for unlabelled pixels), i.e. after encoding, rescaling, splitting and
 slicing stacks. Patches come out channels-first for torch: images ``3 x S x S`` float32 in 0..255,
 targets ``S x S`` int64. Where a patch reaches past an image, the image is padded with 0 and the
-targets with IGNORE_INDEX (image content sits at the top-left, like SAM's own padding).
+targets with IGNORE_INDEX (image content sits at the top-left, like SAM's own padding and like tiled
+prediction; augmentation flips and rotates the content before it is padded, so padding is never elsewhere).
 """
 
 from __future__ import annotations
@@ -132,10 +133,9 @@ class PatchSampler:
             gain = rng.uniform(*GAIN_RANGE)
             offset = rng.uniform(*OFFSET_RANGE)
             image = np.clip(image * np.float32(gain) + np.float32(offset), 0.0, 255.0)
-        image_patch, target_patch = crop_padded(image, targets, 0, 0, self.patch_size)
-        if self.augment:
-            image_patch, target_patch = _flip_rotate(image_patch, target_patch, rng)
-        return image_patch, target_patch
+        if self.augment:  # before padding, so that padding stays at the bottom and right, as in prediction
+            image, targets = _flip_rotate(image, targets, rng)
+        return crop_padded(image, targets, 0, 0, self.patch_size)
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch: (images float32 ``B x 3 x S x S`` in 0..255, targets int64 ``B x S x S``)."""
@@ -148,7 +148,7 @@ class PatchSampler:
 
 
 def _flip_rotate(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> Pair:
-    """The same random vertical/horizontal flip and 90-degree rotation of ``S x S x 3`` and ``S x S``."""
+    """The same random vertical/horizontal flip and 90-degree rotation of ``h x w x 3`` and ``h x w``."""
     flip_y, flip_x = rng.random(2) < 0.5
     quarter_turns = int(rng.integers(0, 4))
     if flip_y:
