@@ -7,6 +7,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,3 +204,19 @@ def test_a_malicious_training_state_is_refused_without_torchs_advice(tmp_path):
         load_training_state(path)
     assert "could run code" in str(refused.value) and "weights_only" not in str(refused.value)
     assert not marker.exists()
+
+
+def test_files_that_are_plainly_not_checkpoints_are_named_for_what_they_are(tmp_path):
+    """A TIFF chosen as the checkpoint was called a pickle that "could run code", a text file gave "(101)"."""
+    import tifffile
+
+    from napari_convlora.errors import CheckpointError
+    from napari_convlora.sam_loading import read_tensors
+
+    tifffile.imwrite(tmp_path / "cells.pth", np.zeros((8, 8), np.uint8))
+    (tmp_path / "notes.pth").write_text("sam_vit_b: download it from the website\n")
+    for name, kind in (("cells.pth", "a TIFF image"), ("notes.pth", "a text file")):
+        with pytest.raises(CheckpointError) as info:
+            read_tensors(tmp_path / name)
+        message = str(info.value)
+        assert f"{name}: this is {kind}, not a model checkpoint" in message and "run code" not in message

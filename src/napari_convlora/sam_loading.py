@@ -48,6 +48,10 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    other = other_file_kind(path)
+    if other:
+        raise CheckpointError(f"{path}: this is {other}, not a model checkpoint (a SAM checkpoint is a .pth file; "
+                              "official ones: github.com/facebookresearch/segment-anything#model-checkpoints)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -60,6 +64,35 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: could not read it as a PyTorch checkpoint; it may be truncated or of another format ({e})"
         ) from e
+
+
+#: File signatures of what people pick by mistake instead of a checkpoint: (leading bytes, what it is).
+_SIGNATURES = (
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"), (b"BM", "a BMP image"), (b"\x1f\x8b", "a gzip file (a .nii.gz scan?)"),
+    (b"%PDF", "a PDF document"), (b"\x89HDF", "an HDF5 file"), (b"NRRD", "an NRRD image"),
+)
+
+
+def other_file_kind(path: Path) -> str | None:
+    """What a file is when it is plainly not a checkpoint (an image, a text file, ...); None when it may be one.
+
+    A torch checkpoint is a zip archive (``PK``) or a pickle (``0x80``); a safetensors file is sniffed apart.
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file" if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text) else None
 
 
 def is_safetensors(path: Path) -> bool:
