@@ -311,3 +311,42 @@ def test_a_finished_run_can_be_continued_for_more_steps(files, tiny_checkpoint, 
     assert torch.load(files / "longer.training.pt", map_location="cpu", weights_only=True)["step"] == 5
     assert main([*args, "--steps", "2", "--out", str(files / "x.safetensors"), "--resume", str(longer)]) == 1
     assert "has already made 5 steps" in capsys.readouterr().err
+
+
+def test_train_again_from_a_trained_model_writes_a_new_file_and_a_metrics_table(files, tiny_checkpoint, capsys):
+    """`--init-from`: a new run from the model's weights, with its settings (an option that would change them is
+    reported and set aside); the source stays as it was. Every run writes its validations to <out>.metrics.csv."""
+    import csv
+
+    model, again = files / "m.safetensors", files / "again.safetensors"
+    args = _train_args(files, tiny_checkpoint, "--steps", "2", "--val-every", "1")
+    assert main([*args, "--input-size", "64", "--class-names", "bg,nucleus,rod", "--out", str(model)]) == 0
+    before = model.read_bytes()
+    with open(files / "m.metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "1", "2"] and "iou_nucleus" in rows[0] and "pixels_rod" in rows[0]
+    assert "validation metrics in m.metrics.csv" in capsys.readouterr().err
+    assert main([*args, "--input-size", "128", "--lr", "0.001", "--out", str(again), "--init-from", str(model)]) == 0
+    err = capsys.readouterr().err
+    assert f"starting from {model} with its own settings: input_size: 128 asked, 64 in the model" in err
+    assert "finished 2 steps" in err and model.read_bytes() == before
+    state = torch.load(files / "again.training.pt", map_location="cpu", weights_only=True)
+    assert state["recipe"]["input_size"] == 64 and state["recipe"]["lr"] == 0.001
+    assert state["started_from"]["file_name"] == "m.safetensors"
+    with open(files / "again.metrics.csv", newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+
+
+def test_train_again_refuses_resume_with_it_and_its_own_source_as_out(files, tiny_checkpoint, capsys):
+    model = files / "m.safetensors"
+    args = _train_args(files, tiny_checkpoint, "--steps", "1", "--input-size", "64")
+    assert main([*args, "--out", str(model)]) == 0
+    before = model.read_bytes()
+    capsys.readouterr()
+    for extra, message in ((["--out", str(files / "n.safetensors"), "--resume", str(model), "--init-from", str(model)],
+                            "continues a run, --init-from"),
+                           (["--out", str(model), "--init-from", str(model)], "--out .* is the same file as --init-from")):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1
+    assert model.read_bytes() == before and not (files / "n.safetensors").exists()

@@ -20,6 +20,7 @@ from napari_convlora._napari.layers import (
     copy_image,
     copy_pair,
     copy_prediction,
+    painted_pixels_to_replace,
     current_plane,
     find_labels_for,
     write_prediction,
@@ -77,7 +78,9 @@ def test_copy_prediction_writes_predicted_planes_only_and_is_undoable():
     prediction = np.zeros((2, 5, 5), np.uint8)
     prediction[1, :2] = 1
     layer = write_prediction(viewer, image, prediction, (0, 1, 2), NAMES, planes=[1])
-    assert copy_prediction(layer, target) == 25
+    assert copy_prediction(layer, target) == 0  # by default only unpainted (0) pixels are filled: none here
+    assert painted_pixels_to_replace(layer, target) == 25
+    assert copy_prediction(layer, target, "all") == 25
     assert (target.data[0] == 3).all() and (target.data[1] == prediction[1]).all()
     assert target.data.dtype == np.uint16
     target.undo()
@@ -247,3 +250,31 @@ def test_redraws_are_spaced_by_what_they_cost_the_gui_thread():
     assert pacer.tick() > 800  # 50 ms per redraw: slow down
     pacer.reset()
     assert pacer.last is None
+
+
+def test_copy_prediction_fills_only_unpainted_pixels_by_default():
+    """It overwrote every painted pixel with the prediction (issue 10, item 6)."""
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((6, 6)), name="img")
+    painted = np.zeros((6, 6), np.uint8)
+    painted[:2] = 5
+    target = viewer.add_labels(painted.copy(), name="img labels")
+    layer = write_prediction(viewer, image, np.ones((6, 6), np.uint8), (0, 1), ("bg", "fg"))
+    assert copy_prediction(layer, target) == 24
+    assert (target.data[:2] == 5).all() and (target.data[2:] == 1).all()
+    with pytest.raises(ValueError, match="copy mode"):
+        copy_prediction(layer, target, "everything")
+
+
+def test_class_names_are_read_from_a_labels_layers_features():
+    import pandas as pd
+
+    from napari_convlora._napari.layers import copy_pair, feature_class_names
+
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((4, 4)), name="img")
+    labels = viewer.add_labels(np.zeros((4, 4), np.uint8), name="lab")
+    assert feature_class_names(labels) is None
+    labels.features = pd.DataFrame({"index": [0, 2], "name": ["background", "mito"]})
+    assert feature_class_names(labels) == {0: "background", 2: "mito"}
+    assert copy_pair(image, labels).class_names == {0: "background", 2: "mito"}

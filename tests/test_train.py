@@ -360,3 +360,157 @@ def test_sparse_instances_train_and_predict_values_that_copy_back(tmp_path, tiny
 
 def _prepare_with(image, labels, recipe):
     return prepare_training_data([TrainingPair(image, labels)], recipe)
+
+
+# ---- starting a new run from a trained model (init_from) ----------------------------------------------------------
+def _source(tmp_path, tiny_checkpoint, cells, name="source.safetensors"):
+    """A trained model to start from: 3 steps on the cells."""
+    source = tmp_path / name
+    _run(train(tiny_checkpoint, cells, source, _recipe(steps=3, val_every=3), CPU))
+    return source
+
+
+def test_a_run_started_from_a_trained_model_starts_with_its_weights(tmp_path, tiny_checkpoint, cells):
+    """"Train again" after annotating more: step 0, a new file, the model's weights; the source is only read."""
+    from napari_convlora.atomic import sha256_file
+    from napari_convlora.train import init_recipe
+
+    source = _source(tmp_path, tiny_checkpoint, cells)
+    before = source.read_bytes()
+    source_state = torch.load(state_path(source), map_location="cpu", weights_only=True)
+    recipe, set_aside = init_recipe(source, _recipe(steps=4, val_every=2, input_size=64, lr=1e-3))
+    assert set_aside == ["input_size: 64 asked, 128 in the model"]
+    assert recipe.input_size == 128 and recipe.lr == 1e-3 and recipe.steps == 4 and recipe.background_value == 0
+    data = _prepare(recipe)
+
+    stop = threading.Event()
+    stop.set()  # saved before the first step: the weights it starts with
+    at_start = tmp_path / "at_start.safetensors"
+    events, _ = _run(train(tiny_checkpoint, data, at_start, recipe, CPU, stop=stop, init_from=source))
+    assert [e.kind for e in events] == ["start", "validation", "stopped"] and events[-1].step == 0
+    assert f"starting from {source}" in events[0].message
+    a, b = load_file(str(source)), load_file(str(at_start))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert events[1].metrics == source_state["history"]["validation"][-1][1]  # same data: the source's last score
+
+    again = tmp_path / "again.safetensors"
+    events, model = _run(train(tiny_checkpoint, data, again, recipe, CPU, init_from=source))
+    assert [e.step for e in events if e.kind == "step"] == [1, 2, 3, 4]
+    assert events[-1].kind == "finished" and source.read_bytes() == before
+    state = torch.load(state_path(again), map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and state["started_from"] == {"file_name": source.name, "sha256": sha256_file(source)}
+    assert [step for step, _ in state["history"]["validation"]] == [0, 2, 4]
+    assert model.config.head == load_model(source, base=tiny_checkpoint).config.head
+    with pytest.raises(TrainingError, match=r"source.safetensors: the recipe does not fit the model to start from "
+                                            r"\(input_size: 64 asked, 128 in the model\)"):
+        asked = _recipe(steps=2, input_size=64)
+        _run(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, init_from=source))
+
+
+def test_a_run_can_start_from_a_bundle_trained_on_the_same_base(tmp_path, tiny_checkpoint, other_tiny_checkpoint,
+                                                                 cells):
+    from napari_convlora.files import save_bundle
+    from napari_convlora.train import init_recipe
+
+    source = _source(tmp_path, tiny_checkpoint, cells)
+    bundle = save_bundle(load_model(source, base=tiny_checkpoint), tmp_path / "bundle.safetensors")
+    recipe, _ = init_recipe(bundle, _recipe(steps=1))
+    stop = threading.Event()
+    stop.set()
+    out = tmp_path / "from_bundle.safetensors"
+    _run(train(tiny_checkpoint, _prepare(recipe), out, recipe, CPU, stop=stop, init_from=bundle))
+    a, b = load_file(str(source)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match=r"bundle.safetensors: was trained on 'tiny_sam.pth' .* but the base is "
+                                              r"'other_sam.pth'"):
+        _run(train(other_tiny_checkpoint, _prepare(recipe), out, recipe, CPU, init_from=bundle))
+
+
+def test_starting_from_a_model_refuses_a_new_class_another_base_and_its_own_files(tmp_path, tiny_checkpoint,
+                                                                                   other_tiny_checkpoint, cells):
+    from napari_convlora.errors import ConfigError
+    from napari_convlora.train import init_recipe
+
+    image, labels = synthetic_cells(128, seed=0)
+    two = np.where(labels == 2, 0, labels)  # nuclei only: label values 0, 1
+    recipe = _recipe(label_mode="dense", input_size=64, steps=1, val_every=1)
+    source = tmp_path / "nuclei.safetensors"
+    _run(train(tiny_checkpoint, _prepare_with(image, two, recipe), source, recipe, CPU))
+    before = source.read_bytes()
+    resolved, _ = init_recipe(source, recipe)
+    with pytest.raises(TrainingError, match=r"the model was trained on label values \[0, 1\] but the labels now hold "
+                                            r"\[0, 1, 2\]; a new class needs a new training run"):
+        _run(train(tiny_checkpoint, _prepare_with(image, labels, resolved), tmp_path / "new.safetensors", resolved,
+                   CPU, init_from=source))
+    data = _prepare_with(image, two, resolved)
+    with pytest.raises(CheckpointError, match=r"nuclei.safetensors: was trained on 'tiny_sam.pth' \(sha256 .*\) but "
+                                              r"other_sam.pth has sha256"):
+        _run(train(other_tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, init_from=source))
+    best_of_run = tmp_path / "run.best.safetensors"
+    best_of_run.write_bytes(before)
+    for out, init in ((source, source), (tmp_path / "run.safetensors", best_of_run)):  # out, or its best file
+        with pytest.raises(ConfigError, match="is the same file as the model to start from"):
+            _run(train(tiny_checkpoint, data, out, resolved, CPU, init_from=init))
+        assert init.read_bytes() == before
+    with pytest.raises(TrainingError, match=r"trained on label values \[0, 1\] but the labels now hold \[0, 2\]; a new "):
+        _run(train(tiny_checkpoint, _prepare_with(image, np.where(labels == 1, 0, labels), resolved),
+                   tmp_path / "new.safetensors", resolved, CPU, init_from=source))
+    with pytest.raises(ConfigError, match="not both"):
+        _run(train(tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, resume_from=source,
+                   init_from=source))
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+# ---- the metrics table beside the model ---------------------------------------------------------------------------
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_validation_is_a_row_of_the_metrics_csv(tmp_path, tiny_checkpoint, cells):
+    from napari_convlora.training_state import metrics_path
+
+    out = tmp_path / "m.safetensors"
+    leftover = tmp_path / ".m.metrics.csv.abc123.tmp"  # of a save that was killed
+    leftover.write_text("half a table")
+    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=5, val_every=2), CPU))
+    assert metrics_path(out) == tmp_path / "m.metrics.csv" and not leftover.exists()
+    assert "validation metrics in m.metrics.csv" in events[-1].message
+    rows = _csv(metrics_path(out))
+    assert list(rows[0]) == ["step", "epoch", "train_loss", "selection_mean_iou", "iou_0", "dice_0", "pixels_0",
+                             "iou_1", "dice_1", "pixels_1", "best"]
+    validations = [e for e in events if e.kind == "validation"]
+    assert [int(r["step"]) for r in rows] == [e.step for e in validations] == [0, 2, 4, 5]
+    losses = {e.step: e.loss for e in events if e.kind == "step"}
+    for row, event, since in zip(rows, validations, ([], [1, 2], [3, 4], [5])):
+        assert float(row["epoch"]) == event.epoch
+        assert row["train_loss"] == ("" if not since else repr(float(np.mean([losses[s] for s in since]))))
+        assert float(row["selection_mean_iou"]) == selection_score(event.metrics)
+        for i in range(2):
+            assert float(row[f"iou_{i}"]) == event.metrics["per_class_iou"][i]
+            assert float(row[f"dice_{i}"]) == event.metrics["per_class_dice"][i]
+            assert int(row[f"pixels_{i}"]) == event.metrics["per_class_pixels"][i]
+    state = torch.load(state_path(out), map_location="cpu", weights_only=True)
+    assert rows[0]["best"] == "0" and [r["step"] for r in rows if r["best"] == "1"][-1] == str(state["best_step"])
+
+
+def test_a_resumed_run_continues_its_metrics_csv(tmp_path, tiny_checkpoint, cells):
+    """Stopped at step 3 and resumed (into the same file and into another): the table is the uninterrupted run's,
+    row for row, without a validation twice."""
+    from napari_convlora.training_state import metrics_path
+
+    recipe = _recipe(steps=6, val_every=2)
+    full = tmp_path / "full.safetensors"
+    _run(train(tiny_checkpoint, cells, full, recipe, CPU))
+    expected = metrics_path(full).read_text()
+    assert [r["step"] for r in _csv(metrics_path(full))] == ["0", "2", "4", "6"]
+    for resumed_name in ("part.safetensors", "resumed.safetensors"):
+        part = tmp_path / "part.safetensors"
+        stop = threading.Event()
+        _run(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=3, stop=stop)
+        assert [r["step"] for r in _csv(metrics_path(part))] == ["0", "2"]
+        resumed = tmp_path / resumed_name
+        _run(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
+        assert metrics_path(resumed).read_text() == expected

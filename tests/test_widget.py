@@ -11,61 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# The main thread of this test process builds tiny SAMs: load torch, torchvision and triton before any
-# OpenGL context exists (see _napari/native_libs.py). The plugin itself never imports torch there.
-import segment_anything  # noqa: F401
+from dock_fixtures import STEPS, _train, _wait_idle
 from napari_convlora.sample_data import CLASS_NAMES, synthetic_cells
 
-pytestmark = pytest.mark.gui
-STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def isolated_settings(tmp_path):
-    from qtpy.QtCore import QSettings
-
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    yield tmp_path / "settings"
-
-
-@pytest.fixture
-def viewer(tiny_checkpoint, make_napari_viewer):
-    viewer = make_napari_viewer()
-    image, labels = synthetic_cells(160, seed=0)
-    viewer.add_image(image, name="cells")
-    viewer.add_labels(labels, name="cells labels")
-    return viewer
-
-
-def _idle(widget):
-    return not widget.workers
-
-
-@pytest.fixture
-def dock(viewer, tiny_checkpoint, tmp_path, qtbot):
-    _, widget = viewer.window.add_plugin_dock_widget("napari-convlora", "Conv-LoRA fine-tuning")
-    qtbot.waitUntil(lambda: _idle(widget), timeout=30_000)  # the device probe
-    widget.model_form.sam.set_path(str(tiny_checkpoint))
-    qtbot.waitUntil(lambda: _idle(widget), timeout=30_000)
-    widget.model_form.input_size.setValue(128)
-    widget.model_form.device.setCurrentIndex(3)  # CPU
-    widget.data_form.length.setValue(STEPS)
-    widget.data_form.options.grad_accum.value = 1
-    widget.data_form.options.lr.value = 1e-3
-    widget.data_form.class_names.setText(", ".join(CLASS_NAMES))
-    widget.data_form.options.run_folder.value = tmp_path / "runs"
-    return widget
-
-
-def _wait_idle(widget, qtbot, timeout=120_000):
-    """Wait for the dock's jobs to end (its ``finished`` handlers have run then)."""
-    qtbot.waitUntil(lambda: _idle(widget), timeout=timeout)
-
-
-def _train(widget, qtbot, resume=False):
-    assert widget.train(resume=resume) is not None
-    _wait_idle(widget, qtbot)
-    assert widget.events_seen[-1] in ("finished", "stopped")
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("isolated_settings")]
 
 
 def test_widget_module_does_not_import_torch():
@@ -117,7 +66,7 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     (x0, x1), _ = dock.plot.loss_plot.viewRange()
     assert x0 <= 0 and STEPS <= x1 < 1.1 * STEPS  # the step axis spans the whole run
     lines = dock.log.toPlainText().splitlines()  # lines gathered during training are all shown, in order
-    assert lines[-1].startswith("finished") and any(line.startswith("training into") for line in lines)
+    assert lines[-1].startswith("finished") and any(line.startswith("training new adapters into") for line in lines)
     assert "validation mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
     runs = sorted(p.name for p in (tmp_path / "runs").glob("*.safetensors"))
     assert dock.run_path and Path(dock.run_path).name in runs and len(runs) == 2  # the run and its best
@@ -204,7 +153,7 @@ def test_error_is_shown_and_dock_stays_usable(dock, viewer, qtbot, monkeypatch):
     viewer.layers["cells labels"].data[10:20, 10:20] = 1
     dock.train()
     _wait_idle(dock, qtbot)
-    assert "shape" in shown[0]
+    assert "shape" in shown[0] and "'cells' with 'cells labels':" in shown[0]  # the layers, not "image 1"
     assert "Error:" in dock.log.toPlainText() and "shape" in dock.log.toPlainText()
     assert dock.train_button.isEnabled() and not dock.stop_button.isEnabled()
     assert len(viewer.layers) == 2  # napari is still running
@@ -217,7 +166,7 @@ def _closing_during_training(dock, qtbot, close):
     dock.data_form.length.setValue(100_000)
     dock.train()
     qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 2, timeout=60_000)
-    compute, run_path = dock.compute, dock.run_path or dock.log.toPlainText().split("training into ")[1].split()[0]
+    compute, run_path = dock.compute, dock.run_path or dock.log.toPlainText().split(" into ")[1].split()[0]
     close()
     qtbot.waitUntil(lambda: not compute.busy, timeout=60_000)
     assert describe(run_path)["format"] == "napari-convlora-adapter"
@@ -235,8 +184,9 @@ def test_closing_the_dock_during_training_stops_and_saves(dock, viewer, qtbot):
 def test_eta_texts():
     from napari_convlora._qt.progress_view import eta_text
 
-    assert [eta_text(s) for s in (None, 0, 59.6, 61, 3599, 3600, 3725)] == \
-        ["", "0:00", "1:00", "1:01", "59:59", "1:00:00", "1:02:05"]
+    assert [eta_text(s) for s in (None, 0, 40.4, 61, 3569, 3600, 3725, 11 * 3600)] == \
+        ["", "about 1 s left", "about 40 s left", "about 1 min left", "about 59 min left", "about 1 h 00 min left",
+         "about 1 h 02 min left", "about 11 h 00 min left"]  # was "1:02:05": read like a clock time
 
 
 def test_forms_build_the_core_config_objects(dock, tmp_path):

@@ -87,18 +87,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import TrainingPair, prepare_training_data
     from .image_io import read_image
     from .progress import TerminalProgress
-    from .train import resume_recipe, train
+    from .train import init_recipe, resume_recipe, train
 
+    if args.resume and args.init_from:
+        raise ConfigError(f"--resume {args.resume} continues a run, --init-from {args.init_from} starts a new one "
+                          "from a model: give one of them")
     if len(args.image) != len(args.labels):
         raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
     if len(args.val_image) != len(args.val_labels):
         raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
-    from .training_state import best_path, state_path
+    from .training_state import best_path, metrics_path, state_path
 
     inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image), **_numbered("--labels", args.labels),
-              **_numbered("--val-image", args.val_image), **_numbered("--val-labels", args.val_labels)}
+              **_numbered("--val-image", args.val_image), **_numbered("--val-labels", args.val_labels),
+              "--init-from": args.init_from}
     _check_outputs({"--out": args.out, "the best file of --out": best_path(args.out),
-                    "the training state of --out": state_path(args.out)}, inputs)
+                    "the training state of --out": state_path(args.out),
+                    "the metrics table of --out": metrics_path(args.out)}, inputs)
     run = _run_options(args)
     if args.resume:  # the saved recipe continues, for longer if asked; report what other options would change
         saved, _ = resume_recipe(args.resume)
@@ -110,6 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"resuming {args.resume} for longer: {saved.steps or saved.epochs} -> "
                   f"{recipe.steps or recipe.epochs} {'steps' if recipe.steps else 'epochs'}; the learning rate now "
                   "decays over the new length (not the same as a run that long from the start)", file=sys.stderr)
+    elif args.init_from:  # a new run from a trained model: its settings win; report the options they replace
+        recipe, set_aside = init_recipe(args.init_from, _recipe(args, init_recipe(args.init_from)[0]))
+        for note in set_aside:
+            print(f"starting from {args.init_from} with its own settings: {note}", file=sys.stderr)
     else:
         recipe = _recipe(args, TrainRecipe())
     layout = _layout(args)
@@ -120,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
     try:
-        for event in train(args.checkpoint, data, args.out, recipe, run, resume_from=args.resume, stop=stop):
+        for event in train(args.checkpoint, data, args.out, recipe, run, resume_from=args.resume, stop=stop,
+                           init_from=args.init_from):
             progress.show(event)
     except KeyboardInterrupt:
         progress.close()
@@ -135,22 +145,61 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .image_io import read_image, write_image
     from .predict import predict_image
 
+    folders = Path(args.image[0]).is_dir() or Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
+    if len(args.image) > 1 or folders:
+        return _predict_many(args)
+    for option, value in (("--probabilities", args.probabilities), ("--instances", args.instances)):
+        if value == "":
+            raise ConfigError(f"{option}: give the file to write (it is a switch only with several images or an "
+                              "--out folder)")
+    image = args.image[0]
     _check_outputs({"--out": args.out, "--probabilities": args.probabilities, "--instances": args.instances},
-                   {"--image": args.image, "--model": args.model, "--checkpoint": args.checkpoint})
+                   {"--image": image, "--model": args.model, "--checkpoint": args.checkpoint})
     device = _use_run_options(args)
     model = _load(args)
-    result = predict_image(model, read_image(args.image), _layout(args), device=device, overlap=args.overlap,
+    result = predict_image(model, read_image(image), _layout(args), device=device, overlap=args.overlap,
                            batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
                            instances=args.instances is not None, instances_3d=args.instances_3d)
-    write_image(args.out, result.labels, like=args.image)
+    write_image(args.out, result.labels, like=image)
     print(f"labels {result.labels.shape} {result.labels.dtype} -> {args.out}")
     if args.probabilities:
-        write_image(args.probabilities, result.probabilities, like=args.image)
+        write_image(args.probabilities, result.probabilities, like=image)
         print(f"probabilities -> {args.probabilities}")
     if args.instances:
-        write_image(args.instances, result.instances, like=args.image)
+        write_image(args.instances, result.instances, like=image)
         print(f"instances -> {args.instances}")
     return 0
+
+
+def _predict_many(args: argparse.Namespace) -> int:
+    """``predict`` of several images or folders into the --out folder: one line per image on stderr, a summary
+    on stdout; exit status 1 when any image was skipped."""
+    import time
+
+    from .batch_predict import expand_inputs, plan_outputs, predict_files, summary
+
+    for option, value in (("--probabilities", args.probabilities), ("--instances", args.instances)):
+        if value:
+            raise ConfigError(f"{option} {value}: with several images or a folder {option} takes no file name; "
+                              f"the outputs go to the --out folder as <name>_{option[2:]}.tif")
+    images = expand_inputs(args.image)
+    asked = {"probabilities": args.probabilities is not None, "instances": args.instances is not None}
+    models = {"--model": args.model, "--checkpoint": args.checkpoint}
+    plan_outputs(images, args.out, other_inputs=models, **asked)  # refused before the model is loaded
+    device = _use_run_options(args)
+    model = _load(args)
+    results, start = [], time.perf_counter()
+    try:
+        for result in predict_files(model, images, args.out, _layout(args), device, args.overlap, args.batch_size,
+                                    instances_3d=args.instances_3d, other_inputs=models, **asked):
+            results.append(result)
+            print(result.line(model.config.head.class_names), file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(results)} of {len(images)} images; the outputs written are kept",
+              file=sys.stderr)
+        return 130
+    print(summary(results, args.out, time.perf_counter() - start))
+    return EXIT_FAILURE if any(not r.ok for r in results) else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -191,6 +240,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_bioimageio(args: argparse.Namespace) -> int:
+    from .bioimageio_export import check_export, export_bioimageio
+    from .image_io import read_image
+
+    check_export(args.out, args.name, args.license)
+    _check_outputs({"--out": args.out}, {"--model": args.model, "--checkpoint": args.checkpoint, "--image": args.image})
+    device = _use_run_options(args)
+    image = read_image(args.image) if args.image else None
+    model = _load(args).to(device)
+    path = export_bioimageio(model, args.out, image, _layout(args), plane=args.plane, name=args.name,
+                             authors=args.author, description=args.description, license=args.license, tags=args.tag)
+    print(f"BioImage Model Zoo package -> {path} (check it with: bioimageio test {path})")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)}, or cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None,
@@ -205,7 +269,8 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune SAM on images and their labels",
                        description="Options left out take the recipe's defaults; with --resume the saved run's "
-                                   "recipe is kept and the options that would change it are reported.")
+                                   "recipe is kept and the options that would change it are reported; with "
+                                   "--init-from the model's adapter, input and label settings are kept likewise.")
     p.add_argument("--checkpoint", required=True, help="base SAM checkpoint (.pth), e.g. sam_vit_b_01ec64.pth")
     p.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     p.add_argument("--labels", action="append", required=True, help="its label image (same order as --image)")
@@ -213,6 +278,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--val-labels", action="append", default=[], help="its labels")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--resume", default=None, help="continue the run saved in this adapter file (and its .training.pt)")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run (step 0) from this trained model (adapter or bundle, on --checkpoint): its "
+                        "adapter, head, input and label settings are kept; not with --resume")
     p.add_argument("--method", default=None, choices=METHODS, help="default conv_lora")
     p.add_argument("--label-mode", default=None, choices=LABEL_MODES, help="default dense")
     p.add_argument("--background-value", type=int, default=None, help="label value of background (sparse: default 1)")
@@ -251,22 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-convlora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
-    for name, helptext in (("predict", "segment an image"), ("evaluate", "compare a prediction with labels")):
+    for name, helptext in (("predict", "segment an image, several or a folder of them"), ("evaluate", "compare a prediction with labels")):
         p = sub.add_parser(name, help=helptext, description="Channels, intensity percentiles and rescaling come "
                                                            "from the model, as it was trained.")
         p.add_argument("--model", required=True, help="adapter or bundle file (.safetensors)")
         p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files)")
         p.add_argument("--ignore-base-hash", action="store_true", help="accept a base with another sha256")
-        p.add_argument("--image", required=True)
+        p.add_argument("--image", required=True, action="append" if name == "predict" else "store",
+                       help="an image file, or a folder of images (repeatable)" if name == "predict" else None)
         p.add_argument("--batch-size", type=int, default=4)
         p.add_argument("--overlap", type=float, default=0.25)
         _add_layout_options(p)
         _add_run_options(p)
         if name == "predict":
-            p.add_argument("--out", required=True, help="label image to write (.tif; .nii.gz or .nrrd with the 'medical' extra)")
-            p.add_argument("--probabilities", default=None, help="also write class probabilities (.tif)")
-            p.add_argument("--instances", default=None,
-                           help="also write connected components (.tif), labelled plane by plane for stacks")
+            p.add_argument("--out", required=True, help="label image to write (.tif; .nii.gz or .nrrd with the "
+                           "'medical' extra); with several images: the folder to write into (created if missing)")
+            p.add_argument("--probabilities", nargs="?", const="", default=None, metavar="FILE",
+                           help="also write class probabilities (.tif); a switch with several images")
+            p.add_argument("--instances", nargs="?", const="", default=None, metavar="FILE",
+                           help="also write connected components (.tif), labelled plane by plane for stacks; "
+                                "a switch with several images")
+            p.epilog = ("Several images: repeat --image, or give a folder (its .tif, .tiff, .png, .jpg, .jpeg, .bmp, "
+                        ".nii, .nii.gz and .nrrd files, not recursive, by name), and let --out name a folder. Each "
+                        "image <name> gets <name>_labels.tif there (a NIfTI or NRRD scan keeps its format and "
+                        "geometry), and <name>_probabilities.tif / <name>_instances.tif with the switches "
+                        "--probabilities / --instances. The model is loaded once; an image that cannot be read or "
+                        "predicted is reported and skipped, and the exit status is then 1.")
             p.add_argument("--instances-3d", action="store_true", help="label components of stacks in 3D")
             p.set_defaults(func=cmd_predict)
         else:
@@ -285,6 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None)
     _add_run_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export-bioimageio", help="write a model as a BioImage Model Zoo package (.zip)",
+                       description="A self-contained package (base SAM, adapters, head) in the Model Zoo format "
+                                   "(model spec 0.5), with a test input/output pair cut from --image (default: a "
+                                   "built-in synthetic sample). Needs the 'bioimageio' extra.")
+    p.add_argument("--model", required=True, help="adapter or bundle file (.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files)")
+    p.add_argument("--ignore-base-hash", action="store_true", help="accept a base with another sha256")
+    p.add_argument("--out", required=True, help="the package to write (.zip)")
+    p.add_argument("--image", default=None, help="an image like those the model segments, for the test input")
+    p.add_argument("--plane", type=int, default=None, help="plane of a stack --image to use (default the middle)")
+    p.add_argument("--name", default=None, help="5 to 128 letters, digits, spaces or _+-() (default: what the "
+                                                 "model is)")
+    p.add_argument("--author", action="append", default=[], help="an author's name (repeatable)")
+    p.add_argument("--description", default=None)
+    p.add_argument("--license", default="Apache-2.0", help="SPDX id (default Apache-2.0, SAM's license)")
+    p.add_argument("--tag", action="append", default=[], help="an extra tag, e.g. fluorescence-light-microscopy "
+                                                              "or nuclei (repeatable)")
+    _add_layout_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_export_bioimageio)
     return parser
 
 

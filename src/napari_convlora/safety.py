@@ -44,7 +44,7 @@ def check_outputs_are_not_inputs(
             if source is not None and _same_file(Path(out), Path(source)):
                 raise ConfigError(
                     f"{out_name} {out} is the same file as {in_name} {source}: writing it would destroy the input; "
-                    f"choose another {out_name}"
+                    f"choose another {out_name.removeprefix('the ')}"
                 )
 
 

@@ -4,9 +4,10 @@ The napari dock, the CLI and the tests all drive :func:`train`. Read it top to b
 being resumed), optimizer and schedule, then steps with gradient accumulation, clipping, validation, atomic
 saves (latest, best-on-validation, on stop) and exact resume.
 
-Resolve, then prepare: a resumed run continues with the recipe it was started with, so callers read that
-recipe first (:func:`resume_recipe`) and prepare the data with it; ``train`` refuses data prepared for
-another recipe. Run options (device, precision, threads) are always the caller's.
+Resolve, then prepare: a resumed run continues with the recipe it was started with, and a run started from a
+trained model takes that model's adapter, input and label settings, so callers read the recipe first
+(:func:`resume_recipe`, :func:`init_recipe`, both in ``run_start.py``) and prepare the data with it; ``train``
+refuses data prepared for another recipe. Run options (device, precision, threads) are always the caller's.
 """
 
 from __future__ import annotations
@@ -23,18 +24,24 @@ import numpy as np
 import torch
 
 from .atomic import copy_file, sha256_file, temporary_files
-from .config import DATA_FIELDS, HeadConfig, ModelConfig, RunOptions, TrainRecipe
+from .config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from .constants import IGNORE_INDEX
 from .data import LabelEncoding, PreparedData
 from .devices import apply_run_options, autocast_context
-from .errors import CheckpointError, TrainingError
-from .files import load_model, save_adapter
+from .errors import ConfigError, TrainingError
+from .files import save_adapter
 from .losses import segmentation_loss
 from .metrics import ConfusionMatrix, class_labels, selection_score
 from .modeling import AdaptedSAM, SegmentationOutput
+from .run_start import (LENGTH_FIELDS, MODEL_FIELDS, check_recipe, init_recipe, load_initial_model,
+                        load_resumed_model, resume_recipe, started_from)
 from .safety import check_outputs_are_not_inputs, check_writable, run_lock
 from .sam_loading import BaseSam, load_base
-from .training_state import best_path, load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
+from .training_state import (best_path, load_training_state, metrics_path, restore_rng, rng_snapshot,
+                             save_training_state, state_path, write_metrics_csv)
+
+__all__ = ["LENGTH_FIELDS", "MODEL_FIELDS", "TrainingEvent", "TrainingError", "init_recipe", "resume_recipe",
+           "train", "validate"]
 
 
 @dataclass
@@ -53,16 +60,6 @@ class TrainingEvent:
     metrics: dict[str, Any] | None = None
     path: str | None = None
     message: str = ""
-
-
-def resume_recipe(resume_from: str | Path, requested: TrainRecipe | None = None) -> tuple[TrainRecipe, list[str]]:
-    """The recipe of the run saved at ``resume_from``, and what differs from the ``requested`` one.
-
-    A resumed run continues exactly as it started, so its saved recipe wins; the returned lines say which of
-    the caller's settings were set aside (``"input_size: 512 asked, 256 saved"``), for the caller to show.
-    """
-    _, saved = load_training_state(state_path(resume_from))
-    return saved, [] if requested is None else requested.differences(saved, "asked", "saved")
 
 
 def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding) -> ModelConfig:
@@ -147,49 +144,6 @@ def _which_file(best: float, best_step: int | None, out_path: Path) -> str:
             f"in validation {100 * best:.1f}%)")
 
 
-#: What may change when a run is resumed: how long it trains (a finished run can be continued for longer; the
-#: learning rate then decays over the new length).
-LENGTH_FIELDS = ("steps", "epochs")
-
-
-def _check_recipe(data: PreparedData, recipe: TrainRecipe, resume_from: Path | None, saved: TrainRecipe | None) -> None:
-    if saved is not None and dataclasses.replace(recipe, **{f: getattr(saved, f) for f in LENGTH_FIELDS}) != saved:
-        differences = "; ".join(recipe.differences(saved, "asked", "saved"))
-        raise TrainingError(
-            f"{resume_from}: this run was started with another recipe ({differences}); resume it with its saved "
-            "recipe (train.resume_recipe) and data prepared with that recipe"
-        )
-    mismatch = recipe.differences(data.recipe, "to train", "in the data", DATA_FIELDS)
-    if mismatch:
-        raise TrainingError(
-            f"the data were prepared for another recipe ({'; '.join(mismatch)}): prepare them with the recipe "
-            "that trains (prepare_training_data(pairs, recipe))"
-        )
-
-
-def _check_resumed_model(model: AdaptedSAM, expected: ModelConfig, resume_from: Path) -> None:
-    """The model file being resumed must be the model its training state describes."""
-    found = dataclasses.replace(model.config, base_checkpoint=None)
-    expected = dataclasses.replace(expected, base_checkpoint=None)
-    if found != expected:
-        differ = [f.name for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(expected, f.name)]
-        raise TrainingError(
-            f"{resume_from}: the model file and its training state ({state_path(resume_from).name}) describe "
-            f"different models (they differ in {differ}); was one of them replaced?"
-        )
-
-
-def _check_pair(resume_from: Path, state: dict[str, Any]) -> None:
-    """The model file and the training state must come from the same save (they are two writes: a crash or a
-    full disk between them leaves a pair one step apart, and resuming it would silently not be exact)."""
-    if state.get("model_sha256") != sha256_file(resume_from):
-        raise CheckpointError(
-            f"{resume_from}: the model file and its training state ({state_path(resume_from).name}, step "
-            f"{state.get('step')}) are not from the same save (was a save interrupted, or a file replaced?), so the "
-            f"run cannot be resumed exactly. The model file itself is complete: predict with it, or train anew"
-        )
-
-
 def _not_finite_message(what: str, step: int, out_path: Path) -> str:
     kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
     return (f"{what} at step {step}; training stopped and nothing non-finite was saved ({kept}). "
@@ -229,6 +183,7 @@ def train(
     run: RunOptions | None = None,
     resume_from: str | Path | None = None,
     stop: threading.Event | None = None,
+    init_from: str | Path | None = None,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     """Fine-tune ``base_checkpoint`` on ``data``; yields :class:`TrainingEvent` and returns the model.
 
@@ -239,17 +194,30 @@ def train(
         resume_from: an adapter written by this loop, whose training state lies beside it. The run continues
             exactly, with its saved recipe (``recipe`` must equal it), into ``out_path`` (which may be another file).
         stop: set it to end training at the next step (a half-accumulated step is discarded); the loop saves.
+        init_from: a model file written by this project (adapter on ``base_checkpoint``, or a bundle trained on
+            it) to start a new run from ("train again" after annotating more): step 0, a new optimizer and
+            schedule, the model's adapter and head weights. The recipe must carry the model's settings (take them
+            with :func:`init_recipe`) and the labels its label values. Not with ``resume_from``; ``out_path``
+            must be another file (the model is only read).
 
     Files: ``out_path`` (latest adapter, saved at every validation, at the end and on stop),
-    ``*.best.safetensors`` (best mean IoU over the classes present in validation) and ``*.training.pt``
-    (resume state).
+    ``*.best.safetensors`` (best mean IoU over the classes present in validation), ``*.training.pt``
+    (resume state) and ``*.metrics.csv`` (one row per validation, rewritten at each; see
+    :func:`~.training_state.metrics_table`).
+
+    Raises:
+        ConfigError: before any work, ``resume_from`` with ``init_from``, or an output that is an input.
     """
     out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
     resume_from = Path(resume_from) if resume_from is not None else None
+    init_from = Path(init_from) if init_from is not None else None
+    if resume_from is not None and init_from is not None:
+        raise ConfigError(f"resume {resume_from} or start a new run from {init_from}, not both")
     recipe = recipe or data.recipe
     run = run or RunOptions()
-    outputs = {"the output": out_path, "its best file": best_path(out_path), "its training state": state_path(out_path)}
-    check_outputs_are_not_inputs(outputs, {"the base checkpoint": base_checkpoint})
+    outputs = {"the output": out_path, "its best file": best_path(out_path), "its training state": state_path(out_path),
+               "its metrics table": metrics_path(out_path)}
+    check_outputs_are_not_inputs(outputs, {"the base checkpoint": base_checkpoint, "the model to start from": init_from})
     check_writable(out_path, "the output")
     with run_lock(out_path) as note:
         leftovers = [tmp for path in outputs.values() for tmp in temporary_files(path)]
@@ -257,8 +225,8 @@ def train(
             tmp.unlink(missing_ok=True)
         if leftovers:
             note = "; ".join(filter(None, [note, f"removed {len(leftovers)} temporary file(s) of an interrupted save"]))
-        return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, stop or threading.Event(),
-                                  note))
+        return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, init_from,
+                                  stop or threading.Event(), note))
 
 
 def _train(
@@ -268,11 +236,12 @@ def _train(
     recipe: TrainRecipe,
     run: RunOptions,
     resume_from: Path | None,
+    init_from: Path | None,
     stop: threading.Event,
     note: str,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
-    _check_recipe(data, recipe, resume_from, saved)
+    check_recipe(data, recipe, resume_from, saved, init_from)
     resolved = apply_run_options(run)
     device, dtype = resolved.device, resolved.dtype
     torch.manual_seed(recipe.seed)
@@ -281,14 +250,9 @@ def _train(
     base = load_base(base_checkpoint)
     config = model_config_for(base, recipe, data.encoding)
     if state:
-        _check_pair(resume_from, state)
-        model = load_model(resume_from, base=base)
-        if model.config.head.class_values != tuple(data.encoding.class_values):
-            raise TrainingError(
-                f"the model was trained on label values {list(model.config.head.class_values)} but the labels now "
-                f"hold {list(data.encoding.class_values)}; a new class needs a new training run"
-            )
-        _check_resumed_model(model, config, resume_from)
+        model = load_resumed_model(resume_from, state, base, config, data.encoding)
+    elif init_from:
+        model = load_initial_model(init_from, base, config, data.encoding)
     else:
         model = AdaptedSAM(base.sam, config)
     model.to(device)
@@ -302,36 +266,48 @@ def _train(
                             f"more than that (asked for {total})")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    step, best, best_step, history = 0, -math.inf, None, {"loss": [], "validation": []}
+    step, best, best_step, history = 0, -math.inf, None, {"loss": [], "validation": [], "epochs": {}}
+    origin = started_from(init_from)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _restore_scaler(scaler, state.get("scaler", {}))
         step, best, history = state["step"], state["best"], state["history"]
-        best_step = state.get("best_step")
+        best_step, origin = state.get("best_step"), state.get("started_from")
+        history.setdefault("epochs", {})
         restore_rng(rng, state["rng"])
         if resume_from != out_path and best_path(resume_from).is_file():
             copy_file(best_path(resume_from), best_path(out_path))  # the run's best so far goes with it
+
+    def log(metrics: dict[str, Any] | None) -> None:
+        """Add a validation to the history and rewrite the metrics table from it."""
+        if metrics:
+            history["validation"].append((step, metrics))
+            history["epochs"][step] = step / steps_per_epoch
+        write_metrics_csv(metrics_path(out_path), history, recipe.class_names, data.encoding.class_values,
+                          steps_per_epoch)
 
     def save(kind: str, snapshot: dict[str, Any]) -> TrainingEvent:
         _check_finite(model, step, out_path)
         save_adapter(model, out_path)
         save_training_state(state_path(out_path), {
             "step": step, "best": best, "best_step": best_step, "history": history, "rng": snapshot,
-            "model_sha256": sha256_file(out_path),
+            "model_sha256": sha256_file(out_path), "started_from": origin,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         }, recipe)
+        log(None)
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
                         message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}"
                                 + (f", {resolved.threads_note}" if resolved.threads_note else "") + "), "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
+                                + (f", starting from {init_from}" if init_from else "")
                                 + "".join(f"; {line}" for line in [note, *data_notes(data)] if line))
     if step == 0:
         metrics = validate(model, data, device, dtype)
         if metrics:
-            history["validation"].append((0, metrics))
+            log(metrics)
             yield TrainingEvent("validation", 0, total, 0.0, metrics=metrics, message="before fine-tuning")
     val_every = recipe.val_every or max(1, total // 10)
     started, done_at_start = time.perf_counter(), step
@@ -380,7 +356,7 @@ def _train(
         if step % val_every == 0 or step == total:
             metrics = validate(model, data, device, dtype)
             if metrics:
-                history["validation"].append((step, metrics))
+                log(metrics)
                 better = selection_score(metrics) > best
                 if better:
                     best, best_step = selection_score(metrics), step
@@ -396,5 +372,6 @@ def _train(
             yield save("saved", rng_snapshot(rng))
         yield TrainingEvent("finished", step, total, step / steps_per_epoch, path=str(out_path),
                             message=f"finished {total} steps; model saved to {out_path}" + _which_file(best, best_step,
-                                                                                                       out_path))
+                                                                                                       out_path)
+                            + f"; validation metrics in {metrics_path(out_path).name}")
     return model.eval()

@@ -1,17 +1,20 @@
-"""The resumable part of training, saved next to the model file: ``MODEL.training.pt``.
+"""The resumable part of training, saved next to the model file: ``MODEL.training.pt``; and the run's
+validations as a table beside it: ``MODEL.metrics.csv``.
 
-One record of optimizer, scheduler, scaler, step, RNG states, history and the run's :class:`TrainRecipe`,
-so that training resumes exactly as if never interrupted (on the same kind of device: see BENCHMARKS.md for
-CUDA). Written atomically, read with ``weights_only=True``. Run options (device, precision, threads) are not
-saved: a resumed run takes the caller's.
+One record of optimizer, scheduler, scaler, step, RNG states, history, the run's :class:`TrainRecipe` and the
+model it started from (``started_from``: file name and sha256, or None), so that training resumes exactly as
+if never interrupted (on the same kind of device: see BENCHMARKS.md for CUDA). Written atomically, read with
+``weights_only=True``. Run options (device, precision, threads) are not saved: a resumed run takes the caller's.
 """
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,11 +23,14 @@ from .atomic import atomic_path
 from .config import TrainRecipe, from_record, to_record
 from .config.choices import BEST_SUFFIX, MODEL_SUFFIX, TRAINING_STATE_SUFFIX
 from .errors import CheckpointError, ConfigError
+from .metrics import selection_score
 from .safety import unreadable_reason
 
 #: Version of the training-state record; version 1 (napari-convlora 0.1.0) did not save the data settings.
 STATE_VERSION = 2
 _REQUIRED = ("step", "best", "history", "optimizer", "scheduler", "rng", "recipe")
+#: Written next to a run's model file: ``run.metrics.csv``, one row per validation.
+METRICS_SUFFIX = ".metrics.csv"
 
 
 def state_path(model_path: str | os.PathLike) -> Path:
@@ -37,6 +43,62 @@ def best_path(model_path: str | os.PathLike) -> Path:
     """``run/model.safetensors`` -> ``run/model.best.safetensors``."""
     model_path = Path(model_path)
     return model_path.with_name(model_path.name.removesuffix(MODEL_SUFFIX) + BEST_SUFFIX)
+
+
+def metrics_path(model_path: str | os.PathLike) -> Path:
+    """``run/model.safetensors`` -> ``run/model.metrics.csv``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.removesuffix(MODEL_SUFFIX) + METRICS_SUFFIX)
+
+
+def metrics_table(
+    history: Mapping[str, Any], class_names: Sequence[str] | None, class_values: Sequence[int],
+    steps_per_epoch: int | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """The header and rows of the metrics CSV, from a run's history (``{"loss": [(step, loss)], "validation":
+    [(step, metrics)], "epochs": {step: epoch}}``; ``metrics`` as ``validate`` returns it). A history saved
+    without epochs (an older run) takes them from ``steps_per_epoch``.
+
+    Columns: ``step``, ``epoch``, ``train_loss`` (mean of the steps since the previous validation; empty at
+    step 0), ``selection_mean_iou`` (mean IoU over the classes present in validation, the score the best model
+    is chosen on), then per class ``iou_NAME``, ``dice_NAME``, ``pixels_NAME`` (NAME: the class name, else its
+    label value; undefined scores empty), and ``best``: 1 where that validation was the best so far (saved as the
+    ``.best`` file; the last 1 is the model in it), else 0. Step 0 (before fine-tuning) is never the best.
+    """
+    names = list(class_names) if class_names and len(class_names) == len(class_values) else \
+        [str(v) for v in class_values]
+    header = ["step", "epoch", "train_loss", "selection_mean_iou"]
+    header += [f"{kind}_{name}" for name in names for kind in ("iou", "dice", "pixels")] + ["best"]
+    losses, epochs = history.get("loss", []), history.get("epochs", {})
+    rows, previous, best = [], 0, -math.inf
+    for step, metrics in history.get("validation", []):
+        since = [loss for s, loss in losses if previous < s <= step]
+        score = selection_score(metrics)
+        is_best = step > 0 and score > best
+        best = score if is_best else best
+        epoch = epochs.get(step, step / steps_per_epoch if steps_per_epoch else None)
+        per_class = zip(metrics["per_class_iou"], metrics["per_class_dice"], metrics["per_class_pixels"])
+        rows.append([step, _cell(epoch), sum(since) / len(since) if since else "", _cell(score),
+                     *[_cell(v) for values in per_class for v in values], int(is_best)])
+        previous = step
+    return header, rows
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: empty for an undefined value (None, NaN, -inf), else the value (full precision)."""
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+def write_metrics_csv(path: str | os.PathLike, history: Mapping[str, Any], class_names: Sequence[str] | None,
+                      class_values: Sequence[int], steps_per_epoch: int | None = None) -> Path:
+    """Write :func:`metrics_table` as CSV, atomically (a reader never sees half a table)."""
+    path = Path(path)
+    header, rows = metrics_table(history, class_names, class_values, steps_per_epoch)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 def rng_snapshot(rng: np.random.Generator) -> dict[str, Any]:

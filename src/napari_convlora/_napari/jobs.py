@@ -7,6 +7,7 @@ thread never imports it (an import of torch takes over a second).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..errors import CheckpointError
 from .layers import LayerCopy
 from .native_libs import isolate_triton
 
+#: The built-in model's file name: a tiny SAM with random weights (until a pretrained small SAM ships).
+BUILTIN_CHECKPOINT = "built-in-tiny-sam-random-weights.pth"
 #: Step events reach the GUI thread in batches, at most this often (seconds).
 STEP_BATCH_S = 0.25
 
@@ -48,6 +51,7 @@ class TrainResult:
     path: str
     stopped: bool
     resumable: bool
+    config: dict[str, Any] | None = None  # the model's configuration record (what ``files.describe`` shows)
 
 
 @dataclass
@@ -58,6 +62,15 @@ class PredictResult:
     class_values: tuple[int, ...]
     class_names: tuple[str, ...] | None
     background_value: int
+    instances: np.ndarray | None = None
+
+
+@dataclass
+class EvaluateResult:
+    image_name: str
+    labels_name: str
+    metrics: dict[str, Any]
+    class_names: tuple[str, ...] | None
 
 
 @dataclass
@@ -118,6 +131,18 @@ def probe_devices() -> Generator[Message, None, dict[str, bool]]:
     return available_devices()
 
 
+def builtin_checkpoint(folder: str) -> Generator[Message, None, str]:
+    """The built-in SAM as a checkpoint file in ``folder`` (written once; nothing is downloaded)."""
+    path = Path(folder) / BUILTIN_CHECKPOINT
+    if not path.is_file():
+        yield Message(f"writing the built-in model to {path}")
+        isolate_triton()  # before torch: see native_libs
+        from ..sam_loading import tiny_sam_checkpoint
+
+        tiny_sam_checkpoint(path)
+    return str(path)
+
+
 def load_file(path: str, base: str | None = None) -> Generator[Message, None, LoadedFile]:
     """Describe a SAM checkpoint, or load a fine-tuned file (an adapter needs its ``base`` SAM)."""
     yield Message(f"reading {path}")
@@ -135,6 +160,37 @@ def load_file(path: str, base: str | None = None) -> Generator[Message, None, Lo
     return LoadedFile(path, info, model, resumable=state_path(path).is_file())
 
 
+def name_layers(message: str, pairs: Sequence[LayerCopy]) -> str:
+    """A data-preparation message about ``image N`` said with the names of that pair's layers."""
+    for index, pair in enumerate(pairs, start=1):
+        prefix = f"image {index}: "
+        if message.startswith(prefix):
+            return f"'{pair.name}' with '{pair.labels_name}': {message[len(prefix):]}"
+    return message
+
+
+def names_from_layers(pairs: Sequence[LayerCopy], recipe: TrainRecipe) -> tuple[str, ...] | None:
+    """Class names for the recipe from the Labels layers' features, when the recipe has none and the layers
+    name every class value their labels hold (value modes only: instance ids are not classes)."""
+    if recipe.class_names is not None or recipe.label_mode not in ("dense", "sparse"):
+        return None
+    names: dict[int, str] = {}
+    for pair in pairs:
+        names.update(pair.class_names or {})
+    if not names:
+        return None
+    from ..data import make_label_encoding
+
+    try:
+        encoding = make_label_encoding([p.labels for p in pairs], recipe.label_mode, recipe.background_value)
+    except ValueError:  # data preparation reports it, naming the image
+        return None
+    found = [names.get(int(v)) for v in encoding.class_values]
+    if any(n is None for n in found[1:]):
+        return None
+    return (found[0] or "background", *found[1:])
+
+
 def train_job(
     base: str,
     pairs: Sequence[LayerCopy],
@@ -142,13 +198,15 @@ def train_job(
     run: RunOptions,
     out_path: str,
     resume_from: str | None = None,
+    init_from: str | None = None,
     stop: threading.Event | None = None,
 ) -> Generator[Any, None, TrainResult | None]:
-    """Resolve the recipe (a resumed run keeps its saved one), check and prepare the data with it, then drive
-    ``train.train``; yields Messages and TrainingEvents."""
+    """Resolve the recipe (a resumed run keeps its saved one; a run that continues a model takes what the model
+    decides), check and prepare the data with it, then drive ``train.train``; yields Messages and TrainingEvents."""
     isolate_triton()  # before torch: see native_libs
+    from ..config import to_record
     from ..data import ImageLayout, TrainingPair, prepare_training_data
-    from ..train import resume_recipe, train
+    from ..train import init_recipe, resume_recipe, train
     from ..training_state import state_path
 
     stop = stop or threading.Event()
@@ -156,17 +214,28 @@ def train_job(
         recipe, set_aside = resume_recipe(resume_from, requested=recipe)
         for line in set_aside:
             yield Message(f"resuming with the run's saved {line}")
+    elif init_from:
+        recipe, set_aside = init_recipe(init_from, requested=recipe)
+        for line in set_aside:
+            yield Message(f"continuing {Path(init_from).name} with its {line}")
     yield Message(f"checking {len(pairs)} annotated image(s)")
+    named = names_from_layers(pairs, recipe)
+    if named is not None:
+        recipe = dataclasses.replace(recipe, class_names=named)
+        yield Message(f"class names from the Labels layers' features: {', '.join(named)}")
     training = [TrainingPair(p.image, p.labels, ImageLayout(rgb=p.rgb)) for p in pairs]
-    data = prepare_training_data(training, recipe)
+    try:
+        data = prepare_training_data(training, recipe)
+    except ValueError as e:  # "image 2: ..." -> the layers the user knows
+        raise ValueError(name_layers(str(e), pairs)) from None
     yield Message(f"label values {list(data.encoding.class_values)}; {data.summary()}")
     if stop.is_set():
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     kinds: set[str] = set()
-    events = train(base, data, out_path, recipe, run, resume_from=resume_from, stop=stop)
+    events = train(base, data, out_path, recipe, run, resume_from=resume_from, init_from=init_from, stop=stop)
     model = yield from batch_steps(events, seen=kinds)
-    return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file())
+    return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file(), to_record(model.config))
 
 
 def predict_job(
@@ -176,8 +245,10 @@ def predict_job(
     device: str,
     progress: TileProgress,
     stop: threading.Event | None = None,
+    instances: bool = False,
 ) -> Generator[Message, None, PredictResult | None]:
-    """Segment a copied image (all planes, or ``planes``); None when stopped."""
+    """Segment a copied image (all planes, or ``planes``; with ``instances`` also connected components per
+    class, plane by plane); None when stopped."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
     from ..predict import predict_image
@@ -189,11 +260,48 @@ def predict_job(
     head = model.config.head
     try:
         prediction = predict_image(model, image.image, ImageLayout(rgb=image.rgb), planes=planes, device=device,
-                                   progress=progress, should_stop=stop.is_set)
+                                   progress=progress, should_stop=stop.is_set, instances=instances)
     except PredictionCancelled:
         return None
     return PredictResult(image.name, prediction.labels, planes, head.class_values, head.class_names,
-                         head.background_value)
+                         head.background_value, prediction.instances)
+
+
+def predict_files_job(
+    model: Any,
+    paths: Sequence[str],
+    out_dir: str,
+    device: str,
+    progress: TileProgress,
+    instances: bool = False,
+    stop: threading.Event | None = None,
+) -> Generator[Message, None, str]:
+    """Predict image files into ``out_dir``, one log line per file (a file that fails is skipped, the others go
+    on); returns the summary line. Stopping ends it between tile batches; finished files are kept."""
+    isolate_triton()  # before torch: see native_libs
+    from ..batch_predict import expand_inputs, predict_files, summary
+
+    stop = stop or threading.Event()
+    images = expand_inputs(paths)
+    yield Message(f"predicting {len(images)} file(s) into {out_dir}")
+    started, results = time.perf_counter(), []
+    for result in predict_files(model, images, out_dir, device=device, instances=instances, progress=progress,
+                                should_stop=stop.is_set):
+        results.append(result)
+        yield Message(result.line(model.config.head.class_names))
+    line = summary(results, out_dir, time.perf_counter() - started)
+    return line + (" (stopped)" if stop.is_set() and len(results) < len(images) else "")
+
+
+def evaluate_job(model: Any, pair: LayerCopy, labels_name: str, device: str) -> Generator[Message, None, EvaluateResult]:
+    """Predict a copied image and score it against its copied Labels (read with the model's label mode)."""
+    isolate_triton()  # before torch: see native_libs
+    from ..data import ImageLayout
+    from ..predict import evaluate_image
+
+    yield Message(f"evaluating the model on '{pair.name}' against '{labels_name}'")
+    metrics = evaluate_image(model, pair.image, pair.labels, ImageLayout(rgb=pair.rgb), device=device)
+    return EvaluateResult(pair.name, labels_name, metrics.to_dict(), model.config.head.class_names)
 
 
 def save_job(model: Any, path: str, bundle: bool) -> Generator[Message, None, str]:
@@ -204,3 +312,18 @@ def save_job(model: Any, path: str, bundle: bool) -> Generator[Message, None, st
 
     (save_bundle if bundle else save_adapter)(model, path)
     return path
+
+
+def model_zoo_job(model: Any, path: str, image: LayerCopy | None, plane: int | None) -> Generator[Message, None, str]:
+    """Write the model as a BioImage Model Zoo package, its test image cut from ``image`` (else the built-in
+    sample); bioimageio.spec checks the package before it is moved into place."""
+    yield Message(f"exporting a BioImage Model Zoo package to {path}")
+    isolate_triton()  # before torch: see native_libs
+    from ..bioimageio_export import check_export, export_bioimageio
+    from ..data import ImageLayout
+
+    check_export(path)
+    sample = None if image is None else image.image
+    layout = None if image is None else ImageLayout(rgb=image.rgb)
+    return str(export_bioimageio(model, path, sample, layout, plane=plane))
+

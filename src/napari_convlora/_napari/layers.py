@@ -29,6 +29,8 @@ class LayerCopy:
     image: np.ndarray
     rgb: bool
     labels: np.ndarray | None = None
+    class_names: dict[int, str] | None = None  # from the Labels layer's features, where it names its values
+    labels_name: str | None = None
 
 
 def _array(layer) -> np.ndarray:
@@ -42,10 +44,32 @@ def copy_image(layer: Image) -> LayerCopy:
 
 
 def copy_pair(image: Image, labels: Labels) -> LayerCopy:
-    """Copy an annotated image: the Image layer and the Labels layer painted on it."""
+    """Copy an annotated image: the Image layer and the Labels layer painted on it (and its class names)."""
     pair = copy_image(image)
     pair.labels = _array(labels)
+    pair.class_names = feature_class_names(labels)
+    pair.labels_name = labels.name
     return pair
+
+
+#: Columns of a Labels layer's features that may name its values (first found wins).
+NAME_COLUMNS = ("class", "class_name", "name", "label_name")
+
+
+def feature_class_names(labels: Labels) -> dict[int, str] | None:
+    """``{label value: name}`` from the layer's features (napari's table of per-value properties): the value
+    in an ``index`` column (else the row number) and the name in a ``class``/``name`` column; None without."""
+    features = getattr(labels, "features", None)
+    if features is None or len(features) == 0:
+        return None
+    column = next((c for c in NAME_COLUMNS if c in features.columns), None)
+    if column is None:
+        return None
+    values = features["index"] if "index" in features.columns else pd.Series(range(len(features)))
+    try:
+        return {int(v): str(n) for v, n in zip(values, features[column]) if str(n).strip()}
+    except (TypeError, ValueError):
+        return None
 
 
 def spatial_shape(layer: Image) -> tuple[int, ...]:
@@ -66,11 +90,15 @@ def current_plane(viewer, layer: Image) -> int | None:
     return int(np.ravel_multi_index(index, lead))
 
 
-def class_colormap(values: Sequence[int], background: int) -> DirectLabelColormap:
+def class_colours(values: Sequence[int], background: int, given: dict[int, str] | None = None) -> dict[int, str]:
+    """A colour (hex) for each class value other than ``background``: ``given`` ones first, then the palette."""
+    others = [int(v) for v in values if v != background]
+    return {value: (given or {}).get(value) or CLASS_COLOURS[i % len(CLASS_COLOURS)] for i, value in enumerate(others)}
+
+
+def class_colormap(values: Sequence[int], background: int, given: dict[int, str] | None = None) -> DirectLabelColormap:
     colours: dict[int | None, str] = {None: "transparent", background: "transparent"}
-    others = [v for v in values if v != background]
-    for i, value in enumerate(others):
-        colours[int(value)] = CLASS_COLOURS[i % len(CLASS_COLOURS)]
+    colours.update(class_colours(values, background, given))
     return DirectLabelColormap(color_dict=colours)
 
 
@@ -91,10 +119,12 @@ def write_prediction(
     class_names: Sequence[str] | None,
     background_value: int = 0,
     planes: Sequence[int] | None = None,
+    colours: dict[int, str] | None = None,
 ) -> Labels:
-    """Add or update the Labels layer ``"<image> prediction"``: one colour per class, the class names
-    as features (napari shows them under the cursor). With ``planes``, only those planes of an existing
-    layer are replaced; the layer remembers which planes hold a prediction."""
+    """Add or update the Labels layer ``"<image> prediction"``: one colour per class (``colours`` where given,
+    e.g. those of the training labels), the class names as features (napari shows them under the cursor).
+    With ``planes``, only those planes of an existing layer are replaced; the layer remembers which planes
+    hold a prediction."""
     name = prediction_name(image.name)
     names = list(class_names) if class_names else [f"class {i}" for i in range(len(class_values))]
     features = pd.DataFrame({"index": list(class_values), "class": names})
@@ -120,40 +150,111 @@ def write_prediction(
         if layer is not None:
             viewer.layers.remove(layer)
         layer = viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate)
-    layer.colormap = class_colormap(class_values, background_value)
+    layer.colormap = class_colormap(class_values, background_value, colours)
     layer.features = features
     layer.metadata[METADATA_KEY] = {"image": image.name, "planes": done}
     layer.refresh()
     return layer
 
 
+def instances_name(image_name: str) -> str:
+    return f"{image_name} instances"
+
+
+def write_instances(viewer, image: Image, instances: np.ndarray, planes: Sequence[int] | None = None) -> Labels:
+    """Add or update the Labels layer ``"<image> instances"`` (objects numbered plane by plane in stacks).
+    With ``planes``, only those planes of an existing layer of the same shape are replaced."""
+    name = instances_name(image.name)
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if isinstance(layer, Labels) and layer.data.shape == instances.shape:
+        data = np.asarray(layer.data)
+        if planes is not None:
+            data = data.astype(np.promote_types(data.dtype, instances.dtype), copy=False)
+            for plane in planes:
+                _plane_view(data, plane)[...] = _plane_view(instances, plane)
+            layer.data = data
+        else:
+            layer.data = instances
+        layer.refresh()
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    return viewer.add_labels(instances, name=name, scale=image.scale, translate=image.translate)
+
+
 def _predicted_planes(layer: Labels) -> list[int] | None:
     return layer.metadata.get(METADATA_KEY, {}).get("planes")
 
 
-def copy_prediction(prediction: Labels, target: Labels) -> int:
-    """Copy the predicted planes into ``target`` (for correcting them by hand); undoable with Ctrl+Z.
-    Returns the number of pixels changed."""
+#: What "Copy to training labels" may change: only pixels nobody painted (0), or every predicted pixel.
+COPY_MODES = ("unpainted", "all")
+
+
+def _copy_coords(prediction: Labels, target: Labels, mode: str) -> tuple[np.ndarray, ...]:
+    """Coordinates (one array per axis) of the target pixels a copy in ``mode`` would change."""
     if prediction.data.shape != target.data.shape:
         raise ValueError(
-            f"'{prediction.name}' has shape {prediction.data.shape} but '{target.name}' has shape "
-            f"{target.data.shape}; copy into the Labels layer painted on the same image"
+            f"the prediction '{prediction.name}' has shape {prediction.data.shape} but the Labels layer "
+            f"'{target.name}' has shape {target.data.shape}; copy into the Labels layer painted on the same image"
         )
-    source = np.asarray(prediction.data)
+    if mode not in COPY_MODES:
+        raise ValueError(f"copy mode must be one of {COPY_MODES}, got {mode!r}")
+    source, current = np.asarray(prediction.data), np.asarray(target.data)
+
+    def changes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        changed = dst != src
+        return changed & (dst == 0) if mode == "unpainted" else changed
+
     planes = _predicted_planes(prediction)
     if source.ndim == 2 or planes is None:
-        coords = np.nonzero(np.asarray(target.data) != source)
-    else:
-        lead, parts = source.shape[:-2], []
-        for plane in planes:
-            ys, xs = np.nonzero(_plane_view(np.asarray(target.data), plane) != _plane_view(source, plane))
-            index = np.unravel_index(plane, lead)
-            parts.append(tuple(np.full(ys.size, i) for i in index) + (ys, xs))
-        coords = tuple(np.concatenate(axis) for axis in zip(*parts)) if parts else ()
-    if not coords or coords[0].size == 0:
+        return np.nonzero(changes(source, current))
+    lead, parts = source.shape[:-2], []
+    for plane in planes:
+        ys, xs = np.nonzero(changes(_plane_view(source, plane), _plane_view(current, plane)))
+        index = np.unravel_index(plane, lead)
+        parts.append(tuple(np.full(ys.size, i) for i in index) + (ys, xs))
+    return tuple(np.concatenate(axis) for axis in zip(*parts)) if parts else tuple(np.empty(0, int) for _ in source.shape)
+
+
+def painted_pixels_to_replace(prediction: Labels, target: Labels) -> int:
+    """How many painted (non-zero) pixels of ``target`` a copy of every predicted pixel would change."""
+    coords = _copy_coords(prediction, target, "all")
+    return int(np.count_nonzero(np.asarray(target.data)[coords])) if coords[0].size else 0
+
+
+def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted") -> int:
+    """Copy the predicted planes into ``target`` (for correcting them by hand); undoable with Ctrl+Z.
+
+    mode: ``"unpainted"`` fills only the pixels of ``target`` that hold 0 (what was painted stays);
+        ``"all"`` makes the predicted planes equal to the prediction.
+    Returns the number of pixels changed.
+    """
+    coords = _copy_coords(prediction, target, mode)
+    if coords[0].size == 0:
         return 0
+    source = np.asarray(prediction.data)
     target.data_setitem(coords, source[coords].astype(np.asarray(target.data).dtype))
     return int(coords[0].size)
+
+
+def class_pixel_counts(labels: np.ndarray, class_values: Sequence[int]) -> dict[int, int]:
+    """Pixels of each class value in ``labels`` (every value of ``class_values``, 0 where absent)."""
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    found = dict(zip(values.tolist(), counts.tolist()))
+    return {int(v): int(found.get(int(v), 0)) for v in class_values}
+
+
+def training_colours(labels: Labels | None, class_values: Sequence[int], background: int) -> dict[int, str] | None:
+    """The colours a training Labels layer shows its class values in (hex), to colour predictions alike."""
+    if labels is None:
+        return None
+    colours = {}
+    for value in class_values:
+        if value == background:
+            continue
+        rgba = np.asarray(labels.colormap.map(np.array([value])))[0]
+        colours[int(value)] = "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgba[:3])
+    return colours
 
 
 def find_labels_for(viewer, image_name: str, pairs: Sequence[tuple[str, str]]) -> Labels | None:

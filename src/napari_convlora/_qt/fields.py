@@ -29,6 +29,7 @@ class PathField(QWidget):
                  placeholder: str = "", parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.key, self.caption, self.file_filter, self.directory = key, caption, file_filter, directory
+        self.error: str | None = None
         self.edit = QLineEdit(str(settings().value(key, "") or ""))
         self.edit.setPlaceholderText(placeholder)
         self.edit.setToolTip(caption)
@@ -49,9 +50,19 @@ class PathField(QWidget):
         """Show ``path``, remember it and (with ``emit``) announce it."""
         path = str(path).strip()
         self.edit.setText(path)
+        self.set_error(None)
         settings().setValue(self.key, path)
         if emit:
             self.changed.emit(path)
+
+    def set_error(self, message: str | None) -> None:
+        """Mark the path as unusable (red frame, the reason as tooltip) and forget it for the next session;
+        None clears the mark."""
+        self.error = message
+        self.edit.setStyleSheet("QLineEdit { border: 1px solid #e53935; }" if message else "")
+        self.edit.setToolTip(message or self.caption)
+        if message:
+            settings().remove(self.key)
 
     def browse(self) -> None:
         start = self.path() or str(settings().value("last_folder", str(Path.home())))

@@ -24,9 +24,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from superqt import QCollapsible
 
 from ..config import AdapterConfig, RunOptions, TrainRecipe
+from ..config.suggestions import suggested_input_size
 from ..config.choices import (
     DEVICE_LABELS,
     DEVICES,
@@ -67,16 +67,36 @@ def _combo(values, labels: dict[str, str] | None = None, tip: str = "") -> QComb
     return box
 
 
+OFFICIAL_CHECKPOINTS = "github.com/facebookresearch/segment-anything#model-checkpoints"
+#: Where training starts: the base SAM with new adapters, or the current fine-tuned model.
+START_FROM = ("base", "model")
+#: The fields a fine-tuned model decides; they follow it and are locked while training continues from it.
+MODEL_FIELDS = ("method", "rank", "experts", "input_size")
+
+
 class ModelForm(QWidget):
-    """Base SAM checkpoint, an optional fine-tuned file, the adapter method and where to run."""
+    """Base SAM checkpoint, an optional fine-tuned file, where training starts, the adapter method and where to run."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.sam = PathField("sam_checkpoint", "Choose a SAM checkpoint", SAM_FILTER, placeholder="SAM checkpoint (.pth)")
+        self.sam = PathField("sam_checkpoint", "Choose a SAM checkpoint", SAM_FILTER,
+                             placeholder="SAM checkpoint (.pth), or the built-in model")
+        self.sam.setToolTip(f"a SAM checkpoint: official vit_b / vit_l / vit_h files come from {OFFICIAL_CHECKPOINTS} "
+                            "(sam_vit_b_01ec64.pth is the smallest); HQ-SAM and fine-tuned SAM files work too")
+        self.builtin = QPushButton("Built-in model")
+        self.builtin.setToolTip("a tiny SAM with random weights, made on this computer (nothing is downloaded): it "
+                                "runs the whole annotate-train-predict loop in a minute on a CPU, to try the "
+                                "plugin, but knows nothing about images before training; for real work choose "
+                                f"an official checkpoint ({OFFICIAL_CHECKPOINTS})")
         self.finetuned = PathField("finetuned_model", "Choose a saved napari-convlora model", MODEL_FILTER,
                                    placeholder="optional: a saved fine-tuned model")
         self.info = QLabel("")
         self.info.setWordWrap(True)
+        self.start_from = _combo(START_FROM, {"base": "the base SAM (new adapters)", "model": "the current model"},
+                                 "where training starts: new adapters on the base SAM, or the model trained or "
+                                 "loaded last (to correct its predictions and train again)")
+        self.model_note = QLabel("")
+        self.model_note.setWordWrap(True)
         self.method = _combo(METHODS, METHOD_LABELS, "Conv-LoRA: LoRA with a mixture of multi-scale convolution "
                                                      "experts; LoRA: low-rank adapters; Decoder only: the encoder "
                                                      "stays frozen")
@@ -89,14 +109,26 @@ class ModelForm(QWidget):
         self.precision = _combo(PRECISIONS, tip="mixed precision (bf16/fp16) is offered on CUDA only")
         self.method.currentIndexChanged.connect(self._method_changed)
         self.device.currentIndexChanged.connect(self._device_changed)
+        self.start_from.currentIndexChanged.connect(self._start_changed)
+        self.model_config: dict[str, Any] | None = None  # the config of the current fine-tuned model
+        self.sam_image_size: int | None = None  # the loaded SAM checkpoint's own input size
+        self.suggested_size: int | None = None  # the input size proposed last (a device change re-proposes it)
+        self.cuda_available = self.mps_available = False
+        self.tips = {name: getattr(self, name).toolTip() for name in MODEL_FIELDS}
+        set_item_enabled(self.start_from, 1, False, "the current model (none yet)")
         options = QHBoxLayout()
         for label, box in (("rank", self.rank), ("experts", self.experts)):
             options.addWidget(QLabel(label))
             options.addWidget(box)
+        sam_row = QHBoxLayout()
+        sam_row.addWidget(self.sam, 1)
+        sam_row.addWidget(self.builtin)
         form = QFormLayout(self)
-        form.addRow("SAM", self.sam)
+        form.addRow("SAM", sam_row)
         form.addRow("Fine-tuned", self.finetuned)
         form.addRow(self.info)
+        form.addRow("Start from", self.start_from)
+        form.addRow(self.model_note)
         form.addRow("Method", self.method)
         form.addRow("", options)
         form.addRow("Input size", self.input_size)
@@ -105,13 +137,72 @@ class ModelForm(QWidget):
         self.set_devices({"cuda": False, "mps": False, "cpu": True}, checking=True)
 
     def _method_changed(self, *_: Any) -> None:
+        locked = self.continues()
         method = self.method_name()
-        self.rank.setEnabled(method != "decoder")
-        self.experts.setEnabled(method == "conv_lora")
+        self.method.setEnabled(not locked)
+        self.rank.setEnabled(method != "decoder" and not locked)
+        self.experts.setEnabled(method == "conv_lora" and not locked)
+        self.input_size.setEnabled(not locked)
+
+    # ---- the current fine-tuned model ---------------------------------------------------------
+    def set_model(self, config: dict[str, Any] | None, name: str = "") -> None:
+        """A fine-tuned model is current (trained or loaded): show the values it decides, and offer to
+        continue from it (the default); None: no model."""
+        self.model_config = config
+        if config is None:
+            set_item_enabled(self.start_from, 1, False, "the current model (none yet)")
+            self.start_from.setCurrentIndex(0)
+            return
+        set_item_enabled(self.start_from, 1, True, f"the current model ({name})" if name else "the current model")
+        self.start_from.setCurrentIndex(1)
+        self._start_changed()
+
+    def continues(self) -> bool:
+        """Whether training starts from the current fine-tuned model."""
+        return self.model_config is not None and self.start_from.currentData() == "model"
+
+    def _start_changed(self, *_: Any) -> None:
+        config = self.model_config if self.continues() else None
+        if config is not None:
+            adapter = config["adapter"]
+            self.method.setCurrentIndex(METHODS.index(adapter["method"]))
+            if adapter.get("rank"):
+                self.rank.setValue(int(adapter["rank"]))
+            if adapter.get("num_experts"):
+                self.experts.setValue(int(adapter["num_experts"]))
+            self.input_size.setValue(int(config["input_size"]))
+            self.model_note.setText("Method, rank, experts and input size come from the current model while "
+                                    "training continues from it.")
+        else:
+            self.model_note.setText("")
+        for name in MODEL_FIELDS:
+            tip = self.tips[name] + (" (set by the current model)" if config is not None else "")
+            getattr(self, name).setToolTip(tip)
+        self._method_changed()
+
+    def suggest_input_size(self, image_size: int) -> None:
+        """Propose an input size for a checkpoint of ``image_size`` px on the chosen device (unless the current
+        model decides it); the tooltip says why."""
+        if self.continues():
+            return
+        size, why = suggested_input_size(image_size, self.resolved_device())
+        self.input_size.setValue(size)
+        self.suggested_size = size
+        self.input_size.setToolTip(f"SAM input (patch) size in pixels; proposed: {why}")
+        self.tips["input_size"] = self.input_size.toolTip()
+        self.sam_image_size = image_size
+
+    def resolved_device(self) -> str:
+        """The device "automatic" means on this machine (as far as the probe has told)."""
+        name = self.device_name()
+        if name != "auto":
+            return name
+        return "cuda" if self.cuda_available else "mps" if self.mps_available else "cpu"
 
     def set_devices(self, available: dict[str, bool], checking: bool = False) -> None:
         """Grey out devices this machine lacks."""
         self.cuda_available = bool(available.get("cuda"))
+        self.mps_available = bool(available.get("mps"))
         for index, name in enumerate(DEVICES):
             if name == "auto":
                 continue
@@ -121,6 +212,8 @@ class ModelForm(QWidget):
         self._device_changed()
 
     def _device_changed(self, *_: Any) -> None:
+        if self.sam_image_size and self.input_size.value() == self.suggested_size:  # not chosen by hand
+            self.suggest_input_size(self.sam_image_size)
         cuda = self.cuda_available and self.device_name() in ("auto", "cuda")
         for index, name in enumerate(PRECISIONS):
             if name in MIXED_PRECISIONS:
@@ -208,10 +301,7 @@ class DataForm(QWidget):
         form.addRow("Classes", self.class_names)
         form.addRow("Validation", self.val_fraction)
         form.addRow("Train for", length)
-        self.advanced = QCollapsible("Advanced")
-        self.options = AdvancedOptions()
-        self.advanced.addWidget(self.options.native)
-        form.addRow(self.advanced)
+        self.options = AdvancedOptions()  # shown in a tab of its own by the dock
         self.add_pair()
 
     def add_pair(self, image: str | None = None, labels: str | None = None) -> PairRow:
@@ -275,6 +365,7 @@ class AdvancedOptions(Container):
         self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
                                    tooltip="folder where training runs are saved (remembered)")
         self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
+        self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
         super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.run_folder])
         self.margins = (0, 0, 0, 0)
 

@@ -1,4 +1,5 @@
-"""Live training curves (pyqtgraph): the loss per step above, validation mIoU below, on a shared step axis.
+"""Live training curves (pyqtgraph): the loss per step above, validation mIoU below (a star on the best), on a
+shared step axis.
 
 Points are appended as events arrive and drawn when the progress view's paced timer calls :meth:`redraw`
 (every 0.5-3 s, see pacing.py), together with the progress bar: one repaint of the window instead of many.
@@ -25,6 +26,8 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         self.miou_plot.setYRange(0.0, 1.0)
         self.miou_plot.setXLink(self.loss_plot)
         for plot in (self.loss_plot, self.miou_plot):
+            for side in ("bottom", "left"):  # an empty plot's axis read "step (x0.001)"
+                plot.getAxis(side).enableAutoSIPrefix(False)
             plot.showGrid(x=True, y=True, alpha=0.25)
             plot.setMouseEnabled(x=False, y=False)
             plot.hideButtons()
@@ -34,6 +37,10 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         self.miou_curve = self.miou_plot.plot(
             pen=pg.mkPen("#ffb74d", width=2), symbol="o", symbolSize=5, symbolBrush="#ffb74d"
         )
+        self.best_marker = pg.ScatterPlotItem(symbol="star", size=14, brush="#fff176", pen=pg.mkPen("#f57f17"))
+        self.best_marker.setToolTip("the best validation so far: its model is the run's .best file")
+        self.miou_plot.addItem(self.best_marker)
+        self.loss_plot.setXRange(0, 1, padding=0.02)
         self.loss_points: tuple[list[float], list[float]] = ([], [])
         self.miou_points: tuple[list[float], list[float]] = ([], [])
         self.changed = False
@@ -48,6 +55,7 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
         for xs, ys in (self.loss_points, self.miou_points):
             xs.clear()
             ys.clear()
+        self.best_marker.setData([], [])
         self.changed = True
         self.redraw()
 
@@ -61,6 +69,16 @@ class TrainingPlot(pg.GraphicsLayoutWidget):
             self.miou_points[0].append(step)
             self.miou_points[1].append(miou)
             self.changed = True
+
+    def mark_best(self, step: int, miou: float | None) -> None:
+        """Put the star on the best validation so far."""
+        if miou is not None:
+            self.best_marker.setData([step], [miou])
+            self.changed = True
+
+    def best_step(self) -> int | None:
+        xs, _ = self.best_marker.getData()
+        return int(xs[0]) if len(xs) else None
 
     def redraw(self) -> None:
         """Draw the points added since the last redraw (nothing to do if none)."""

@@ -9,33 +9,56 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtGui import QTextCursor
 from qtpy.QtWidgets import QPlainTextEdit, QProgressBar, QVBoxLayout, QWidget
 
 from .._napari import jobs
 from ..metrics import format_line
+from ..metrics import selection_score
+from .metrics_table import MetricsTable
 from .pacing import RefreshPacer
 from .plot import TrainingPlot
 
 
 def eta_text(seconds: float | None) -> str:
-    """``m:ss`` or ``h:mm:ss``; empty when unknown."""
+    """Time left in words: ``"about 40 s left"``, ``"about 12 min left"``, ``"about 3 h 05 min left"``."""
     if seconds is None:
         return ""
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    if seconds < 60:
+        return f"about {max(seconds, 1)} s left"
+    minutes = int(round(seconds / 60))
+    if minutes < 60:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left"
+
+
+def rate_text(steps_per_s: float | None) -> str:
+    """Training speed: ``"2.4 steps/s"`` or, for slow steps, ``"38 s/step"``."""
+    if not steps_per_s:
+        return ""
+    return f"{steps_per_s:.1f} steps/s" if steps_per_s >= 0.95 else f"{1 / steps_per_s:.0f} s/step"
+
+
+#: A run expected to take longer than this (seconds) after its first steps gets a warning with what to change.
+LONG_RUN_S = 2 * 3600
 
 
 class ProgressView(QWidget):
-    """Progress bar, training plot and log of the dock."""
+    """Progress bar, training plot, per-class scores of the last validation, and log of the dock.
+
+    ``slow_run(eta_s)`` is emitted once per run when, after its first steps, the run looks like it will take
+    longer than ``LONG_RUN_S``."""
+
+    slow_run = Signal(float)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.plot = TrainingPlot()
+        self.scores = MetricsTable()
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(300)
@@ -44,7 +67,7 @@ class ProgressView(QWidget):
         self.log.verticalScrollBar().actionTriggered.connect(self._log_scrolled)
         column = QVBoxLayout(self)
         column.setContentsMargins(0, 0, 0, 0)
-        for part in (self.progress, self.plot, self.log):
+        for part in (self.plot, self.scores, self.log):  # the progress bar is placed by the dock, by its buttons
             column.addWidget(part)
         self.events_seen: list[str] = []  # training event kinds, in order
         self.tile_progress = jobs.TileProgress()  # written by a prediction job, read when drawing
@@ -55,11 +78,16 @@ class ProgressView(QWidget):
         self.timer.setSingleShot(True)
         self.timer.timeout.connect(self._tick)
         self.running = False
+        self.warned_slow = False
+        self.best: tuple[int, float] | None = None  # (step, selection score) of the best validation of the run
+        self.best_file = ""
 
     # ---- jobs --------------------------------------------------------------------------------
     def start_training(self) -> None:
         self.progress.setFormat("%v / %m")
         self.tile_progress = jobs.TileProgress()
+        self.warned_slow = False
+        self.best = None
 
     def start_prediction(self) -> jobs.TileProgress:
         """Returns the progress record for the prediction job to fill in."""
@@ -91,6 +119,7 @@ class ProgressView(QWidget):
                 self.plot.add_loss(step.step, step.loss)
             self.events_seen.extend(["step"] * len(event.events))
             self.last_step = event.events[-1]
+            self._check_pace(self.last_step)
             return
         self.events_seen.append(event.kind)
         if event.kind == "start":
@@ -104,6 +133,13 @@ class ProgressView(QWidget):
             self.plot.add_miou(event.step, event.metrics.get("mean_iou"))
             line = f"step {event.step}: validation {format_line(event.metrics, class_names)}"
             self.say(line + (f" ({event.message})" if event.message else ""))
+            if event.message.startswith("best so far"):  # "best so far: saved to <file>"
+                self.best = (event.step, selection_score(event.metrics))
+                self.best_file = event.message.rsplit(" ", 1)[-1]
+                self.plot.mark_best(event.step, event.metrics.get("mean_iou"))
+            where = "before fine-tuning" if event.step == 0 else f"at step {event.step}"
+            best = f" Best so far: step {self.best[0]}, saved as {self.best_file}." if self.best else ""
+            self.scores.show_metrics(event.metrics, class_names, f"Validation {where}.{best}")
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 
@@ -123,11 +159,26 @@ class ProgressView(QWidget):
         if self.last_step is not None:  # training
             event, self.last_step = self.last_step, None
             self.progress.setValue(event.step)
-            self.progress.setFormat(f"step %v / %m · loss {event.loss:.4f} · ETA {eta_text(event.eta_s)}")
+            parts = ["step %v / %m", rate_text(self.steps_per_s(event)), f"loss {event.loss:.4f}", eta_text(event.eta_s)]
+            self.progress.setFormat(" · ".join(p for p in parts if p))
         elif self.tile_progress.total:  # prediction
             self.progress.setRange(0, self.tile_progress.total)
             self.progress.setValue(self.tile_progress.done)
         self.progress.setUpdatesEnabled(True)  # schedules the repaint
+
+    @staticmethod
+    def steps_per_s(event: Any) -> float | None:
+        """Optimizer steps per second of a step event (its ETA and the steps left give the rate)."""
+        left = event.total_steps - event.step
+        if event.eta_s and left > 0:
+            return left / event.eta_s
+        return None
+
+    def _check_pace(self, event: Any) -> None:
+        """After a few steps, warn once when the run would take hours."""
+        if not self.warned_slow and event.step >= 2 and (event.eta_s or 0) > LONG_RUN_S:
+            self.warned_slow = True
+            self.slow_run.emit(float(event.eta_s))
 
     def _show_log(self) -> None:
         if not self.log_lines:

@@ -14,10 +14,10 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import (
-    QCheckBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
+    QMessageBox,
     QPushButton,
     QScrollArea,
     QTabWidget,
@@ -27,22 +27,40 @@ from qtpy.QtWidgets import (
 
 from .._napari import jobs
 from .._napari.layers import (
+    class_colours,
+    class_pixel_counts,
     copy_image,
     copy_pair,
     copy_prediction,
     current_plane,
     find_labels_for,
+    instances_name,
+    painted_pixels_to_replace,
     prediction_name,
+    training_colours,
+    write_instances,
     write_prediction,
 )
 from ..config import TrainRecipe
 from ..config.choices import SAM_CHECKPOINT_FORMAT
 from ..errors import describe_error
+from ..metrics import class_labels
 from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker, compute_thread
-from .fields import LayerCombo, settings
+from .fields import settings
 from .forms import DEFAULT_RUN_FOLDER, MODEL_FILTER, DataForm, ModelForm
-from .progress_view import ProgressView
+from .predict_panel import PredictPanel
+from .progress_view import ProgressView, eta_text
+
+
+def new_run_path(folder: Path) -> str:
+    """A new model file in ``folder`` named by the time, never one that exists (two runs in one second)."""
+    stem = f"convlora-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = folder / f"{stem}.safetensors", 1
+    while path.exists() or path.with_suffix(".training.pt").exists():
+        n += 1
+        path = folder / f"{stem}-{n}.safetensors"
+    return str(path)
 
 
 class ConvLoRAWidget(QWidget):
@@ -60,19 +78,17 @@ class ConvLoRAWidget(QWidget):
         self.model_form = ModelForm()
         self.data_form = DataForm(self._names(Image), self._names(Labels))
         self.train_button, self.stop_button, self.resume_button = (QPushButton(t) for t in ("Train", "Stop", "Resume"))
-        self.view = ProgressView()  # progress bar, plot and log, drawn at a paced rate while jobs run
+        self.train_button.setToolTip("fine-tune on the Image + Labels pairs of Training data (in the background; "
+                                     "napari stays usable); the run is saved in the folder under Advanced")
+        self.stop_button.setToolTip("stop at the next step: the run is saved and can be resumed")
+        self.resume_button.setToolTip("continue the stopped run exactly where it stopped")
+        self.view = ProgressView()  # progress bar, plot, scores and log, drawn at a paced rate while jobs run
         self.progress, self.plot, self.log = self.view.progress, self.view.plot, self.view.log
-        self.predict_image = LayerCombo(self._names(Image), "(no Image layer)")
-        self.whole_stack = QCheckBox("whole stack")
-        self.whole_stack.setToolTip("predict every plane of a stack (else only the plane shown)")
-        self.predict_button = QPushButton("Predict")
-        self.copy_button = QPushButton("Copy to training labels")
-        self.copy_button.setToolTip("copy the prediction into the Labels layer paired with this image, to correct it")
-        self.save_button = QPushButton("Save adapter…")
-        self.save_button.setToolTip("only the trained tensors (small); loading it needs the same SAM checkpoint")
-        self.export_button = QPushButton("Export bundle…")
-        self.export_button.setToolTip("one self-contained file: the SAM checkpoint, adapters and head side by side "
-                                      "(weights are bundled, not merged), to share or to load without the checkpoint")
+        self.panel = PredictPanel(self._names(Image), self._names(Labels))
+        self.predict_image, self.whole_stack = self.panel.image, self.panel.whole_stack
+        self.predict_button, self.copy_button = self.panel.predict, self.panel.copy
+        self.save_button, self.export_button = self.panel.save, self.panel.export
+        self.confirm = self._ask  # asks before painted pixels are replaced (tests answer for the user)
         self._layout()
         self._connect()
         self._set_busy(None)
@@ -91,24 +107,16 @@ class ConvLoRAWidget(QWidget):
         for button in (self.train_button, self.stop_button, self.resume_button):
             buttons.addWidget(button)
         train.addLayout(buttons)
-        train.addWidget(self.view)
-        predict_box = QGroupBox("Predict")
-        predict = QVBoxLayout(predict_box)
-        row = QHBoxLayout()
-        row.addWidget(self.predict_image, 1)
-        row.addWidget(self.whole_stack)
-        predict.addLayout(row)
-        for pair in ((self.predict_button, self.copy_button), (self.save_button, self.export_button)):
-            row = QHBoxLayout()
-            row.addWidget(pair[0])
-            row.addWidget(pair[1])
-            predict.addLayout(row)
-        self.setup = QTabWidget()
+        train.addWidget(self.progress)
+        results = QGroupBox("Curves, scores and log")
+        QVBoxLayout(results).addWidget(self.view)
+        self.setup = QTabWidget()  # Advanced has a tab of its own: opening it no longer pushes Predict down
         self.setup.addTab(self.model_form, "Model")
         self.setup.addTab(self.data_form, "Training data")
+        self.setup.addTab(self.data_form.options.native, "Advanced")
         content = QWidget()
         column = QVBoxLayout(content)
-        for part in (self.setup, train_box, predict_box):
+        for part in (self.setup, train_box, self.panel, results):
             column.addWidget(part)
         column.addStretch()
         scroll = QScrollArea()
@@ -125,10 +133,15 @@ class ConvLoRAWidget(QWidget):
         self.train_button.clicked.connect(lambda: self.train())
         self.resume_button.clicked.connect(lambda: self.train(resume=True))
         self.stop_button.clicked.connect(self.stop)
+        self.model_form.builtin.clicked.connect(lambda: self.use_builtin_model())
         self.predict_button.clicked.connect(lambda: self.predict())
         self.copy_button.clicked.connect(lambda: self.copy_to_training_labels())
+        self.panel.evaluate.clicked.connect(lambda: self.evaluate())
+        self.panel.predict_files.clicked.connect(lambda: self.predict_files())
         self.save_button.clicked.connect(lambda: self.save())
         self.export_button.clicked.connect(lambda: self.save(bundle=True))
+        self.panel.model_zoo.clicked.connect(lambda: self.export_model_zoo())
+        self.view.slow_run.connect(self._slow_run)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._layers_changed)
         for layer in self.viewer.layers:
@@ -143,12 +156,12 @@ class ConvLoRAWidget(QWidget):
         if layer is not None and hasattr(layer, "events"):
             layer.events.name.connect(self._layers_changed)
         self.data_form.refresh()
-        self.predict_image.refresh()
+        self.panel.refresh()
 
     # ---- jobs --------------------------------------------------------------------------------
-    def _run(self, job, *args, on_returned=None, stoppable: bool = False, **kwargs) -> JobWorker:
+    def _run(self, job, *args, on_returned=None, on_error=None, stoppable: bool = False, **kwargs) -> JobWorker:
         # only bound methods of this widget: Qt drops those connections when the widget is deleted
-        connect = {"yielded": self._on_event, "errored": self._on_error, "finished": self._job_finished}
+        connect = {"yielded": self._on_event, "errored": on_error or self._on_error, "finished": self._job_finished}
         if on_returned is not None:
             connect["returned"] = on_returned
         worker = self.compute.start(job, *args, stoppable=stoppable, connect=connect, **kwargs)
@@ -168,9 +181,11 @@ class ConvLoRAWidget(QWidget):
         self.train_button.setEnabled(idle)
         self.resume_button.setEnabled(idle and self.resumable)
         self.stop_button.setEnabled(what in ("train", "predict"))
-        for button in (self.predict_button, self.save_button, self.export_button):
+        for button in (self.predict_button, self.save_button, self.export_button, self.panel.evaluate,
+                       self.panel.predict_files, self.panel.model_zoo):
             button.setEnabled(idle and self.model is not None)
         self.copy_button.setEnabled(idle)
+        self.model_form.builtin.setEnabled(idle)
         self.view.set_running(what in ("train", "predict"))
 
     @property
@@ -194,16 +209,33 @@ class ConvLoRAWidget(QWidget):
 
     # ---- model files -------------------------------------------------------------------------
     def load_sam(self, path: str) -> None:
-        """Read a SAM checkpoint's geometry (a fine-tuned file chosen here is loaded as such)."""
+        """Check a SAM checkpoint as soon as it is chosen and read its geometry (a fine-tuned file chosen here is
+        loaded as such); a file that cannot serve is marked in red with the reason and not remembered."""
         if path:
             self._set_busy("load")
-            self._run(jobs.load_file, path, on_returned=self._loaded)
+            self._run(jobs.load_file, path, on_returned=self._loaded, on_error=self._sam_failed)
 
     def load_finetuned(self, path: str) -> None:
         """Load a saved adapter (on the chosen SAM checkpoint) or bundle, for Predict and Resume."""
         if path:
             self._set_busy("load")
-            self._run(jobs.load_file, path, self.model_form.sam.path() or None, on_returned=self._loaded)
+            self._run(jobs.load_file, path, self.model_form.sam.path() or None, on_returned=self._loaded,
+                      on_error=self._finetuned_failed)
+
+    def use_builtin_model(self) -> JobWorker:
+        """Write the built-in SAM (once, into the runs folder) and choose it as the base checkpoint."""
+        folder = Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER)) / "built-in"
+        self._set_busy("load")
+        return self._run(jobs.builtin_checkpoint, str(folder), on_returned=self.model_form.sam.set_path)
+
+    def _sam_failed(self, exc: Exception) -> None:
+        self.model_form.sam.set_error(describe_error(exc))
+        self.model_form.info.setText("")
+        self._on_error(exc)
+
+    def _finetuned_failed(self, exc: Exception) -> None:
+        self.model_form.finetuned.set_error(describe_error(exc))
+        self._on_error(exc)
 
     def _loaded(self, loaded: jobs.LoadedFile) -> None:
         info = loaded.info
@@ -211,11 +243,13 @@ class ConvLoRAWidget(QWidget):
             arch = info["architecture"]
             self.model_form.info.setText(f"SAM {info.get('model_type') or 'custom'}, {arch.get('image_size')} px, "
                                          f"{info['parameters'] / 1e6:.1f} M parameters")
+            self.model_form.suggest_input_size(int(arch.get("image_size") or 1024))
             return
         self.model, config = loaded.model, info["config"]
         head = config["head"]
         names = ", ".join(head.get("class_names") or []) or f"{head['num_classes']} classes"
         self.model_form.info.setText(f"{config['adapter']['method']} model: {names}, input {config['input_size']} px")
+        self.model_form.set_model(config, Path(loaded.path).name)
         self.run_path, self.resumable = loaded.path, loaded.resumable
         self.say(f"loaded {Path(loaded.path).name}" + (" (training can be resumed)" if loaded.resumable else ""))
 
@@ -226,31 +260,40 @@ class ConvLoRAWidget(QWidget):
                            **self.data_form.recipe_fields())
 
     def train(self, resume: bool = False) -> JobWorker | None:
-        """Copy the chosen layers and train (or resume the last run) on the compute thread."""
+        """Copy the chosen layers and train on the compute thread: new adapters on the base SAM, more training
+        of the current model (Start from), or the stopped run resumed exactly."""
         base = self.model_form.sam.path()
         pairs = self.data_form.pairs()
         if not base:
-            return self._refuse("choose a SAM checkpoint first")
+            return self._refuse("choose a SAM checkpoint first (or the built-in model)")
+        if self.model_form.sam.error:
+            return self._refuse(f"the SAM checkpoint cannot be used: {self.model_form.sam.error}")
         if not pairs:
             return self._refuse("choose at least one Image layer and the Labels layer annotating it")
         if resume and not (self.run_path and self.resumable):
             return self._refuse("nothing to resume: train first, or load a model saved by training")
+        init_from = self.run_path if self.model_form.continues() and not resume else None
         try:
             recipe = self.recipe()
             run = self.data_form.options.run_options(self.model_form.device_name(), self.model_form.precision_name())
+            copies = [copy_pair(self.viewer.layers[i], self.viewer.layers[l]) for i, l in pairs]
         except ValueError as e:
             return self._refuse(str(e))
-        copies = [copy_pair(self.viewer.layers[i], self.viewer.layers[l]) for i, l in pairs]
         if resume:  # the run continues in its own file, with its own recipe (the job reads it first)
             out_path = self.run_path
         else:
-            folder = Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER))
-            out_path = str(folder / f"convlora-{time.strftime('%Y%m%d-%H%M%S')}.safetensors")
+            out_path = new_run_path(Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER)))
         self.view.start_training()
-        self.say(("resuming " if resume else "training into ") + out_path)
+        if resume:
+            self.say(f"resuming {out_path}")
+        elif init_from:
+            self.say(f"training {Path(init_from).name} further, into {out_path}")
+        else:
+            self.say(f"training new adapters into {out_path}")
         self._set_busy("train")
         return self._run(jobs.train_job, base, copies, recipe, run, out_path,
-                         resume_from=out_path if resume else None, stoppable=True, on_returned=self._trained)
+                         resume_from=out_path if resume else None, init_from=init_from, stoppable=True,
+                         on_returned=self._trained)
 
     def _trained(self, result: jobs.TrainResult | None) -> None:
         if result is None:
@@ -258,6 +301,16 @@ class ConvLoRAWidget(QWidget):
         self.model = result.model
         self.run_path, self.resumable = result.path, result.resumable and result.stopped
         self.model_form.finetuned.set_path(result.path, emit=False)
+        self.model_form.set_model(result.config, Path(result.path).name)
+
+    def _slow_run(self, eta_s: float) -> None:
+        size = self.model_form.input_size.value()
+        hint = (f"a smaller input size than {size} px (under Model), fewer steps, or a GPU" if size > 256
+                else "fewer steps or a GPU")
+        message = (f"at this speed the run needs {eta_text(eta_s).removeprefix('about ').removesuffix(' left')}: "
+                   f"Stop it and try {hint}; Stop saves what was trained so far")
+        self.say(message)
+        show_info(f"napari-convlora: {message}")
 
     def stop(self) -> None:
         """Stop training at the next step (it saves) or prediction at the next tile batch."""
@@ -270,7 +323,7 @@ class ConvLoRAWidget(QWidget):
         show_info(f"napari-convlora: {message}")
         return None
 
-    # ---- predict, correct, save --------------------------------------------------------------
+    # ---- predict, correct, evaluate, save ----------------------------------------------------
     def predict(self, whole_stack: bool | None = None) -> JobWorker | None:
         """Segment the chosen image (the plane shown, or the whole stack) with the current model."""
         name = self.predict_image.current()
@@ -285,7 +338,7 @@ class ConvLoRAWidget(QWidget):
         self._set_busy("predict")
         return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
                          self.model_form.device_name(), progress, stoppable=True,
-                         on_returned=self._predicted)
+                         instances=self.panel.instances.isChecked(), on_returned=self._predicted)
 
     def _predicted(self, result: jobs.PredictResult | None) -> None:
         if result is None:
@@ -294,12 +347,37 @@ class ConvLoRAWidget(QWidget):
         if result.image_name not in self.viewer.layers:
             self.say(f"'{result.image_name}' was removed; prediction not written")
             return
-        layer = write_prediction(self.viewer, self.viewer.layers[result.image_name], result.labels,
-                                 result.class_values, result.class_names, result.background_value, result.planes)
-        self.say(f"wrote '{layer.name}'")
+        image = self.viewer.layers[result.image_name]
+        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs())
+        colours = class_colours(result.class_values, result.background_value,
+                                training_colours(paired, result.class_values, result.background_value))
+        layer = write_prediction(self.viewer, image, result.labels, result.class_values, result.class_names,
+                                 result.background_value, result.planes, colours)
+        if result.instances is not None:
+            write_instances(self.viewer, image, result.instances, result.planes)
+        predicted = result.labels if result.planes is None else \
+            result.labels.reshape(-1, *result.labels.shape[-2:])[result.planes]
+        counts = class_pixel_counts(predicted, result.class_values)
+        names = class_labels(result.class_names, len(result.class_values))
+        self.panel.show_counts(layer.name, counts, names, colours, result.background_value)
+        absent = [n for (v, c), n in zip(counts.items(), names) if c == 0 and v != result.background_value]
+        written = f"wrote '{layer.name}'" + (f" and '{instances_name(image.name)}'" if result.instances is not None
+                                              else "")
+        self.say(written + ": " + ", ".join(f"{n} {c:,} px" for n, c in zip(names, counts.values())))
+        if absent:
+            self._refuse(f"the prediction of '{result.image_name}' holds no {' and no '.join(absent)}: train "
+                         "longer, annotate more of " + ("it" if len(absent) == 1 else "them") + ", or check "
+                         "the class's labels")
 
-    def copy_to_training_labels(self) -> int | None:
-        """Copy the prediction of the chosen image into its training Labels layer (undo with Ctrl+Z)."""
+    def _ask(self, question: str) -> bool:
+        answer = QMessageBox.question(self, "napari-convlora", question,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+                                      QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def copy_to_training_labels(self, mode: str | None = None) -> int | None:
+        """Copy the prediction of the chosen image into its training Labels layer: only into pixels nobody
+        painted, or (asked first when painted pixels would change) everywhere it predicted. Ctrl+Z undoes it."""
         name = self.predict_image.current()
         source = prediction_name(name) if name else None
         if source not in self.viewer.layers:
@@ -307,12 +385,65 @@ class ConvLoRAWidget(QWidget):
         target = find_labels_for(self.viewer, name, self.data_form.pairs())
         if target is None:
             return self._refuse(f"pair '{name}' with a Labels layer under Training data first")
+        mode = mode or self.panel.copy_mode_name()
+        prediction = self.viewer.layers[source]
         try:
-            changed = copy_prediction(self.viewer.layers[source], target)
+            if mode == "all":
+                painted = painted_pixels_to_replace(prediction, target)
+                if painted and not self.confirm(f"Replace {painted:,} painted pixels of '{target.name}' with the "
+                                                f"prediction? Ctrl+Z in '{target.name}' undoes it."):
+                    return self._refuse("nothing copied")
+            changed = copy_prediction(prediction, target, mode)
         except ValueError as e:
             return self._refuse(str(e))
-        self.say(f"copied {changed:,} pixels into '{target.name}': correct them, then Train again")
+        where = "unpainted pixels" if mode == "unpainted" else "pixels"
+        self.say(f"copied {changed:,} {where} into '{target.name}' (Ctrl+Z in that layer undoes it): correct them, "
+                 "then Train again")
         return changed
+
+    def predict_files(self, paths: list[str] | None = None, out_dir: str | None = None) -> JobWorker | None:
+        """Segment image files (chosen in a dialog) into a folder, one label image per file, without opening them."""
+        if self.model is None:
+            return self._refuse("train or load a fine-tuned model first")
+        start = str(settings().value("last_folder", str(Path.home())))
+        if paths is None:
+            paths, _ = QFileDialog.getOpenFileNames(self, "Images to predict", start,
+                                                    "Images (*.tif *.tiff *.png *.jpg *.jpeg *.bmp *.nii *.nii.gz "
+                                                    "*.nrrd);;All files (*)")
+            if not paths:
+                return None
+        if out_dir is None:
+            out_dir = QFileDialog.getExistingDirectory(self, "Folder for the label images", str(Path(paths[0]).parent))
+            if not out_dir:
+                return None
+        progress = self.view.start_prediction()
+        self._set_busy("predict")
+        return self._run(jobs.predict_files_job, self.model, list(paths), out_dir, self.model_form.device_name(),
+                         progress, instances=self.panel.instances.isChecked(), stoppable=True,
+                         on_returned=self.say)
+
+    def evaluate(self) -> JobWorker | None:
+        """Score the current model on the chosen image against the chosen Labels layer (per-class table)."""
+        name, labels = self.predict_image.current(), self.panel.evaluate_labels.current()
+        if self.model is None:
+            return self._refuse("train or load a fine-tuned model first")
+        if name is None or labels is None:
+            return self._refuse("choose the Image layer (above) and the Labels layer to evaluate against")
+        try:
+            pair = copy_pair(self.viewer.layers[name], self.viewer.layers[labels])
+        except ValueError as e:
+            return self._refuse(str(e))
+        self._set_busy("evaluate")
+        return self._run(jobs.evaluate_job, self.model, pair, labels, self.model_form.device_name(),
+                         on_returned=self._evaluated)
+
+    def _evaluated(self, result: jobs.EvaluateResult) -> None:
+        from ..metrics import format_line
+
+        caption = f"Evaluation of '{result.image_name}' against '{result.labels_name}'."
+        self.view.scores.show_metrics(result.metrics, result.class_names, caption)
+        self.say(f"evaluated '{result.image_name}' against '{result.labels_name}': "
+                 f"{format_line(result.metrics, result.class_names)}")
 
     def save(self, bundle: bool = False, path: str | None = None) -> JobWorker | None:
         """Save the adapter (small; needs the base SAM to load) or export one bundle file (file dialog)."""
@@ -335,6 +466,27 @@ class ConvLoRAWidget(QWidget):
 
     def _saved(self, path: str) -> None:
         self.say(f"saved {path}")
+
+    def export_model_zoo(self, path: str | None = None) -> JobWorker | None:
+        """Export the model as a BioImage Model Zoo package; its test image comes from the chosen image."""
+        if self.model is None:
+            return self._refuse("nothing to export yet: train or load a model")
+        if path is None:
+            start = str(Path(str(settings().value("last_folder", Path.home()))) / "model.bioimageio.zip")
+            path, _ = QFileDialog.getSaveFileName(self, "Export for the BioImage Model Zoo", start,
+                                                  "BioImage Model Zoo packages (*.zip)")
+            if not path:
+                return None
+        name = self.predict_image.current()
+        layer = self.viewer.layers[name] if name else None
+        image = copy_image(layer) if layer is not None else None
+        plane = current_plane(self.viewer, layer) if layer is not None else None
+        self._set_busy("save")
+        return self._run(jobs.model_zoo_job, self.model, path, image, plane,
+                         on_returned=self._exported)
+
+    def _exported(self, path: str) -> None:
+        self.say(f"wrote the BioImage Model Zoo package {path}")
 
     # ---- closing -----------------------------------------------------------------------------
     def event(self, event: QEvent) -> bool:

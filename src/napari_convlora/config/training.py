@@ -2,8 +2,9 @@
 (:class:`RunOptions`, always the caller's, never saved). No torch.
 
 The dock and the command line build these objects directly. Resolve first, then prepare the data: when a
-run is resumed its saved recipe is read before any data are cut (``train.resume_recipe``), because the
-recipe decides the patch size, the normalisation, the label encoding and the validation split.
+run is resumed its saved recipe is read before any data are cut (``train.resume_recipe``), and when a run
+starts from a trained model the model's settings are (``train.init_recipe``), because the recipe decides the
+patch size, the normalisation, the label encoding and the validation split.
 """
 
 from __future__ import annotations

@@ -118,8 +118,9 @@ def _used_channels(num_channels: int, layout: ImageLayout, spec: InputSpec, axis
     return spec.channels
 
 
-def _rgb_slots(num_used: int, spec: InputSpec) -> tuple[tuple[int, ...], ...]:
-    """For each used channel, the RGB slots it fills."""
+def rgb_slots(num_used: int, spec: InputSpec) -> tuple[tuple[int, ...], ...]:
+    """For each used channel, the RGB slots it fills: ``spec.rgb_slots``, or by default one channel into all
+    three, two into red and green, three into red, green and blue."""
     if spec.rgb_slots is None:
         if num_used == 1:
             return ((0, 1, 2),)
@@ -152,7 +153,7 @@ def validate_image(image: np.ndarray, layout: ImageLayout, spec: InputSpec | Non
     shape = spatial_shape(image, layout)
     axis = _channel_axis(image.shape, layout)
     used = _used_channels(1 if axis is None else image.shape[axis], layout, spec, axis)
-    _rgb_slots(len(used), spec)
+    rgb_slots(len(used), spec)
     _check_finite(image)
     return shape
 
@@ -198,7 +199,7 @@ class SamPlanes:
         axis = _channel_axis(image.shape, layout)
         self._channels_last = image[..., None] if axis is None else np.moveaxis(image, axis, -1)
         self._used = _used_channels(self._channels_last.shape[-1], layout, spec, axis)
-        self._slots = _rgb_slots(len(self._used), spec)
+        self._slots = rgb_slots(len(self._used), spec)
         self.leading = self._channels_last.shape[:-3]
         self.shape = tuple(self._channels_last.shape[-3:-1])  # Y, X
         self.ranges = [

@@ -1,0 +1,103 @@
+"""The dock's Predict section: which image, what to write, copying into the training labels, evaluating,
+saving, and a legend of what the last prediction holds. Widgets only; the dock widget runs the jobs."""
+
+from __future__ import annotations
+
+import html
+from typing import Mapping, Sequence
+
+from qtpy.QtWidgets import QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from .._napari.layers import COPY_MODES
+from .fields import LayerCombo
+
+COPY_MODE_LABELS = {"unpainted": "fill unpainted pixels only", "all": "replace painted pixels too"}
+
+
+def _button(text: str, tip: str) -> QPushButton:
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    return button
+
+
+def legend_html(counts: Mapping[int, int], names: Sequence[str], colours: Mapping[int, str], background: int) -> str:
+    """A coloured square, the class name and its pixel count for each class; absent classes say so."""
+    total = max(sum(counts.values()), 1)
+    rows = []
+    for (value, count), name in zip(counts.items(), names):
+        colour = "transparent" if value == background else colours.get(value, "#888888")
+        square = f'<span style="color:{colour}">■</span>' if value != background else "□"
+        share = f"{100 * count / total:.1f}%"
+        absent = ' <b style="color:#ff8a65">absent</b>' if count == 0 else ""
+        rows.append(f"{square} {html.escape(name)}: {count:,} px ({share}){absent}")
+    return "<br>".join(rows)
+
+
+class PredictPanel(QGroupBox):
+    """Predict, Predict files…, Copy to training labels (with how), Evaluate, Save, Export and Model Zoo export."""
+
+    def __init__(self, images, labels, parent: QWidget | None = None) -> None:
+        super().__init__("Predict", parent)
+        self.image = LayerCombo(images, "(no Image layer)")
+        self.image.setToolTip("the Image layer to segment with the current model")
+        self.whole_stack = QCheckBox("whole stack")
+        self.whole_stack.setToolTip("predict every plane of a stack (else only the plane shown)")
+        self.instances = QCheckBox("instances")
+        self.instances.setToolTip("also write a Labels layer of objects: the connected components of each class, "
+                                  "numbered plane by plane in stacks")
+        self.predict = _button("Predict", "segment the chosen image with the current model; writes '<image> "
+                                          "prediction' (and '<image> instances')")
+        self.predict_files = _button("Predict files…", "segment image files (TIFF, PNG, …) without opening them: "
+                                                       "choose the files, then a folder for the label images")
+        self.copy = _button("Copy to training labels", "copy the prediction into the Labels layer paired with "
+                                                       "this image under Training data, to correct it; Ctrl+Z in "
+                                                       "that layer undoes the copy")
+        self.copy_mode = QCheckBox(COPY_MODE_LABELS["all"])
+        self.copy_mode.setToolTip("off: only pixels nobody painted are filled (what you painted stays); on: the "
+                                  "predicted planes become the prediction (you are asked first)")
+        self.evaluate_labels = LayerCombo(labels, "(no Labels layer)")
+        self.evaluate_labels.setToolTip("Labels layer with the true classes of the chosen image")
+        self.evaluate = _button("Evaluate", "predict the chosen image and score it (IoU, Dice per class) against "
+                                            "the chosen Labels layer")
+        self.save = _button("Save adapter…", "only the trained tensors (small); loading it needs the same SAM "
+                                             "checkpoint")
+        self.export = _button("Export bundle…", "one self-contained file: the SAM checkpoint, adapters and head "
+                                                "side by side, to share or to load without the checkpoint")
+        self.model_zoo = _button("Export for Model Zoo…", "a BioImage Model Zoo package (.zip) that other tools "
+                                                          "(bioimage.io, deepImageJ, ilastik, …) can run: the "
+                                                          "model, a test image cut from the chosen image, a cover "
+                                                          "and a README; needs the 'bioimageio' extra")
+        self.legend = QLabel("")
+        self.legend.setWordWrap(True)
+        self.legend.setToolTip("pixels of each class in the last prediction")
+
+        top = QHBoxLayout()
+        top.addWidget(self.image, 1)
+        top.addWidget(self.whole_stack)
+        top.addWidget(self.instances)
+        grid = QGridLayout()
+        grid.addWidget(self.predict, 0, 0)
+        grid.addWidget(self.predict_files, 0, 1)
+        grid.addWidget(self.copy, 1, 0)
+        grid.addWidget(self.copy_mode, 1, 1)
+        grid.addWidget(self.evaluate_labels, 2, 0)
+        grid.addWidget(self.evaluate, 2, 1)
+        grid.addWidget(self.save, 3, 0)
+        grid.addWidget(self.export, 3, 1)
+        grid.addWidget(self.model_zoo, 4, 0, 1, 2)
+        column = QVBoxLayout(self)
+        column.addLayout(top)
+        column.addLayout(grid)
+        column.addWidget(self.legend)
+
+    def copy_mode_name(self) -> str:
+        return COPY_MODES[1] if self.copy_mode.isChecked() else COPY_MODES[0]
+
+    def refresh(self) -> None:
+        self.image.refresh()
+        self.evaluate_labels.refresh()
+
+    def show_counts(self, image: str, counts: Mapping[int, int], names: Sequence[str], colours: Mapping[int, str],
+                    background: int) -> None:
+        self.legend.setText(f"<b>{html.escape(image)} prediction</b><br>"
+                            + legend_html(counts, names, colours, background))

@@ -1,0 +1,445 @@
+"""Export a fine-tuned model as a BioImage Model Zoo package (model description format 0.5), so that any tool
+that reads the Model Zoo format (bioimageio.core, ilastik, deepImageJ, ...) can run it.
+
+The package (one ``.zip``, written atomically) holds:
+
+- ``weights.pt``: the state dict of :class:`~.bioimageio_model.AdaptedSamSegmenter` (base SAM, adapters and
+  head: self-contained). Conv-LoRA's data-dependent expert routing cannot be traced to TorchScript faithfully,
+  so the weights are ``pytorch_state_dict`` with the architecture given as Python source,
+  ``bioimageio_model.py`` (a copy of that module), built from the model's config stored as its kwargs;
+- ``environment.yaml``: the dependencies (pytorch, segment-anything, napari-convlora);
+- ``test_input.npy`` / ``test_output.npy``: a crop of a real image (the one given, or the built-in synthetic
+  sample) and the class probabilities napari-convlora itself predicts for it (the same as ``sample_*.tif``);
+- ``cover.png`` (the test output's labels over the test input), ``README.md`` (classes, input, preprocessing,
+  how to run and validate) and ``rdf.yaml`` (the description, with citations and napari-convlora's version).
+
+Axes: input ``batch, channel, y, x`` (the model's 1 to 3 input channels, float32 raw intensities; any
+``y, x`` of at least 16 pixels), preprocessed per sample and channel by ``scale_range`` (the model's
+percentiles -> 0..1) and ``clip`` (0..1); output ``batch, channel, y, x`` float32 class probabilities
+(channel = class, summing to 1), the size of the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path, sha256_file
+from .bioimageio_model import strict_float32
+from .config import InputSpec, to_record
+from .config.choices import FORMAT_VERSION
+from .data import ImageLayout, SamPlanes, rescale_probabilities, validate_image
+from .errors import ConfigError
+from .modeling import AdaptedSAM
+from .tiling import predict_tiled, probabilities_to_labels
+
+#: Largest side of the test input (a centre crop of the sample image's plane).
+TEST_SIDE = 512
+#: Largest side of the cover image.
+COVER_SIDE = 256
+#: Smallest input side the package declares (any size from there on runs: the forward tiles and pads).
+MIN_SIDE = 16
+SAM_DOI = "10.48550/arXiv.2304.02643"
+CONV_LORA_DOI = "10.48550/arXiv.2402.03631"
+DEFAULT_LICENSE = "Apache-2.0"  # the license of SAM's weights, which every exported model contains
+BASE_TAGS = ("2d", "pytorch", "semantic-segmentation", "segment-anything", "napari-convlora", "napari")
+NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
+
+
+def export_bioimageio(
+    model: AdaptedSAM,
+    path: str | os.PathLike,
+    sample_image: np.ndarray | None = None,
+    layout: ImageLayout | None = None,
+    *,
+    plane: int | None = None,
+    name: str | None = None,
+    authors: Sequence[str] = (),
+    description: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    tags: Sequence[str] = (),
+    overlap: float = 0.25,
+) -> Path:
+    """Write ``model`` as a BioImage Model Zoo package (``.zip``), atomically: ``path`` appears whole or not at all.
+
+    Args:
+        model: a fine-tuned model (any device, any mode; it is left as it was).
+        path: the ``.zip`` to write (its suffix must be ``.zip``, so that no model or image file is overwritten).
+        sample_image: an image as a napari layer holds it (read with ``layout``), from which the test input is
+            cut: a centre crop of at most ``TEST_SIDE`` pixels of one plane, with the model's input channels.
+            None: the built-in synthetic sample (``sample_data.synthetic_cells``).
+        plane: which plane of a stack (C order over the leading axes); default the middle one.
+        name, authors, description, license, tags: the package's metadata (defaults say what the model is;
+            ``license`` an SPDX id, by default SAM's own, Apache-2.0; ``tags`` are added to the defaults).
+        overlap: tile overlap of the package's forward (napari-convlora's default).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: bioimageio.spec not installed, a path that is not ``.zip``, metadata the format rejects,
+            an input spec the format cannot express, a sample image that does not fit the model.
+    """
+    path = check_export(path, name, license)
+    spec = model.config.input
+    if spec.percentiles[1] <= 1.0:
+        raise ConfigError(f"the model's high percentile {spec.percentiles[1]} cannot be written in a bioimageio "
+                          "package (its scale_range takes percentiles above 1)")
+    if sample_image is None:
+        from .sample_data import synthetic_cells
+
+        sample_image, layout = synthetic_cells(256)[0], ImageLayout()
+    crop = sample_crop(sample_image, layout or ImageLayout(), spec, plane)
+    probabilities = reference_probabilities(model, crop, overlap)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".staging", dir=path.parent)  # path's disk
+    with staging as folder:
+        folder = Path(folder)
+        files = _write_package_files(model, folder, crop, probabilities)
+        descr = _describe(model, files, crop.shape[-1], name=name, authors=authors, description=description,
+                          license=license, tags=tags, overlap=overlap)
+        _save_package(descr, path, folder)
+    return path
+
+
+def check_export(path: str | os.PathLike, name: str | None = None, license: str = DEFAULT_LICENSE) -> Path:
+    """Refuse, before any work, what cannot be exported: a ``path`` that is not ``.zip``, bioimageio.spec not
+    installed, a ``name`` or ``license`` the format rejects. Returns ``path`` as a Path.
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".zip":
+        raise ConfigError(f"{path}: a BioImage Model Zoo package is a .zip file; give a name ending in .zip")
+    if name is not None:
+        bad = sorted(set(name) - NAME_CHARACTERS)
+        if bad or not 5 <= len(name) <= 128:
+            raise ConfigError(f"name {name!r}: a bioimageio name has 5 to 128 letters, digits, spaces or _+-()"
+                              + (f", not {''.join(bad)!r}" if bad else ""))
+    try:
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise ConfigError("exporting to the BioImage Model Zoo needs bioimageio.spec: "
+                          "pip install 'napari-convlora[bioimageio]'") from None
+    from bioimageio.spec.model.v0_5 import DeprecatedLicenseId, LicenseId
+
+    for kind in (LicenseId, DeprecatedLicenseId):
+        try:
+            kind(license)
+            return path
+        except ValueError:
+            pass
+    raise ConfigError(f"license {license!r} is not an SPDX license id (for example Apache-2.0, MIT or CC-BY-4.0)")
+
+
+# ---- test input and output ----------------------------------------------------------------------------
+def sample_crop(image: np.ndarray, layout: ImageLayout, spec: InputSpec, plane: int | None = None) -> np.ndarray:
+    """A centre crop (at most ``TEST_SIDE`` pixels a side) of one plane of ``image`` with the model's input
+    channels, raw intensities: float32 ``Y x X x C`` (C = 1 to 3, in the order of ``spec.channels``)."""
+    image = np.asarray(image)
+    try:
+        validate_image(image, layout, spec)
+    except ValueError as e:
+        raise ConfigError(f"the sample image (--image) does not fit the model: {e}") from None
+    if layout.rgb:
+        channels_last = image[..., :3]
+    elif layout.channel_axis is not None:
+        channels_last = np.moveaxis(image, layout.channel_axis, -1)
+    else:
+        channels_last = image[..., None]
+    used = list(spec.channels) if spec.channels is not None else list(range(channels_last.shape[-1]))
+    leading = channels_last.shape[:-3]
+    count = int(np.prod(leading)) if leading else 1
+    index = count // 2 if plane is None else plane
+    if not 0 <= index < count:
+        raise ConfigError(f"plane {index} (--plane) does not exist: the sample image has {count} plane(s)")
+    planar = channels_last[np.unravel_index(index, leading) if leading else ()]
+    height, width = planar.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise ConfigError(f"the sample image's (--image) planes are {height} x {width} pixels; the test input "
+                          f"needs at least {MIN_SIDE} x {MIN_SIDE}")
+    top, left = max(0, (height - TEST_SIDE) // 2), max(0, (width - TEST_SIDE) // 2)
+    crop = planar[top : top + TEST_SIDE, left : left + TEST_SIDE][..., used]
+    return np.ascontiguousarray(crop, dtype=np.float32)
+
+
+def reference_probabilities(model: AdaptedSAM, crop: np.ndarray, overlap: float = 0.25) -> np.ndarray:
+    """What napari-convlora predicts for ``crop`` (``Y x X x C`` from :func:`sample_crop`): ``K x Y x X`` float32.
+
+    The same steps as ``predict.predict_plane_probabilities`` (``data.SamPlanes`` normalisation, the input
+    spec's rescale, blended tiles), on the model's own device but in float32 without TF32 (``strict_float32``,
+    as the package's forward), so that the test output is what any device reproduces."""
+    spec = dataclasses.replace(model.config.input, channels=None)  # the crop holds exactly the used channels
+    planes = SamPlanes(crop, ImageLayout(channel_axis=-1), spec)
+    device = model.pixel_mean.device
+    was_training = model.training
+    model.eval()
+    try:
+        with strict_float32():
+            probs = predict_tiled(lambda batch: model.class_probabilities(batch.to(device)).float(),
+                                  planes.input_view(0), model.input_size, model.num_classes, overlap=overlap)
+    finally:
+        model.train(was_training)
+    return rescale_probabilities(probs, planes.shape)
+
+
+# ---- the package's files ----------------------------------------------------------------------------------
+def _write_package_files(model: AdaptedSAM, folder: Path, crop: np.ndarray, probs: np.ndarray) -> dict[str, Path]:
+    """The package's files in ``folder``: name -> path."""
+    from . import bioimageio_model  # its source is the package's architecture
+    from .image_io import overlay_png, write_image
+
+    files = {name: folder / name for name in (
+        "bioimageio_model.py", "weights.pt", "environment.yaml", "test_input.npy", "test_output.npy",
+        "sample_input.tif", "sample_output.tif", "cover.png", "README.md")}
+    shutil.copyfile(bioimageio_model.__file__, files["bioimageio_model.py"])
+    state = {f"model.{k}": v.detach().to("cpu") for k, v in model.state_dict().items()}
+    torch.save(state, files["weights.pt"])
+    files["environment.yaml"].write_text(_environment_yaml())
+    np.save(files["test_input.npy"], np.moveaxis(crop, -1, 0)[None])  # 1 x C x Y x X
+    np.save(files["test_output.npy"], probs[None].astype(np.float32))  # 1 x K x Y x X
+    write_image(files["sample_input.tif"], np.moveaxis(crop, -1, 0))  # the same, for people: C x Y x X
+    write_image(files["sample_output.tif"], probs.astype(np.float32))  # K x Y x X
+    step = -(-max(crop.shape[:2]) // COVER_SIDE)
+    labels = probabilities_to_labels(probs, model.config.head.class_values)
+    overlay_png(files["cover.png"], crop[::step, ::step], labels[::step, ::step],
+                background=model.config.head.class_values[0])
+    files["README.md"].write_text(_readme(model, crop.shape))
+    return files
+
+
+def _versions() -> tuple[str, str]:
+    """(torch's version without a local suffix, napari-convlora's version)."""
+    from .files import package_version
+
+    return torch.__version__.split("+")[0], package_version()
+
+
+def _environment_yaml() -> str:
+    torch_version, version = _versions()
+    ours = "napari-convlora" if version == "unknown" else f"napari-convlora=={version}"
+    return (
+        "name: napari-convlora\n"
+        "channels:\n  - conda-forge\n  - nodefaults\n"
+        "dependencies:\n"
+        "  - python>=3.10\n"
+        f"  - pytorch>={torch_version}\n"
+        "  - pip\n"
+        "  - pip:\n"
+        "      - segment-anything>=1.0\n"
+        f"      - {ours}\n"
+    )
+
+
+def class_names(model: AdaptedSAM) -> list[str]:
+    """One name per class (the model's, or ``class_0`` ...), unique, as the output's channel names."""
+    head = model.config.head
+    names = list(head.class_names or [f"class_{i}" for i in range(head.num_classes)])
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _readme(model: AdaptedSAM, crop_shape: tuple[int, ...]) -> str:
+    config = model.config
+    head, spec, adapter = config.head, config.input, config.adapter
+    torch_version, version = _versions()
+    channels = ("all of the image's channels (1 to 3)" if spec.channels is None
+                else f"channels {', '.join(map(str, spec.channels))} of the original image, in this order")
+    slots = ("one channel is repeated into R, G and B; two go into R and G; three into R, G and B"
+             if spec.rgb_slots is None else ", ".join(f"input channel {i} into {'RGB'[slot]}"
+                                                      for i, slot in enumerate(spec.rgb_slots)))
+    rows = "\n".join(f"| {i} | {name} | {value} |" for i, (name, value)
+                     in enumerate(zip(class_names(model), head.class_values)))
+    method = {"conv_lora": "Conv-LoRA", "lora": "LoRA"}.get(adapter.method)
+    adapter_text = (f"{method} adapters of rank {adapter.rank} on {', '.join(adapter.targets)}" if method else
+                    "no encoder adapter (only SAM's mask decoder was fine-tuned)")
+    if adapter.method == "conv_lora":
+        adapter_text += f" with {adapter.num_experts} scale experts (top-{adapter.top_k})"
+    base = config.base_checkpoint
+    base_text = f"`{base.file_name}` (sha256 `{base.sha256}`)" if base else "a SAM built in memory (no file)"
+    tokens = f"{head.num_mask_tokens} mask token{'s' if head.num_mask_tokens > 1 else ''}"
+    kind = "binary" if head.binary else "multi-class"
+    return f"""# {_default_name(model)}
+
+Semantic segmentation into {head.num_classes} classes with Segment Anything (SAM, image encoder
+`{config.base.model_type or 'custom'}`), fine-tuned by napari-convlora {version}.
+Encoder: {adapter_text}. Head: prompt-free, {kind}, {tokens}.
+Base SAM checkpoint: {base_text}.
+The package is self-contained: `weights.pt` holds the base SAM, the adapters and the head.
+
+## Classes (training data)
+
+Output channel *i* is the probability of class *i*. The training labels were read in `{head.label_mode}`
+mode (background label value {head.background_value}).
+
+| channel | class | label value in napari-convlora |
+|---|---|---|
+{rows}
+
+## Input
+
+One 2D image, axes `batch, channel, y, x`, float32 raw intensities, any `y, x` of at least {MIN_SIDE} pixels.
+Channels: {channels}.
+Stacks and time series: one plane at a time.
+
+Preprocessing (in `rdf.yaml`, done by the consumer over the whole image): per channel, the
+{spec.percentiles[0]} and {spec.percentiles[1]} intensity percentiles map to 0 and 1 (`scale_range`),
+then values are clipped to 0..1 (`clip`). napari-convlora computes the percentiles over a whole stack at once
+and uses a channel's minimum..maximum when its two percentiles coincide; the package computes them per plane.
+
+The model itself (`bioimageio_model.py`) then:
+
+- puts the channels into SAM's RGB input: {slots};
+- scales them to 0..255 and resizes the image by {spec.rescale} (the model's `rescale`);
+- predicts overlapping tiles of {config.input_size} x {config.input_size} pixels and blends them (SAM's pixel
+  normalisation, mean {list(config.pixel_mean)} and std {list(config.pixel_std)}, is inside the model);
+- resizes the probabilities back to the input's size.
+
+## Output
+
+Axes `batch, channel, y, x`: float32 class probabilities (summing to 1 over the channels), the input's size.
+Labels: the most probable class per pixel (`argmax` over the channels), in napari-convlora mapped to the label
+values above.
+
+## How to run
+
+- bioimageio.core: `bioimageio predict model.zip --inputs image.tif`, or `bioimageio.core.predict` in Python.
+- napari-convlora: the model file this package was exported from predicts the same probabilities
+  (`napari-convlora predict --model <model file> --image image.tif`, or the napari-convlora dock in napari).
+
+Environment: `environment.yaml` (pytorch, segment-anything, napari-convlora); exported with pytorch
+{torch_version}.
+
+## Validation
+
+The test input is a {crop_shape[0]} x {crop_shape[1]} crop of a real image; the test output is what
+napari-convlora predicted for it. To validate the model on unseen data, label a few held-out images and run
+`napari-convlora evaluate --model <model file> --image <image> --labels <labels>` (per-class IoU and Dice).
+
+## Limitations
+
+Conv-LoRA's data-dependent expert routing cannot be traced to TorchScript: the package has
+`pytorch_state_dict` weights only and needs napari-convlora installed. Predicting in blocks gives the result
+of the whole image only up to the tile blending at block borders.
+
+## Citations
+
+- Kirillov et al., Segment Anything, ICCV 2023, doi:{SAM_DOI}
+- Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything Model, ICLR 2024,
+  doi:{CONV_LORA_DOI}
+- napari-convlora {version}
+"""
+
+
+# ---- the description ---------------------------------------------------------------------------------------
+def _default_name(model: AdaptedSAM) -> str:
+    config = model.config
+    method = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "decoder-tuned"}.get(config.adapter.method,
+                                                                                          config.adapter.method)
+    return f"{method} SAM {config.base.model_type or 'custom'} ({config.head.num_classes} classes)"
+
+
+def _default_description(model: AdaptedSAM) -> str:
+    head = model.config.head
+    names = ", ".join(class_names(model))
+    return (f"Segment Anything fine-tuned with napari-convlora for semantic segmentation into {head.num_classes} "
+            f"classes ({names}); outputs class probabilities.")[:512]
+
+
+def _describe(model: AdaptedSAM, files: dict[str, Path], num_channels: int, *, name: str | None,
+              authors: Sequence[str], description: str | None, license: str, tags: Sequence[str],
+              overlap: float) -> Any:
+    """The package's ``ModelDescr`` (bioimageio.spec, model format 0.5) for the files written."""
+    from bioimageio.spec.model.v0_5 import (
+        ArchitectureFromFileDescr, Author, AxisId, BatchAxis, ChannelAxis, CiteEntry, ClipDescr, ClipKwargs, Config,
+        Doi, FileDescr, Identifier, InputTensorDescr, IntervalOrRatioDataDescr, ModelDescr, OutputTensorDescr,
+        ParameterizedSize, PytorchStateDictWeightsDescr, ScaleRangeDescr, ScaleRangeKwargs, SizeReference,
+        SpaceInputAxis, SpaceOutputAxis, TensorId, Version, WeightsDescr,
+    )
+    from pydantic import ValidationError
+
+    name = name or _default_name(model)
+    spec = model.config.input
+    torch_version, version = _versions()
+    image_id, probs_id = TensorId("image"), TensorId("probabilities")
+
+    def file(key: str) -> Any:
+        return FileDescr(source=files[key], sha256=sha256_file(files[key]))
+
+    channel_names = [f"channel_{c}" for c in (spec.channels or range(num_channels))]
+    spatial_in = [SpaceInputAxis(id=AxisId(a), size=ParameterizedSize(min=MIN_SIDE, step=1)) for a in ("y", "x")]
+    spatial_out = [SpaceOutputAxis(id=AxisId(a), size=SizeReference(tensor_id=image_id, axis_id=AxisId(a)))
+                   for a in ("y", "x")]
+    try:
+        return ModelDescr(
+            name=name,
+            description=description or _default_description(model),
+            authors=[Author(name=a) for a in (authors or ["napari-convlora user"])],
+            cite=[CiteEntry(text="Kirillov et al., Segment Anything, ICCV 2023", doi=Doi(SAM_DOI)),
+                  CiteEntry(text="Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment "
+                                 "Anything Model, ICLR 2024", doi=Doi(CONV_LORA_DOI))],
+            license=license,
+            tags=list(dict.fromkeys([*BASE_TAGS, model.config.adapter.method.replace("_", "-"), *tags])),
+            documentation=file("README.md"),
+            covers=[file("cover.png")],
+            inputs=[InputTensorDescr(
+                id=image_id,
+                description="raw intensities of the model's input channels",
+                axes=[BatchAxis(), ChannelAxis(channel_names=channel_names), *spatial_in],
+                test_tensor=file("test_input.npy"),
+                sample_tensor=file("sample_input.tif"),
+                data=IntervalOrRatioDataDescr(type="float32"),
+                preprocessing=[
+                    ScaleRangeDescr(kwargs=ScaleRangeKwargs(axes=[AxisId("y"), AxisId("x")],
+                                                            min_percentile=spec.percentiles[0],
+                                                            max_percentile=spec.percentiles[1])),
+                    ClipDescr(kwargs=ClipKwargs(min=0.0, max=1.0)),
+                ],
+            )],
+            outputs=[OutputTensorDescr(
+                id=probs_id,
+                description="class probabilities (sum 1 over channels); labels = argmax over channels",
+                axes=[BatchAxis(), ChannelAxis(channel_names=class_names(model)), *spatial_out],
+                test_tensor=file("test_output.npy"),
+                sample_tensor=file("sample_output.tif"),
+                data=IntervalOrRatioDataDescr(type="float32"),
+            )],
+            weights=WeightsDescr(pytorch_state_dict=PytorchStateDictWeightsDescr(
+                source=files["weights.pt"],
+                sha256=sha256_file(files["weights.pt"]),
+                architecture=ArchitectureFromFileDescr(
+                    source=files["bioimageio_model.py"], sha256=sha256_file(files["bioimageio_model.py"]),
+                    callable=Identifier("AdaptedSamSegmenter"),
+                    kwargs={"config": to_record(model.config), "overlap": overlap, "batch_size": 4},
+                ),
+                pytorch_version=Version(torch_version),
+                dependencies=file("environment.yaml"),
+                comment="base SAM, adapters and head of a napari-convlora model (not merged)",
+            )),
+            # the architecture's kwargs hold the model's config as a napari-convlora record of this format version
+            config=Config(napari_convlora={"package_version": version, "format_version": FORMAT_VERSION}),
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ConfigError(f"the bioimageio description is invalid: {where}: {first.get('msg')}") from None
+
+
+def _save_package(descr: Any, path: Path, folder: Path) -> None:
+    """Zip ``descr`` and its files, check the zip loads as a valid package, then move it to ``path`` atomically."""
+    from bioimageio.spec import save_bioimageio_package
+
+    staged = folder / "package.zip"
+    try:
+        save_bioimageio_package(descr, output_path=staged)
+    except ValueError as e:
+        raise ConfigError(f"{path}: bioimageio.spec refused the package: {' '.join(str(e).split())[:500]}") from None
+    with atomic_path(path) as tmp:
+        shutil.move(staged, tmp)
