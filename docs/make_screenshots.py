@@ -61,7 +61,7 @@ def main() -> None:
     _wait(app, lambda: not dock.workers)
     dock.model_form.sam.set_path(str(checkpoint))
     _wait(app, lambda: not dock.workers)
-    dock.model_form.input_size.setValue(256)
+    dock.model_form.input_size.setValue(256)  # what the dock proposes for this checkpoint on a CPU
     dock.data_form.class_names.setText(", ".join(CLASS_NAMES))
     dock.data_form.length.setValue(STEPS)
     options = dock.data_form.options  # the Advanced form (magicgui)
@@ -74,6 +74,7 @@ def main() -> None:
     dock.setup.setCurrentIndex(1)  # the "Training data" tab
     dock.train()
     _wait(app, lambda: dock.progress.value() >= SHOT_AT)
+    dock.scroll.ensureWidgetVisible(dock.view.scores, 0, 0)  # the plot, the table of the last validation
     for _ in range(30):  # let the plot redraw
         app.processEvents()
         time.sleep(0.02)
@@ -89,6 +90,8 @@ def main() -> None:
     _wait(app, lambda: not dock.workers)
     prediction = viewer.layers["new cells prediction"]
     prediction.opacity = 0.55
+    dock.setup.setCurrentIndex(0)  # the Model tab: where training starts now (the model just trained)
+    dock.scroll.ensureWidgetVisible(dock.panel.legend, 0, 0)  # the pixels of each class
     viewer.layers.selection.active = prediction
     viewer.reset_view()
     for _ in range(20):

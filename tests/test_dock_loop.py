@@ -168,6 +168,10 @@ def test_prediction_shows_class_counts_warns_of_absent_classes_and_keeps_the_tra
     cmap = viewer.layers["cells prediction"].colormap
     assert np.allclose(cmap.map(np.array([1]))[0][:3], [0, 1, 0]) and np.allclose(cmap.map(np.array([2]))[0][:3],
                                                                                   [0, 0, 1])
+    assert "<b>cells prediction</b>" in dock.panel.legend.text()
+    viewer.add_image(viewer.layers["cells"].data, name="unpaired")  # not under Training data: the same colours
+    dock._predicted(PredictResult("unpaired", labels, None, (0, 1, 2), tuple(CLASS_NAMES), 0))
+    assert np.allclose(viewer.layers["unpaired prediction"].colormap.map(np.array([2]))[0][:3], [0, 0, 1])
 
 
 def test_class_names_come_from_the_labels_layers_features(dock, viewer, qtbot):

@@ -1,5 +1,6 @@
-"""Export a fine-tuned model as a BioImage Model Zoo package (model description format 0.5), so that any tool
-that reads the Model Zoo format (bioimageio.core, ilastik, deepImageJ, ...) can run it.
+"""Export a fine-tuned model as a BioImage Model Zoo package (model description format 0.5), which tools built
+on bioimageio.core run (its ``pytorch_state_dict`` weights need napari-convlora and segment-anything in the
+environment; tools that only run TorchScript or ONNX weights, such as deepImageJ, cannot).
 
 The package (one ``.zip``, written atomically) holds:
 

@@ -63,10 +63,12 @@ class PredictPanel(QGroupBox):
                                              "checkpoint")
         self.export = _button("Export bundle…", "one self-contained file: the SAM checkpoint, adapters and head "
                                                 "side by side, to share or to load without the checkpoint")
-        self.model_zoo = _button("Export for Model Zoo…", "a BioImage Model Zoo package (.zip) that other tools "
-                                                          "(bioimage.io, deepImageJ, ilastik, …) can run: the "
-                                                          "model, a test image cut from the chosen image, a cover "
-                                                          "and a README; needs the 'bioimageio' extra")
+        self.model_zoo = _button("Export for Model Zoo…", "a BioImage Model Zoo package (.zip): the model as "
+                                                          "PyTorch weights with its architecture, a test image cut "
+                                                          "from the chosen image, a cover and a README; tools built "
+                                                          "on bioimageio.core run it in an environment with "
+                                                          "napari-convlora (as its environment file says); needs "
+                                                          "the 'bioimageio' extra")
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
         self.legend.setToolTip("pixels of each class in the last prediction")
@@ -97,7 +99,7 @@ class PredictPanel(QGroupBox):
         self.image.refresh()
         self.evaluate_labels.refresh()
 
-    def show_counts(self, image: str, counts: Mapping[int, int], names: Sequence[str], colours: Mapping[int, str],
+    def show_counts(self, layer_name: str, counts: Mapping[int, int], names: Sequence[str], colours: Mapping[int, str],
                     background: int) -> None:
-        self.legend.setText(f"<b>{html.escape(image)} prediction</b><br>"
+        self.legend.setText(f"<b>{html.escape(layer_name)}</b><br>"
                             + legend_html(counts, names, colours, background))

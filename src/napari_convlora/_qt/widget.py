@@ -119,12 +119,12 @@ class ConvLoRAWidget(QWidget):
         for part in (self.setup, train_box, self.panel, results):
             column.addWidget(part)
         column.addStretch()
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(content)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(content)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        outer.addWidget(self.scroll)
         self.setMinimumWidth(360)
 
     def _connect(self) -> None:
@@ -348,7 +348,7 @@ class ConvLoRAWidget(QWidget):
             self.say(f"'{result.image_name}' was removed; prediction not written")
             return
         image = self.viewer.layers[result.image_name]
-        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs())
+        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs()) or self._training_labels()
         colours = class_colours(result.class_values, result.background_value,
                                 training_colours(paired, result.class_values, result.background_value))
         layer = write_prediction(self.viewer, image, result.labels, result.class_values, result.class_names,
@@ -368,6 +368,11 @@ class ConvLoRAWidget(QWidget):
             self._refuse(f"the prediction of '{result.image_name}' holds no {' and no '.join(absent)}: train "
                          "longer, annotate more of " + ("it" if len(absent) == 1 else "them") + ", or check "
                          "the class's labels")
+
+    def _training_labels(self) -> Labels | None:
+        """The first Labels layer under Training data (its colours are the classes' colours)."""
+        names = [labels for _, labels in self.data_form.pairs() if labels in self.viewer.layers]
+        return self.viewer.layers[names[0]] if names else None
 
     def _ask(self, question: str) -> bool:
         answer = QMessageBox.question(self, "napari-convlora", question,
