@@ -76,9 +76,10 @@ def test_the_built_in_model_lets_the_dock_be_tried_without_a_checkpoint(dock, qt
     dock.use_builtin_model()
     _wait_idle(dock, qtbot)
     path = dock.model_form.sam.path()
-    assert path.endswith("built-in-tiny-sam-random-weights.pth") and (tmp_path / "runs" / "built-in").is_dir()
-    assert dock.model_form.sam.error is None and "SAM" in dock.model_form.info.text()
-    assert "random weights" in dock.model_form.builtin.toolTip() and "segment-anything" in dock.model_form.sam.toolTip()
+    assert path.endswith("small_sam_256.pth") and "built-in small SAM" in dock.log.toPlainText()
+    assert dock.model_form.sam.error is None and "SAM small, 256 px, 3.8 M parameters" in dock.model_form.info.text()
+    assert dock.model_form.input_size.value() == 256
+    assert "generated images" in dock.model_form.builtin.toolTip() and "segment-anything" in dock.model_form.sam.toolTip()
 
 
 def test_every_button_says_what_it_does_and_advanced_has_its_own_tab(dock):

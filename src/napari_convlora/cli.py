@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune, predict and evaluate on built-in sample data")
     p.add_argument("--out-dir", default="napari-convlora-demo")
-    p.add_argument("--checkpoint", default=None, help="a real SAM checkpoint instead of the tiny random one")
+    p.add_argument("--checkpoint", default=None, help="a SAM checkpoint instead of the built-in small SAM")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     _add_run_options(p)

@@ -1,8 +1,8 @@
 """``napari-convlora demo``: the whole job on built-in data, in a minute on a CPU.
 
-By default it uses a **tiny, randomly initialised SAM** (about 0.3 M parameters; no pretrained weights
-are shipped or downloaded). Its numbers show that the pipeline learns, not what a real SAM achieves:
-pass ``--checkpoint sam_vit_b_01ec64.pth`` for that.
+By default it starts from the **built-in small SAM** (``builtin_model``: about 3.8 M parameters, pretrained in
+this repository on generated scenes; nothing is downloaded). Its numbers show the pipeline and what a small
+model reaches, not what a real SAM achieves: pass ``--checkpoint sam_vit_b_01ec64.pth`` for that.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from .files import load_model
 from .image_io import overlay_png, write_image
 from .predict import evaluate_image, predict_image
 from .progress import TerminalProgress
-from .sam_loading import load_base, tiny_sam_checkpoint
+from .builtin_model import builtin_checkpoint, describe_builtin
+from .sam_loading import load_base
 from .sample_data import CLASS_NAMES, synthetic_cells
 from .train import train
 
@@ -34,10 +35,8 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     run = run or RunOptions()
     if checkpoint is None:
-        checkpoint = tiny_sam_checkpoint(out_dir / "tiny_sam_random.pth", image_size=256)
-        print("Base model: a TINY SAM with RANDOM weights (2 encoder blocks, 64 channels), written to "
-              f"{checkpoint}.\nIt shows the pipeline working end to end; real results need a real SAM checkpoint "
-              "(napari-convlora demo --checkpoint sam_vit_b_01ec64.pth).")
+        checkpoint = builtin_checkpoint()
+        print(f"Base model: {describe_builtin()} (napari-convlora demo --checkpoint sam_vit_b_01ec64.pth).")
         input_size = input_size or 256
         steps = steps or 300
     else:

@@ -22,8 +22,6 @@ from ..errors import CheckpointError
 from .layers import LayerCopy
 from .native_libs import isolate_triton
 
-#: The built-in model's file name: a tiny SAM with random weights (until a pretrained small SAM ships).
-BUILTIN_CHECKPOINT = "built-in-tiny-sam-random-weights.pth"
 #: Step events reach the GUI thread in batches, at most this often (seconds).
 STEP_BATCH_S = 0.25
 
@@ -131,16 +129,12 @@ def probe_devices() -> Generator[Message, None, dict[str, bool]]:
     return available_devices()
 
 
-def builtin_checkpoint(folder: str) -> Generator[Message, None, str]:
-    """The built-in SAM as a checkpoint file in ``folder`` (written once; nothing is downloaded)."""
-    path = Path(folder) / BUILTIN_CHECKPOINT
-    if not path.is_file():
-        yield Message(f"writing the built-in model to {path}")
-        isolate_triton()  # before torch: see native_libs
-        from ..sam_loading import tiny_sam_checkpoint
+def builtin_checkpoint() -> Generator[Message, None, str]:
+    """The built-in small SAM shipped with the package (pretrained here on generated scenes; nothing is downloaded)."""
+    from ..builtin_model import builtin_checkpoint as path, describe_builtin
 
-        tiny_sam_checkpoint(path)
-    return str(path)
+    yield Message(f"using {describe_builtin()}")
+    return str(path())
 
 
 def load_file(path: str, base: str | None = None) -> Generator[Message, None, LoadedFile]:

@@ -98,6 +98,8 @@ class ConvLoRAWidget(QWidget):
             self.load_sam(sam)
             if finetuned and Path(finetuned).is_file():
                 self.load_finetuned(finetuned)
+        else:  # no checkpoint chosen yet: the built-in small SAM, said as such in the log
+            self.use_builtin_model()
 
     # ---- layout and wiring -------------------------------------------------------------------
     def _layout(self) -> None:
@@ -223,10 +225,9 @@ class ConvLoRAWidget(QWidget):
                       on_error=self._finetuned_failed)
 
     def use_builtin_model(self) -> JobWorker:
-        """Write the built-in SAM (once, into the runs folder) and choose it as the base checkpoint."""
-        folder = Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER)) / "built-in"
+        """Choose the built-in small SAM (shipped with the package) as the base checkpoint."""
         self._set_busy("load")
-        return self._run(jobs.builtin_checkpoint, str(folder), on_returned=self.model_form.sam.set_path)
+        return self._run(jobs.builtin_checkpoint, on_returned=self.model_form.sam.set_path)
 
     def _sam_failed(self, exc: Exception) -> None:
         self.model_form.sam.set_error(describe_error(exc))

@@ -19,7 +19,7 @@ from .model import (
     check_input_size,
 )
 from .records import from_record, to_record
-from .sam import PRESETS, TINY, SamArchitecture
+from .sam import PRESETS, SMALL, TINY, SamArchitecture
 from .training import DATA_FIELDS, RunOptions, TrainRecipe
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "METHODS",
     "PRECISIONS",
     "PRESETS",
+    "SMALL",
     "TINY",
     "AdapterConfig",
     "BaseCheckpoint",

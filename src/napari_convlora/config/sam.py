@@ -55,14 +55,20 @@ class SamArchitecture:
 
     @property
     def model_type(self) -> str | None:
-        """``"vit_b"``, ``"vit_l"`` or ``"vit_h"`` when the geometry is an official one, else None."""
+        """``"vit_b"``, ``"vit_l"`` or ``"vit_h"`` when the geometry is an official one, ``"small"`` for the built-in
+        model's, else None."""
+        if self == SMALL:
+            return "small"
         return next((name for name, preset in PRESETS.items() if preset == self), None)
 
     @classmethod
     def preset(cls, model_type: str) -> "SamArchitecture":
-        """The official geometry for ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``; ``"tiny"`` for :data:`TINY`."""
+        """The official geometry for ``"vit_b"``, ``"vit_l"`` or ``"vit_h"``; ``"tiny"`` for :data:`TINY`, ``"small"``
+        for :data:`SMALL` (the built-in model)."""
         if model_type == "tiny":
             return TINY
+        if model_type == "small":
+            return SMALL
         try:
             return PRESETS[model_type]
         except KeyError:
@@ -92,3 +98,19 @@ TINY = SamArchitecture(
     decoder_mlp_dim=128,
     iou_head_hidden_dim=32,
 )
+
+#: The built-in small SAM (about 3.8 M parameters, 256 px): the geometry of the model pretrained in this repository
+#: (``scripts/pretrain_small_sam.py``) and shipped with the package as the embedded default.
+SMALL = SamArchitecture(
+    image_size=256,
+    encoder_embed_dim=192,
+    encoder_depth=6,
+    encoder_num_heads=3,
+    encoder_global_attn_indexes=(2, 5),
+    window_size=8,
+    prompt_embed_dim=128,
+    mask_in_chans=16,
+    decoder_mlp_dim=512,
+    iou_head_hidden_dim=128,
+)
+

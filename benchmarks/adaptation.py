@@ -1,0 +1,406 @@
+"""Adaptation to unseen target domains: held-out quality after the same number of steps, over seeds (issue 11).
+
+From a base SAM (default: the built-in small SAM, ``src/napari_convlora/models/small_sam_256.pth``, 256 px), each
+row adapts to each target family (``adaptation_data.py``: real nuclei, sparse cells, sparse EM membranes, and
+synthetic scenes under five shifts that pretraining never showed) with the project's own API
+(``prepare_training_data``, ``train.train``, ``predict_image``, ``metrics.ConfusionMatrix``), then the held-out part
+is predicted and scored. Every (family, row, seed) is an independent run, deterministic given its seed: the seed is
+the recipe's (adapter initialisation, patch sampling, augmentation, Conv-LoRA's gate noise), and for the
+``random_*`` rows also the random base's weights (``random_sam(<the base's geometry>, RANDOM_BASE_SEED + seed)``).
+
+Rows: ``zero_shot`` (the base SAM's own promptable decoder with a tight box around every ground-truth object of the
+held-out part; a DIFFERENT task, since the prompt-free head cannot be zero-shot: the union of the box-prompted masks
+is scored as the foreground, and ``box IoU`` is the mean IoU of the objects' masks; deterministic, one run),
+``decoder`` (decoder-only), ``lora``, ``conv_lora`` (its defaults: rank 3, 8 experts, top-1), ``conv_lora_top2``
+(top-2 routing, experts weighted by the gate), and ``random_decoder`` / ``random_lora`` / ``random_conv_lora`` (the
+same from a random-weight SAM of the base's geometry: does pretraining matter?).
+
+Training, the same for every row: ``TrainRecipe(input_size=256, steps, batch_size, grad_accum=1, lr, seed,
+val_fraction=0)`` and the recipe's other defaults (AdamW, weight decay 1e-4, linear decay, clipping at 1.0, flips,
+90-degree rotations and an intensity jitter); no validation: the model after the last step is scored. Every image
+goes through the same ``InputSpec()`` normalisation (percentiles 1 and 99.8), for the zero-shot row too.
+
+Scores (pooled over the family's held-out images, only on held-out annotated pixels):
+- mIoU: mean over the two classes (background included) of IoU from the pooled confusion matrix;
+- fg Dice: Dice of the foreground class;
+- BF: boundary F-score with a 2 px tolerance. Boundary pixels of a mask: its pixels with a 4-neighbour outside it
+  (``skimage.segmentation.find_boundaries(mode="inner")``). Ground-truth boundaries come from the complete
+  annotation's foreground (training and held-out parts; unannotated pixels count as outside), predicted ones from
+  the whole predicted foreground. Precision: the predicted boundary pixels on scored pixels that lie within 2 px
+  (Euclidean) of a ground-truth boundary pixel; recall: the ground-truth boundary pixels on scored pixels within
+  2 px of a predicted one; both pooled over images; F = 2PR / (P + R) (0 when nothing matches);
+- s/step: median wall time of an optimizer step (steps after the first two), with the thread count;
+- params: trainable parameters (adapters and head).
+
+Full run (CPU, 2 cores)::
+
+    python benchmarks/adaptation.py --threads 2 --json adaptation.json --markdown adaptation.md
+
+Prints one line per run, then a markdown table (mean ± std [min, max] over seeds) and writes the JSON record
+with every per-seed number (rewritten after every run, so an interrupted run keeps what it finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+
+from napari_convlora.config import AdapterConfig, InputSpec, RunOptions, TrainRecipe
+from napari_convlora.constants import IGNORE_INDEX
+from napari_convlora.data import ImageLayout, LabelEncoding, TrainingPair, prepare_training_data, to_sam_planes
+from napari_convlora.metrics import ConfusionMatrix
+from napari_convlora.predict import predict_image
+from napari_convlora.pretraining.promptable import Prompted, decode, preprocess
+from napari_convlora.pretraining.prompts import mask_box
+from napari_convlora.sam_loading import checkpoint_identity, load_base, random_sam, save_sam_checkpoint
+from napari_convlora.train import train
+
+from adaptation_data import SPARSE_BACKGROUND, SPARSE_FOREGROUND, Family, FamilyUnavailable, HeldOut, family_loaders
+
+BOUNDARY_TOLERANCE = 2.0
+RANDOM_BASE_SEED = 1000  # random bases use 1000 + seed, so that none equals a random_sam(..., seed) test base
+DEFAULT_BASE = Path(__file__).resolve().parents[1] / "src" / "napari_convlora" / "models" / "small_sam_256.pth"
+METRICS = ("miou", "fg_dice", "boundary_f", "box_iou", "step_s", "trainable_params")
+
+
+@dataclass(frozen=True)
+class Row:
+    """A method: ``adapter`` is an AdapterConfig's keyword arguments, None for the zero-shot row."""
+
+    label: str
+    adapter: dict | None
+    random_base: bool = False
+
+
+ROWS: dict[str, Row] = {
+    "zero_shot": Row("zero-shot SAM + GT boxes (different task)", None),
+    "decoder": Row("decoder-only", {"method": "decoder"}),
+    "lora": Row("LoRA", {"method": "lora"}),
+    "conv_lora": Row("Conv-LoRA (defaults, top-1)", {"method": "conv_lora"}),
+    "conv_lora_top2": Row("Conv-LoRA top-2, gate-weighted", {"method": "conv_lora", "top_k": 2, "weight_by_gate": True}),
+    "random_decoder": Row("decoder-only, random SAM", {"method": "decoder"}, True),
+    "random_lora": Row("LoRA, random SAM", {"method": "lora"}, True),
+    "random_conv_lora": Row("Conv-LoRA, random SAM", {"method": "conv_lora"}, True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def boundary_counts(pred_fg: np.ndarray, truth_fg: np.ndarray, scored: np.ndarray,
+                    tolerance: float = BOUNDARY_TOLERANCE) -> np.ndarray:
+    """[matched predicted, predicted, matched truth, truth] boundary pixels on ``scored`` pixels (int64, 4).
+
+    All Y x X bool. Boundaries: mask pixels with a 4-neighbour outside the mask; matched: within ``tolerance`` px
+    (Euclidean) of a boundary pixel of the other mask, anywhere in the image."""
+    pred_b = find_boundaries(pred_fg, mode="inner", connectivity=1) & pred_fg
+    truth_b = find_boundaries(truth_fg, mode="inner", connectivity=1) & truth_fg
+    near_truth = ndimage.distance_transform_edt(~truth_b) <= tolerance if truth_b.any() else np.zeros_like(truth_b)
+    near_pred = ndimage.distance_transform_edt(~pred_b) <= tolerance if pred_b.any() else np.zeros_like(pred_b)
+    p, t = pred_b & scored, truth_b & scored
+    return np.array([(p & near_truth).sum(), p.sum(), (t & near_pred).sum(), t.sum()], dtype=np.int64)
+
+
+def boundary_f(counts: np.ndarray) -> dict[str, float]:
+    """Precision, recall and F from pooled :func:`boundary_counts` (NaN when neither mask has a boundary)."""
+    matched_pred, pred, matched_truth, truth = (int(c) for c in counts)
+    if pred == 0 and truth == 0:
+        return {"boundary_precision": math.nan, "boundary_recall": math.nan, "boundary_f": math.nan}
+    precision = matched_pred / pred if pred else 0.0
+    recall = matched_truth / truth if truth else 0.0
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"boundary_precision": precision, "boundary_recall": recall, "boundary_f": f}
+
+
+class Scorer:
+    """Pools the confusion matrix and the boundary counts of a family's held-out images (binary tasks)."""
+
+    def __init__(self) -> None:
+        self.matrix = ConfusionMatrix(2)
+        self.counts = np.zeros(4, dtype=np.int64)
+
+    def add(self, pred_fg: np.ndarray, target: np.ndarray, truth_fg: np.ndarray) -> None:
+        """pred_fg: Y x X bool; target: class indices 0 / 1 or IGNORE_INDEX (not scored)."""
+        self.matrix.update(pred_fg.astype(np.int64), target)
+        self.counts += boundary_counts(pred_fg, truth_fg, target != IGNORE_INDEX)
+
+    def result(self) -> dict[str, Any]:
+        m = self.matrix.compute()
+        return {"miou": m.mean_iou, "fg_dice": m.per_class_dice[1], "per_class_iou": m.per_class_iou,
+                "pixels": m.num_pixels, **boundary_f(self.counts), "boundary_counts": self.counts.tolist()}
+
+
+def _targets(family: Family, held: HeldOut) -> np.ndarray:
+    """The held-out labels as class indices 0 / 1, IGNORE_INDEX where not scored."""
+    values = (SPARSE_BACKGROUND, SPARSE_FOREGROUND) if family.label_mode == "sparse" else (0, 1)
+    return LabelEncoding(family.label_mode, values, values[0]).encode(held.labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _tile_starts(length: int, size: int) -> list[int]:
+    return sorted({*range(0, max(length - size, 0) + 1, size), max(length - size, 0)})
+
+
+def zero_shot(family: Family, sam, max_boxes: int = 32) -> dict[str, Any]:
+    """The base SAM's promptable decoder with a tight box around every held-out ground-truth object, on 256 px
+    tiles (SAM's input size) of the normalised image; each object is prompted in the tile holding most of its
+    pixels, clipped to it. Returns the mean box IoU over objects and, where the union of the masks is the task's
+    foreground, the pixel scores of that union."""
+    size = sam.image_encoder.img_size
+    scorer, ious, started = Scorer(), [], time.perf_counter()
+    sam.eval()
+    for held in family.held_out:
+        planes = to_sam_planes(held.image, ImageLayout(rgb=held.rgb), InputSpec())[0]
+        ny, nx = planes.shape[:2]
+        pad = ((0, max(size - ny, 0)), (0, max(size - nx, 0)))
+        planes, instances = np.pad(planes, pad + ((0, 0),)), np.pad(held.instances, pad)
+        foreground = np.zeros(instances.shape, bool)
+        ids = np.unique(instances)
+        ids = ids[ids > 0]
+        tiles = [(slice(y0, y0 + size), slice(x0, x0 + size)) for y0 in _tile_starts(instances.shape[0], size)
+                 for x0 in _tile_starts(instances.shape[1], size)]
+        pixels = np.stack([np.bincount(instances[tile].ravel(), minlength=ids.max(initial=0) + 1) for tile in tiles])
+        owner = pixels[:, ids].argmax(axis=0)  # each object goes to the tile holding most of it (the first on ties)
+        for t, tile in enumerate(tiles):
+            masks = [instances[tile] == i for i, o in zip(ids, owner) if o == t]
+            if not masks:
+                continue
+            with torch.no_grad():
+                embedding = sam.image_encoder(preprocess(sam, planes[tile][None]))
+                for k in range(0, len(masks), max_boxes):
+                    chunk = np.stack(masks[k : k + max_boxes])
+                    boxes = torch.from_numpy(np.stack([mask_box(m) for m in chunk]))
+                    low_res, _ = decode(sam, embedding, Prompted(None, None, boxes, None, multimask=False))
+                    pred = (F.interpolate(low_res, size=(size, size), mode="bilinear",
+                                          align_corners=False)[:, 0] > 0).numpy()
+                    inter, union = (pred & chunk).sum((1, 2)), (pred | chunk).sum((1, 2))
+                    ious += (inter / np.maximum(union, 1)).tolist()
+                    foreground[tile] |= pred.any(0)
+        scorer.add(foreground[:ny, :nx], _targets(family, held), held.truth_foreground)
+    out: dict[str, Any] = {"box_iou": float(np.mean(ious)) if ious else math.nan, "objects": len(ious),
+                           "predict_s": time.perf_counter() - started, "trainable_params": 0}
+    if family.zero_shot_pixels:
+        out.update(scorer.result())
+    return out
+
+
+def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train ``row`` on ``family`` from ``base`` with ``seed``, predict and score the held-out part."""
+    recipe = TrainRecipe(adapter=AdapterConfig(**row.adapter), input_size=args.input_size, label_mode=family.label_mode,
+                         val_fraction=0.0, steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
+                         val_every=args.steps, seed=seed)
+    data = prepare_training_data([TrainingPair(im, lab, ImageLayout(rgb=rgb)) for im, lab, rgb in family.train], recipe)
+    run = RunOptions(device=args.device, num_threads=args.threads)
+    out_path = work / f"{family.name}-{seed}.safetensors"
+    intervals, started = [], time.perf_counter()
+    gen = train(base, data, out_path, recipe, run)
+    try:
+        tick = time.perf_counter()
+        while True:
+            event = next(gen)
+            now = time.perf_counter()
+            if event.kind == "step":
+                intervals.append(now - tick)
+            if event.kind in ("start", "step"):
+                tick = now
+    except StopIteration as done:
+        model = done.value
+    train_s = time.perf_counter() - started
+    started, scorer = time.perf_counter(), Scorer()
+    foreground = model.config.head.class_values[1]
+    for held in family.held_out:
+        labels = predict_image(model, held.image, ImageLayout(rgb=held.rgb), device=args.device).labels
+        scorer.add(labels == foreground, _targets(family, held), held.truth_foreground)
+    timed = intervals[2:] or intervals
+    return {**scorer.result(), "step_s": float(np.median(timed)), "train_s": train_s,
+            "predict_s": time.perf_counter() - started,
+            "trainable_params": int(sum(p.numel() for p in model.trainable_parameters()))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """family -> row -> metric -> {mean, median, std (sample, None for one run), min, max, n} over seeds."""
+    summary: dict = {}
+    for run in runs:
+        summary.setdefault(run["family"], {}).setdefault(run["row"], []).append(run)
+    for rows in summary.values():
+        for row, group in rows.items():
+            stats = {}
+            for metric in METRICS:
+                values = np.array([r[metric] for r in group if r.get(metric) is not None], float)
+                values = values[np.isfinite(values)]
+                if values.size:
+                    stats[metric] = {"mean": float(values.mean()), "median": float(np.median(values)),
+                                     "min": float(values.min()),
+                                     "max": float(values.max()), "n": int(values.size),
+                                     "std": float(values.std(ddof=1)) if values.size > 1 else None}
+            rows[row] = stats
+    return summary
+
+
+def _cell(stats: dict[str, Any] | None, digits: int = 3, spread: bool = True, key: str = "mean") -> str:
+    if not stats:
+        return "n/a"
+    text = f"{stats[key]:.{digits}f}"
+    if spread and stats["std"] is not None:
+        text += f" ± {stats['std']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+    return text
+
+
+def markdown(summary: dict, threads: int, seeds: int) -> str:
+    """The table: one line per family and row, mean ± std [min, max] over seeds; then what the columns are."""
+    lines = [f"| family | row | mIoU | fg Dice | BF (2 px) | box IoU | s/step ({threads} thr) | trainable params |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for family, rows in summary.items():
+        for row, stats in rows.items():
+            params = int(stats["trainable_params"]["mean"]) if "trainable_params" in stats else 0
+            step = _cell(stats.get("step_s"), spread=False, key="median") if ROWS[row].adapter is not None else "-"
+            cells = [_cell(stats.get(m)) for m in ("miou", "fg_dice", "boundary_f", "box_iou")]
+            lines.append(f"| {family} | {ROWS[row].label} | {' | '.join(cells)} | {step} | {params:,} |")
+    legend = (f"\nHeld-out scores: mean ± sample std [min, max] over {seeds} seed(s), binary tasks, mIoU over background "
+              f"and foreground. BF: boundary F-score, {BOUNDARY_TOLERANCE:g} px tolerance. box IoU and the zero-shot row: "
+              "the base SAM's promptable decoder with a box around each ground-truth object, a different task from the "
+              "prompt-free rows (its pixel scores are those of the union of the box-prompted masks), one deterministic "
+              "run. s/step: median over seeds of each run's median optimizer-step time, "
+              f"{threads} thread(s).\n")
+    return "\n".join(lines) + "\n" + legend
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _choose(asked: list[str], known: list[str], what: str) -> list[str]:
+    chosen = [name for pattern in asked for name in known if fnmatch.fnmatchcase(name, pattern)]
+    unknown = [p for p in asked if not any(fnmatch.fnmatchcase(name, p) for name in known)]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {', '.join(known)} (shell patterns allowed)")
+    return list(dict.fromkeys(chosen))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default=str(DEFAULT_BASE), help="the base SAM checkpoint (default: the built-in "
+                        "small SAM)")
+    parser.add_argument("--families", nargs="+", default=["*"], help="family names or patterns (default: all)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every row")
+    parser.add_argument("--batch", type=int, default=1, help="patches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write every per-seed number and the summary here")
+    parser.add_argument("--markdown", help="write the table here too")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base_path = Path(args.base)
+    if not base_path.is_file():
+        raise SystemExit(f"no base checkpoint at {base_path}: pretrain it (scripts/pretrain_small_sam.py) or give --base")
+    base = load_base(base_path)
+    loaders = family_loaders()
+    families = _choose(args.families, list(loaders), "families")
+    rows = _choose(args.rows, list(ROWS), "rows")
+    record: dict[str, Any] = {
+        "benchmark": "adaptation (benchmarks/adaptation.py)",
+        "config": {"base": str(base_path), "base_sha256": checkpoint_identity(base_path).sha256,
+                   "steps": args.steps, "batch": args.batch, "lr": args.lr, "input_size": args.input_size,
+                   "threads": args.threads, "device": args.device, "seeds": args.seeds, "rows": rows,
+                   "boundary_tolerance_px": BOUNDARY_TOLERANCE, "torch": torch.__version__,
+                   "python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine()},
+        "families": {}, "skipped": {}, "runs": [],
+    }
+    total = len(families) * sum(1 if r == "zero_shot" else len(args.seeds) for r in rows)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="adaptation-") as tmp:
+        work = Path(tmp)
+        for name in families:
+            try:
+                family = loaders[name]()
+            except FamilyUnavailable as e:
+                print(f"skipping {name}: {e}", file=sys.stderr, flush=True)
+                record["skipped"][name] = str(e)
+                total -= sum(1 if r == "zero_shot" else len(args.seeds) for r in rows)
+                continue
+            record["families"][name] = family.summary()
+            for row_name in rows:
+                row = ROWS[row_name]
+                for seed in [None] if row.adapter is None else args.seeds:
+                    if row.adapter is None:
+                        result = zero_shot(family, base.sam)
+                    else:
+                        checkpoint = base_path
+                        if row.random_base:
+                            checkpoint = work / f"random-{seed}.pth"
+                            if not checkpoint.is_file():
+                                save_sam_checkpoint(random_sam(base.architecture, RANDOM_BASE_SEED + seed), checkpoint)
+                        result = adapt(family, row, seed, checkpoint, args, work)
+                    record["runs"].append({"family": name, "row": row_name, "seed": seed, **result})
+                    done = len(record["runs"])
+                    elapsed = time.perf_counter() - started
+                    print(f"[{done}/{total}] {name} {row_name} seed {seed}: mIoU {result.get('miou', math.nan):.3f} "
+                          f"Dice {result.get('fg_dice', math.nan):.3f} BF {result.get('boundary_f', math.nan):.3f}"
+                          + (f" box IoU {result['box_iou']:.3f}" if "box_iou" in result else
+                             f" {result['step_s']:.3f} s/step") + f"; {elapsed:.0f} s, about "
+                          f"{elapsed / done * (total - done):.0f} s left", flush=True)
+                    if args.json:
+                        _write_json(Path(args.json), record)
+    record["summary"] = summarise(record["runs"])
+    record["seconds"] = time.perf_counter() - started
+    table = markdown(record["summary"], args.threads, len(args.seeds))
+    print(table)
+    if args.json:
+        _write_json(Path(args.json), record)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
