@@ -14,10 +14,8 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QEvent
 from qtpy.QtWidgets import (
-    QFileDialog,
     QGroupBox,
     QHBoxLayout,
-    QMessageBox,
     QPushButton,
     QScrollArea,
     QTabWidget,
@@ -27,28 +25,14 @@ from qtpy.QtWidgets import (
 
 from .._napari import jobs
 from .._napari.layers import (
-    class_colours,
-    class_pixel_counts,
-    copy_image,
     copy_pair,
-    copy_prediction,
-    current_plane,
-    find_labels_for,
-    instances_name,
-    painted_pixels_to_replace,
-    prediction_name,
-    training_colours,
-    write_instances,
-    write_prediction,
 )
 from ..config import TrainRecipe
 from ..config.choices import SAM_CHECKPOINT_FORMAT
 from ..errors import describe_error
-from ..metrics import class_labels
-from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker, compute_thread
-from .fields import settings
-from .forms import DEFAULT_RUN_FOLDER, MODEL_FILTER, DataForm, ModelForm
+from .forms import DEFAULT_RUN_FOLDER, DataForm, ModelForm
+from .predict_actions import PredictActions
 from .predict_panel import PredictPanel
 from .progress_view import ProgressView, eta_text
 
@@ -63,7 +47,7 @@ def new_run_path(folder: Path) -> str:
     return str(path)
 
 
-class ConvLoRAWidget(QWidget):
+class ConvLoRAWidget(PredictActions, QWidget):
     """Plugins > napari-convlora: the whole annotate-then-fine-tune loop in one dock."""
 
     def __init__(self, napari_viewer) -> None:
@@ -323,176 +307,6 @@ class ConvLoRAWidget(QWidget):
         self.say(message)
         show_info(f"napari-convlora: {message}")
         return None
-
-    # ---- predict, correct, evaluate, save ----------------------------------------------------
-    def predict(self, whole_stack: bool | None = None) -> JobWorker | None:
-        """Segment the chosen image (the plane shown, or the whole stack) with the current model."""
-        name = self.predict_image.current()
-        if self.model is None:
-            return self._refuse("train or load a fine-tuned model first")
-        if name is None:
-            return self._refuse("choose an Image layer to predict")
-        layer = self.viewer.layers[name]
-        whole = self.whole_stack.isChecked() if whole_stack is None else whole_stack
-        plane = None if whole else current_plane(self.viewer, layer)
-        progress = self.view.start_prediction()
-        self._set_busy("predict")
-        return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
-                         self.model_form.device_name(), progress, stoppable=True,
-                         instances=self.panel.instances.isChecked(), on_returned=self._predicted)
-
-    def _predicted(self, result: jobs.PredictResult | None) -> None:
-        if result is None:
-            self.say("prediction stopped")
-            return
-        if result.image_name not in self.viewer.layers:
-            self.say(f"'{result.image_name}' was removed; prediction not written")
-            return
-        image = self.viewer.layers[result.image_name]
-        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs()) or self._training_labels()
-        colours = class_colours(result.class_values, result.background_value,
-                                training_colours(paired, result.class_values, result.background_value))
-        layer = write_prediction(self.viewer, image, result.labels, result.class_values, result.class_names,
-                                 result.background_value, result.planes, colours)
-        if result.instances is not None:
-            write_instances(self.viewer, image, result.instances, result.planes)
-        predicted = result.labels if result.planes is None else \
-            result.labels.reshape(-1, *result.labels.shape[-2:])[result.planes]
-        counts = class_pixel_counts(predicted, result.class_values)
-        names = class_labels(result.class_names, len(result.class_values))
-        self.panel.show_counts(layer.name, counts, names, colours, result.background_value)
-        absent = [n for (v, c), n in zip(counts.items(), names) if c == 0 and v != result.background_value]
-        written = f"wrote '{layer.name}'" + (f" and '{instances_name(image.name)}'" if result.instances is not None
-                                              else "")
-        self.say(written + ": " + ", ".join(f"{n} {c:,} px" for n, c in zip(names, counts.values())))
-        if absent:
-            self._refuse(f"the prediction of '{result.image_name}' holds no {' and no '.join(absent)}: train "
-                         "longer, annotate more of " + ("it" if len(absent) == 1 else "them") + ", or check "
-                         "the class's labels")
-
-    def _training_labels(self) -> Labels | None:
-        """The first Labels layer under Training data (its colours are the classes' colours)."""
-        names = [labels for _, labels in self.data_form.pairs() if labels in self.viewer.layers]
-        return self.viewer.layers[names[0]] if names else None
-
-    def _ask(self, question: str) -> bool:
-        answer = QMessageBox.question(self, "napari-convlora", question,
-                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
-                                      QMessageBox.StandardButton.Cancel)
-        return answer == QMessageBox.StandardButton.Yes
-
-    def copy_to_training_labels(self, mode: str | None = None) -> int | None:
-        """Copy the prediction of the chosen image into its training Labels layer: only into pixels nobody
-        painted, or (asked first when painted pixels would change) everywhere it predicted. Ctrl+Z undoes it."""
-        name = self.predict_image.current()
-        source = prediction_name(name) if name else None
-        if source not in self.viewer.layers:
-            return self._refuse("predict the image first")
-        target = find_labels_for(self.viewer, name, self.data_form.pairs())
-        if target is None:
-            return self._refuse(f"pair '{name}' with a Labels layer under Training data first")
-        mode = mode or self.panel.copy_mode_name()
-        prediction = self.viewer.layers[source]
-        try:
-            if mode == "all":
-                painted = painted_pixels_to_replace(prediction, target)
-                if painted and not self.confirm(f"Replace {painted:,} painted pixels of '{target.name}' with the "
-                                                f"prediction? Ctrl+Z in '{target.name}' undoes it."):
-                    return self._refuse("nothing copied")
-            changed = copy_prediction(prediction, target, mode)
-        except ValueError as e:
-            return self._refuse(str(e))
-        where = "unpainted pixels" if mode == "unpainted" else "pixels"
-        self.say(f"copied {changed:,} {where} into '{target.name}' (Ctrl+Z in that layer undoes it): correct them, "
-                 "then Train again")
-        return changed
-
-    def predict_files(self, paths: list[str] | None = None, out_dir: str | None = None) -> JobWorker | None:
-        """Segment image files (chosen in a dialog) into a folder, one label image per file, without opening them."""
-        if self.model is None:
-            return self._refuse("train or load a fine-tuned model first")
-        start = str(settings().value("last_folder", str(Path.home())))
-        if paths is None:
-            paths, _ = QFileDialog.getOpenFileNames(self, "Images to predict", start,
-                                                    "Images (*.tif *.tiff *.png *.jpg *.jpeg *.bmp *.nii *.nii.gz "
-                                                    "*.nrrd);;All files (*)")
-            if not paths:
-                return None
-        if out_dir is None:
-            out_dir = QFileDialog.getExistingDirectory(self, "Folder for the label images", str(Path(paths[0]).parent))
-            if not out_dir:
-                return None
-        progress = self.view.start_prediction()
-        self._set_busy("predict")
-        return self._run(jobs.predict_files_job, self.model, list(paths), out_dir, self.model_form.device_name(),
-                         progress, instances=self.panel.instances.isChecked(), stoppable=True,
-                         on_returned=self.say)
-
-    def evaluate(self) -> JobWorker | None:
-        """Score the current model on the chosen image against the chosen Labels layer (per-class table)."""
-        name, labels = self.predict_image.current(), self.panel.evaluate_labels.current()
-        if self.model is None:
-            return self._refuse("train or load a fine-tuned model first")
-        if name is None or labels is None:
-            return self._refuse("choose the Image layer (above) and the Labels layer to evaluate against")
-        try:
-            pair = copy_pair(self.viewer.layers[name], self.viewer.layers[labels])
-        except ValueError as e:
-            return self._refuse(str(e))
-        self._set_busy("evaluate")
-        return self._run(jobs.evaluate_job, self.model, pair, labels, self.model_form.device_name(),
-                         on_returned=self._evaluated)
-
-    def _evaluated(self, result: jobs.EvaluateResult) -> None:
-        from ..metrics import format_line
-
-        caption = f"Evaluation of '{result.image_name}' against '{result.labels_name}'."
-        self.view.scores.show_metrics(result.metrics, result.class_names, caption)
-        self.say(f"evaluated '{result.image_name}' against '{result.labels_name}': "
-                 f"{format_line(result.metrics, result.class_names)}")
-
-    def save(self, bundle: bool = False, path: str | None = None) -> JobWorker | None:
-        """Save the adapter (small; needs the base SAM to load) or export one bundle file (file dialog)."""
-        if self.model is None:
-            return self._refuse("nothing to save yet: train or load a model")
-        if path is None:
-            start = str(Path(str(settings().value("last_folder", Path.home()))) /
-                        ("model-bundle.safetensors" if bundle else "adapter.safetensors"))
-            path, _ = QFileDialog.getSaveFileName(self, "Export bundle" if bundle else "Save adapter",
-                                                  start, MODEL_FILTER)
-            if not path:
-                return None
-        try:  # never over the SAM checkpoint that adapters are loaded on
-            base = self.model_form.sam.path() or None
-            check_outputs_are_not_inputs({"the file chosen": path}, {"the SAM checkpoint": base})
-        except ValueError as e:
-            return self._refuse(str(e))
-        self._set_busy("save")
-        return self._run(jobs.save_job, self.model, path, bundle, on_returned=self._saved)
-
-    def _saved(self, path: str) -> None:
-        self.say(f"saved {path}")
-
-    def export_model_zoo(self, path: str | None = None) -> JobWorker | None:
-        """Export the model as a BioImage Model Zoo package; its test image comes from the chosen image."""
-        if self.model is None:
-            return self._refuse("nothing to export yet: train or load a model")
-        if path is None:
-            start = str(Path(str(settings().value("last_folder", Path.home()))) / "model.bioimageio.zip")
-            path, _ = QFileDialog.getSaveFileName(self, "Export for the BioImage Model Zoo", start,
-                                                  "BioImage Model Zoo packages (*.zip)")
-            if not path:
-                return None
-        name = self.predict_image.current()
-        layer = self.viewer.layers[name] if name else None
-        image = copy_image(layer) if layer is not None else None
-        plane = current_plane(self.viewer, layer) if layer is not None else None
-        self._set_busy("save")
-        return self._run(jobs.model_zoo_job, self.model, path, image, plane,
-                         on_returned=self._exported)
-
-    def _exported(self, path: str) -> None:
-        self.say(f"wrote the BioImage Model Zoo package {path}")
 
     # ---- closing -----------------------------------------------------------------------------
     def event(self, event: QEvent) -> bool:
