@@ -13,6 +13,7 @@ The shipped model was made with (2 CPU cores, about 30 minutes)::
     python scripts/pretrain_small_sam.py --steps 3600 --seed 0 --threads 2 \
         --out src/napari_convlora/models/small_sam_256.pth
 
+``--device cuda`` runs it on a GPU (more steps in the same time; the shipped model was made on the CPU).
 It writes the checkpoint in the official format (a state dict ``torch.load``-able with ``weights_only=True``)
 and ``<out>.json`` beside it: the provenance (script, seed, steps, source commit, sha256, time, torch version,
 threads) and the held-out box- and point-prompt mIoU. CI runs a smoke run (``--steps 2 --pool 4``).
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--focal-ramp", type=int, default=1200, help="steps over which the focal weight rises to 20")
     parser.add_argument("--pool", type=int, default=768, help="scenes held at once (one is replaced per step)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the shipped model: cpu)")
     parser.add_argument("--eval-scenes", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--out", required=True, help="checkpoint to write (.pth); provenance goes to <out>.json")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = [random_scene(rng) for _ in range(args.pool)]
     print(f"pool of {len(pool)} scenes in {time.perf_counter() - started:.0f} s", flush=True)
 
-    sam = build_sam(SMALL)
+    sam = build_sam(SMALL).to(args.device)
     sam.train()
     params = [p for p in sam.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     history.append({"step": args.steps, **scores})
     print(f"held-out ({args.eval_scenes} scenes): {scores}", flush=True)
     out = Path(args.out)
-    save_sam_checkpoint(sam, out)
+    save_sam_checkpoint(sam.cpu(), out)
     record = {
         "model": "napari-convlora built-in small SAM (segment_anything classes, config.SMALL)",
         "parameters": sum(p.numel() for p in sam.parameters()),
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "focal_ramp": args.focal_ramp,
-        "pool": args.pool, "threads": args.threads, "seconds": round(seconds),
+        "pool": args.pool, "threads": args.threads, "device": args.device, "seconds": round(seconds),
         "source_commit": _commit(), "torch": torch.__version__, "sha256": sha256_file(out),
         "held_out": {"scenes": args.eval_scenes, "seed": "10000000 + i", **scores}, "history": history,
     }

@@ -83,12 +83,17 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def decode(sam, embedding: torch.Tensor, prompted: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's prompt encoder and mask decoder for the K objects of one image.
+    """SAM's prompt encoder and mask decoder for the K objects of one image (prompts moved to its device).
 
     embedding: 1 x C x h x w. Returns low-resolution logits K x M x 4h x 4w and predicted IoUs K x M
     (M = 3 with ``multimask``, else 1)."""
-    points = None if prompted.points is None else (prompted.points, prompted.labels)
-    sparse, dense = sam.prompt_encoder(points=points, boxes=prompted.boxes, masks=prompted.masks)
+    device = embedding.device
+
+    def on(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device)
+
+    points = None if prompted.points is None else (on(prompted.points), on(prompted.labels))
+    sparse, dense = sam.prompt_encoder(points=points, boxes=on(prompted.boxes), masks=on(prompted.masks))
     return sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                             multimask_output=prompted.multimask)
@@ -103,7 +108,7 @@ def _mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.T
     mask_loss = focal_weight * sigmoid_focal_loss(logits, truth) + DICE_WEIGHT * dice_loss(logits, truth)
     ious = mask_iou(logits, truth)
     best = mask_loss.detach().argmin(dim=1)
-    rows = torch.arange(len(best))
+    rows = torch.arange(len(best), device=best.device)
     iou_loss = F.mse_loss(iou_pred, ious, reduction="none").mean(dim=1)
     loss = mask_loss[rows, best] + IOU_WEIGHT * iou_loss
     return loss.mean(), low_res[rows, best][:, None], ious[rows, best]
@@ -137,13 +142,13 @@ def image_loss(sam, embedding: torch.Tensor, instances: np.ndarray, rng: np.rand
     chosen = rng.choice(ids, size=min(OBJECTS_PER_IMAGE, ids.size), replace=False, p=weights)
     masks = np.stack([instances == i for i in chosen])
     size = instances.shape[-1]
-    targets = torch.from_numpy(masks.astype(np.float32))
+    targets = torch.from_numpy(masks.astype(np.float32)).to(embedding.device)
     first, points, boxed = _first_prompts(masks, rng)
     low_res, iou_pred = decode(sam, embedding, first)
     loss1, previous, iou1 = _mask_losses(low_res, iou_pred, targets, size, focal_weight)
 
     predicted = F.interpolate(previous.detach(), size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
-    fixes = [correction_point(p, m, rng) for p, m in zip(predicted.numpy(), masks)]
+    fixes = [correction_point(p, m, rng) for p, m in zip(predicted.cpu().numpy(), masks)]
     fix_xy = np.stack([f[0] for f in fixes])[:, None]
     fix_label = np.array([f[1] for f in fixes])[:, None]
     if boxed:
@@ -159,8 +164,9 @@ def image_loss(sam, embedding: torch.Tensor, instances: np.ndarray, rng: np.rand
 
 
 def preprocess(sam, images: np.ndarray) -> torch.Tensor:
-    """B x S x S x 3 uint8 -> SAM's normalised B x 3 x S x S input (``Sam.preprocess``, at SAM's own size)."""
-    batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
+    """B x S x S x 3 uint8 -> SAM's normalised B x 3 x S x S input (``Sam.preprocess``, at SAM's own size), on
+    SAM's device."""
+    batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().to(sam.device)
     return torch.stack([sam.preprocess(image) for image in batch])
 
 
@@ -179,7 +185,7 @@ def prompt_mious(sam, scenes: Sequence, max_objects: int = 16) -> dict[str, floa
         embedding = sam.image_encoder(preprocess(sam, scene.image[None]))
         masks = np.stack([scene.instances == i for i in ids])
         areas += masks.sum(axis=(1, 2)).tolist()
-        targets = torch.from_numpy(masks.astype(np.float32))[:, None]
+        targets = torch.from_numpy(masks.astype(np.float32))[:, None].to(embedding.device)
         size = masks.shape[-1]
         boxes = torch.from_numpy(np.stack([mask_box(m) for m in masks]))
         low_res, _ = decode(sam, embedding, Prompted(None, None, boxes, None, multimask=False))
@@ -189,7 +195,7 @@ def prompt_mious(sam, scenes: Sequence, max_objects: int = 16) -> dict[str, floa
         low_res, iou_pred = decode(sam, embedding, Prompted(coords, torch.ones(len(ids), 1, dtype=torch.int64), None,
                                                              None, multimask=True))
         best = iou_pred.argmax(dim=1)
-        chosen = low_res[torch.arange(len(ids)), best][:, None]
+        chosen = low_res[torch.arange(len(ids), device=best.device), best][:, None]
         logits = F.interpolate(chosen, size=(size, size), mode="bilinear", align_corners=False)
         point_ious += mask_iou(logits, targets)[:, 0].tolist()
     large = np.asarray(areas) >= LARGE_OBJECT_AREA
