@@ -15,7 +15,7 @@ from helpers import make_model, perturb_trainable
 from napari_convlora.batch_predict import images_in_folder, output_paths, predict_files
 from napari_convlora.cli import main
 from napari_convlora.files import save_adapter
-from napari_convlora.predict import class_pixel_counts
+from napari_convlora.metrics import class_pixel_counts
 from napari_convlora.sample_data import synthetic_cells
 
 

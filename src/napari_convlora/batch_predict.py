@@ -199,7 +199,8 @@ def predict_files(
     import numpy as np
 
     from .image_io import read_image, write_image
-    from .predict import class_pixel_counts, predict_image
+    from .metrics import class_pixel_counts
+    from .predict import predict_image
     from .tiling import PredictionCancelled
 
     paths = [Path(p) for p in images]

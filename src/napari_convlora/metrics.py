@@ -202,3 +202,15 @@ def evaluate_arrays(pred: np.ndarray, target: np.ndarray, num_classes: int) -> S
     matrix = ConfusionMatrix(num_classes)
     matrix.update(pred, target)
     return matrix.compute()
+
+
+def class_pixel_counts(labels: np.ndarray, class_values: Sequence[int]) -> dict[int, int]:
+    """Pixels (voxels) of each class in a label image of any shape: class value -> count, in the order of
+    ``class_values``; 0 for a class that is absent. Values that are not class values are not counted."""
+    flat = np.asarray(labels).ravel()
+    if flat.dtype.kind in "ub" and flat.dtype.itemsize <= 2:  # label_dtype's uint8/uint16: one linear pass
+        counts = np.bincount(flat, minlength=max(class_values) + 1)
+        return {int(v): int(counts[v]) if v < len(counts) else 0 for v in class_values}
+    values, counts = np.unique(flat, return_counts=True)
+    found = dict(zip(values.tolist(), counts.tolist()))
+    return {int(v): int(found.get(v, 0)) for v in class_values}

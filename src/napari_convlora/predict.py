@@ -32,18 +32,6 @@ class Prediction:
     instances: np.ndarray | None = None
 
 
-def class_pixel_counts(labels: np.ndarray, class_values: Sequence[int]) -> dict[int, int]:
-    """Pixels (voxels) of each class in a label image of any shape: class value -> count, in the order of
-    ``class_values``; 0 for a class that is absent. Values that are not class values are not counted."""
-    flat = np.asarray(labels).ravel()
-    if flat.dtype.kind in "ub" and flat.dtype.itemsize <= 2:  # label_dtype's uint8/uint16: one linear pass
-        counts = np.bincount(flat, minlength=max(class_values) + 1)
-        return {int(v): int(counts[v]) if v < len(counts) else 0 for v in class_values}
-    values, counts = np.unique(flat, return_counts=True)
-    found = dict(zip(values.tolist(), counts.tolist()))
-    return {int(v): int(found.get(v, 0)) for v in class_values}
-
-
 def make_prob_fn(model: AdaptedSAM, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function B x 3 x S x S (0..255, any device) -> B x K x S x S probabilities, run on ``device``."""
 

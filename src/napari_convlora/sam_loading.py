@@ -19,6 +19,7 @@ import torch
 from .atomic import atomic_path, sha256_file
 from .config import PRESETS, TINY, BaseCheckpoint, SamArchitecture
 from .config.choices import MODEL_SUFFIX
+from .builtin_model import OFFICIAL_CHECKPOINTS
 from .errors import CheckpointError
 from .safety import unreadable_reason
 from .sam_build import build_sam, infer_architecture
@@ -51,7 +52,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
     other = other_file_kind(path)
     if other:
         raise CheckpointError(f"{path}: this is {other}, not a model checkpoint (a SAM checkpoint is a .pth file; "
-                              "official ones: github.com/facebookresearch/segment-anything#model-checkpoints)")
+                              f"official ones: {OFFICIAL_CHECKPOINTS})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -313,10 +313,9 @@ def model_zoo_job(model: Any, path: str, image: LayerCopy | None, plane: int | N
     sample); bioimageio.spec checks the package before it is moved into place."""
     yield Message(f"exporting a BioImage Model Zoo package to {path}")
     isolate_triton()  # before torch: see native_libs
-    from ..bioimageio_export import check_export, export_bioimageio
+    from ..bioimageio_export import export_bioimageio  # refuses a bad path before any work
     from ..data import ImageLayout
 
-    check_export(path)
     sample = None if image is None else image.image
     layout = None if image is None else ImageLayout(rgb=image.rgb)
     return str(export_bioimageio(model, path, sample, layout, plane=plane))

@@ -237,13 +237,6 @@ def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted")
     return int(coords[0].size)
 
 
-def class_pixel_counts(labels: np.ndarray, class_values: Sequence[int]) -> dict[int, int]:
-    """Pixels of each class value in ``labels`` (every value of ``class_values``, 0 where absent)."""
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    found = dict(zip(values.tolist(), counts.tolist()))
-    return {int(v): int(found.get(int(v), 0)) for v in class_values}
-
-
 def training_colours(labels: Labels | None, class_values: Sequence[int], background: int) -> dict[int, str] | None:
     """The colours a training Labels layer shows its class values in (hex), to colour predictions alike."""
     if labels is None:

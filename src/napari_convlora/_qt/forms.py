@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..config import AdapterConfig, RunOptions, TrainRecipe
+from ..builtin_model import OFFICIAL_CHECKPOINTS
 from ..config.suggestions import suggested_input_size
 from ..config.choices import (
     DEVICE_LABELS,
@@ -67,7 +68,6 @@ def _combo(values, labels: dict[str, str] | None = None, tip: str = "") -> QComb
     return box
 
 
-OFFICIAL_CHECKPOINTS = "github.com/facebookresearch/segment-anything#model-checkpoints"
 #: Where training starts: the base SAM with new adapters, or the current fine-tuned model.
 START_FROM = ("base", "model")
 #: The fields a fine-tuned model decides; they follow it and are locked while training continues from it.

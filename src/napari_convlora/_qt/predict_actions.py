@@ -12,7 +12,6 @@ from qtpy.QtWidgets import QFileDialog, QMessageBox
 from .._napari import jobs
 from .._napari.layers import (
     class_colours,
-    class_pixel_counts,
     copy_image,
     copy_pair,
     copy_prediction,
@@ -25,7 +24,7 @@ from .._napari.layers import (
     write_instances,
     write_prediction,
 )
-from ..metrics import class_labels, format_line
+from ..metrics import class_labels, class_pixel_counts, format_line
 from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker
 from .fields import settings
