@@ -12,8 +12,11 @@ Rows: ``zero_shot`` (the base SAM's own promptable decoder with a tight box arou
 held-out part; a DIFFERENT task, since the prompt-free head cannot be zero-shot: the union of the box-prompted masks
 is scored as the foreground, and ``box IoU`` is the mean IoU of the objects' masks; deterministic, one run),
 ``decoder`` (decoder-only), ``lora``, ``conv_lora`` (its defaults: rank 3, 8 experts, top-1), ``conv_lora_top2``
-(top-2 routing, experts weighted by the gate), and ``random_decoder`` / ``random_lora`` / ``random_conv_lora`` (the
-same from a random-weight SAM of the base's geometry: does pretraining matter?).
+(top-2 routing, experts weighted by the gate), ``hq`` (HQ-SAM's regime: SAM frozen, HQ-SAM's token, MLP and fusion
+plus the head's tokens train; "SAM + HQ" output), ``conv_lora_hq`` / ``conv_lora_hq_only`` (Conv-LoRA with HQ-SAM's
+fusion on the head, SAM + HQ or HQ only; the built-in SAM is a plain SAM, so the HQ parts start new as in HQ-SAM's
+training), and ``random_decoder`` / ``random_lora`` / ``random_conv_lora`` (the same from a random-weight SAM of the
+base's geometry: does pretraining matter?).
 
 Training, the same for every row: ``TrainRecipe(input_size=256, steps, batch_size, grad_accum=1, lr, seed,
 val_fraction=0)`` and the recipe's other defaults (AdamW, weight decay 1e-4, linear decay, clipping at 1.0, flips,
@@ -29,6 +32,10 @@ Scores (pooled over the family's held-out images, only on held-out annotated pix
   the whole predicted foreground. Precision: the predicted boundary pixels on scored pixels that lie within 2 px
   (Euclidean) of a ground-truth boundary pixel; recall: the ground-truth boundary pixels on scored pixels within
   2 px of a predicted one; both pooled over images; F = 2PR / (P + R) (0 when nothing matches);
+- bIoU: HQ-SAM's boundary IoU of the foreground (``napari_convlora.boundary``): the band of a mask is its pixels
+  within d = max(1, round(0.02 x image diagonal)) px of a pixel outside it or of the image border; bIoU = |Gb & Pb|
+  / |Gb | Pb|, intersections and unions pooled over images (``metrics.ConfusionMatrix``), on held-out annotated
+  pixels only (an unannotated pixel is in neither band and does not create one);
 - s/step: median wall time of an optimizer step (steps after the first two), with the thread count;
 - params: trainable parameters (adapters and head).
 
@@ -61,6 +68,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
+from napari_convlora.boundary import DILATION_RATIO
 from napari_convlora.config import AdapterConfig, InputSpec, RunOptions, TrainRecipe
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import ImageLayout, LabelEncoding, TrainingPair, prepare_training_data, to_sam_planes
@@ -76,7 +84,7 @@ from adaptation_data import SPARSE_BACKGROUND, SPARSE_FOREGROUND, Family, Family
 BOUNDARY_TOLERANCE = 2.0
 RANDOM_BASE_SEED = 1000  # random bases use 1000 + seed, so that none equals a random_sam(..., seed) test base
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "src" / "napari_convlora" / "models" / "small_sam_256.pth"
-METRICS = ("miou", "fg_dice", "boundary_f", "box_iou", "step_s", "trainable_params")
+METRICS = ("miou", "fg_dice", "boundary_f", "boundary_iou", "box_iou", "step_s", "trainable_params")
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class Row:
     label: str
     adapter: dict | None
     random_base: bool = False
+    hq: str = "off"
 
 
 ROWS: dict[str, Row] = {
@@ -94,6 +103,9 @@ ROWS: dict[str, Row] = {
     "lora": Row("LoRA", {"method": "lora"}),
     "conv_lora": Row("Conv-LoRA (defaults, top-1)", {"method": "conv_lora"}),
     "conv_lora_top2": Row("Conv-LoRA top-2, gate-weighted", {"method": "conv_lora", "top_k": 2, "weight_by_gate": True}),
+    "hq": Row("HQ-SAM (SAM frozen; HQ parts + head)", {"method": "hq"}, hq="sam+hq"),
+    "conv_lora_hq": Row("Conv-LoRA + HQ (SAM + HQ)", {"method": "conv_lora"}, hq="sam+hq"),
+    "conv_lora_hq_only": Row("Conv-LoRA + HQ (HQ only)", {"method": "conv_lora"}, hq="hq"),
     "random_decoder": Row("decoder-only, random SAM", {"method": "decoder"}, True),
     "random_lora": Row("LoRA, random SAM", {"method": "lora"}, True),
     "random_conv_lora": Row("Conv-LoRA, random SAM", {"method": "conv_lora"}, True),
@@ -144,7 +156,8 @@ class Scorer:
     def result(self) -> dict[str, Any]:
         m = self.matrix.compute()
         return {"miou": m.mean_iou, "fg_dice": m.per_class_dice[1], "per_class_iou": m.per_class_iou,
-                "pixels": m.num_pixels, **boundary_f(self.counts), "boundary_counts": self.counts.tolist()}
+                "pixels": m.num_pixels, **boundary_f(self.counts), "boundary_counts": self.counts.tolist(),
+                "boundary_iou": m.boundary_iou}
 
 
 def _targets(family: Family, held: HeldOut) -> np.ndarray:
@@ -208,7 +221,7 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
     """Train ``row`` on ``family`` from ``base`` with ``seed``, predict and score the held-out part."""
     recipe = TrainRecipe(adapter=AdapterConfig(**row.adapter), input_size=args.input_size, label_mode=family.label_mode,
                          val_fraction=0.0, steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
-                         val_every=args.steps, seed=seed)
+                         val_every=args.steps, seed=seed, hq=row.hq)
     data = prepare_training_data([TrainingPair(im, lab, ImageLayout(rgb=rgb)) for im, lab, rgb in family.train], recipe)
     run = RunOptions(device=args.device, num_threads=args.threads)
     out_path = work / f"{family.name}-{seed}.safetensors"
@@ -272,16 +285,17 @@ def _cell(stats: dict[str, Any] | None, digits: int = 3, spread: bool = True, ke
 
 def markdown(summary: dict, threads: int, seeds: int) -> str:
     """The table: one line per family and row, mean ± std [min, max] over seeds; then what the columns are."""
-    lines = [f"| family | row | mIoU | fg Dice | BF (2 px) | box IoU | s/step ({threads} thr) | trainable params |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| family | row | mIoU | fg Dice | BF (2 px) | bIoU | box IoU | s/step ({threads} thr) | trainable params |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for family, rows in summary.items():
         for row, stats in rows.items():
             params = int(stats["trainable_params"]["mean"]) if "trainable_params" in stats else 0
             step = _cell(stats.get("step_s"), spread=False, key="median") if ROWS[row].adapter is not None else "-"
-            cells = [_cell(stats.get(m)) for m in ("miou", "fg_dice", "boundary_f", "box_iou")]
+            cells = [_cell(stats.get(m)) for m in ("miou", "fg_dice", "boundary_f", "boundary_iou", "box_iou")]
             lines.append(f"| {family} | {ROWS[row].label} | {' | '.join(cells)} | {step} | {params:,} |")
     legend = (f"\nHeld-out scores: mean ± sample std [min, max] over {seeds} seed(s), binary tasks, mIoU over background "
-              f"and foreground. BF: boundary F-score, {BOUNDARY_TOLERANCE:g} px tolerance. box IoU and the zero-shot row: "
+              f"and foreground. BF: boundary F-score, {BOUNDARY_TOLERANCE:g} px tolerance. bIoU: HQ-SAM's boundary IoU "
+              f"of the foreground (band width {DILATION_RATIO:g} of the image diagonal). box IoU and the zero-shot row: "
               "the base SAM's promptable decoder with a box around each ground-truth object, a different task from the "
               "prompt-free rows (its pixel scores are those of the union of the box-prompted masks), one deterministic "
               "run. s/step: median over seeds of each run's median optimizer-step time, "
@@ -352,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"base": str(base_path), "base_sha256": checkpoint_identity(base_path).sha256,
                    "steps": args.steps, "batch": args.batch, "lr": args.lr, "input_size": args.input_size,
                    "threads": args.threads, "device": args.device, "seeds": args.seeds, "rows": rows,
-                   "boundary_tolerance_px": BOUNDARY_TOLERANCE, "torch": torch.__version__,
+                   "boundary_tolerance_px": BOUNDARY_TOLERANCE, "boundary_dilation_ratio": DILATION_RATIO,
+                   "torch": torch.__version__,
                    "python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine()},
         "families": {}, "skipped": {}, "runs": [],
     }
@@ -385,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     done = len(record["runs"])
                     elapsed = time.perf_counter() - started
                     print(f"[{done}/{total}] {name} {row_name} seed {seed}: mIoU {result.get('miou', math.nan):.3f} "
-                          f"Dice {result.get('fg_dice', math.nan):.3f} BF {result.get('boundary_f', math.nan):.3f}"
+                          f"Dice {result.get('fg_dice', math.nan):.3f} BF {result.get('boundary_f', math.nan):.3f} "
+                          f"bIoU {result.get('boundary_iou', math.nan):.3f}"
                           + (f" box IoU {result['box_iou']:.3f}" if "box_iou" in result else
                              f" {result['step_s']:.3f} s/step") + f"; {elapsed:.0f} s, about "
                           f"{elapsed / done * (total - done):.0f} s left", flush=True)

@@ -94,15 +94,17 @@ def _peak_rss_mib(resettable: bool) -> float:
 # One configuration (runs in a child process)
 
 
-def _build(model_type: str, method: str, size: int, device, seed: int = 0):
+def _build(model_type: str, method: str, size: int, device, seed: int = 0, hq: str | None = None):
+    """A binary model on a random SAM and its AdamW; ``hq``: HQ-SAM's mode (default off, "sam+hq" for method hq)."""
     import torch
 
     from napari_convlora import AdaptedSAM, random_base
     from napari_convlora.config import AdapterConfig, HeadConfig, ModelConfig
 
     base = random_base(model_type, seed=seed)
-    config = ModelConfig(base=base.architecture, adapter=AdapterConfig(method=method), head=HeadConfig(num_classes=2),
-                         input_size=size, base_checkpoint=base.checkpoint)
+    hq = hq or ("sam+hq" if method == "hq" else "off")
+    config = ModelConfig(base=base.architecture, adapter=AdapterConfig(method=method),
+                         head=HeadConfig(num_classes=2, hq=hq), input_size=size, base_checkpoint=base.checkpoint)
     model = AdaptedSAM(base.sam, config).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, eps=1e-6)
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     parser.add_argument("--sizes", type=int, nargs="+", help="input sizes (default 256 512, plus 1024 on CUDA)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["decoder", "lora", "conv_lora"], choices=METHODS,
+                        help="default: decoder lora conv_lora (hq: HQ-SAM's regime, see bench_hq_step.py)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

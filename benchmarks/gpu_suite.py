@@ -9,11 +9,13 @@ Runs, each part in its own subprocess with its own time limit, and writes one JS
 3. ``train_step_vit_h``: the same at 1024 px on vit_h (the backbone of the Conv-LoRA paper's preset).
 4. ``expert_variants``: ``bench_expert_variants.py``: each scale expert alone in bf16 and fp32, Conv-LoRA
    steps with the experts run different ways paired with LoRA (batch 1 and 4), GPU time per step.
-5. ``tiled_vit_b``: ``bench_tiled_predict.py``, 1024 px tiles over a 4096 x 4096 image.
-6. ``e2e``: the real training loop on CUDA (``train``), stopped and resumed, against an uninterrupted
+5. ``hq_step_vit_l``: ``bench_hq_step.py`` on vit_l at 1024 px: Conv-LoRA with and without HQ-SAM's fusion, and
+   HQ-SAM's own regime against decoder-only, in alternation (HQ-SAM's paper: about 4 % slower inference on ViT-L).
+6. ``tiled_vit_b``: ``bench_tiled_predict.py``, 1024 px tiles over a 4096 x 4096 image.
+7. ``e2e``: the real training loop on CUDA (``train``), stopped and resumed, against an uninterrupted
    run (how exact resume is on a GPU), and the CUDA prediction against the CPU prediction of the same model.
 
-Run on a CUDA machine (about 6 minutes on one H100/H200)::
+Run on a CUDA machine (about 7 minutes on one H100/H200)::
 
     python benchmarks/gpu_suite.py --out gpu_results
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         ("expert_variants", [py, str(HERE / "bench_expert_variants.py"), "--sizes", "512", "1024", "--batch", "1", "4",
                              "--json", str(out / "expert_variants.json")], 150),
         ("e2e", [py, str(HERE / "gpu_e2e.py"), "--json", str(out / "e2e.json")], 90),
+        ("hq_step_vit_l", [py, str(HERE / "bench_hq_step.py"), "--model-type", "vit_l", "--device", "cuda",
+                           "--sizes", "1024", "--steps", "6", "--warmup", "2", "--pairs", "conv_lora", "hq_vs_decoder",
+                           "--json", str(out / "hq_step_vit_l.json")], 120),
         ("tiled_vit_b", [py, str(HERE / "bench_tiled_predict.py"), "--model-type", "vit_b", "--device", "cuda",
                          "--input-size", "1024", "--image-size", "4096", "--repeats", "2",
                          "--json", str(out / "tiled_vit_b.json")], 80),

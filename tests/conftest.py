@@ -18,6 +18,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hq_checkpoint(tmp_path_factory) -> Path:
+    """A tiny HQ-SAM in the official format (SAM's keys + the 25 HQ keys, random weights), 256 px."""
+    from napari_convlora import tiny_hq_checkpoint
+
+    return tiny_hq_checkpoint(tmp_path_factory.mktemp("hq") / "tiny_sam_hq.pth", seed=0)
+
+
+@pytest.fixture(scope="session")
 def other_tiny_checkpoint(tmp_path_factory) -> Path:
     """Same geometry, other weights (a different base)."""
     from napari_convlora import tiny_sam_checkpoint

@@ -11,7 +11,7 @@ from napari_convlora import AdaptedSAM, load_base
 from napari_convlora.config import AdapterConfig, HeadConfig, InputSpec, ModelConfig
 from napari_convlora.sam_loading import BaseSam
 
-HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value"}
+HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq"}
 
 
 def make_model(
@@ -29,7 +29,7 @@ def make_model(
     adapter = AdapterConfig(method=method, **{k: v for k, v in options.items() if k not in HEAD_FIELDS})
     config = ModelConfig(base=base.architecture, adapter=adapter, head=head, input_size=input_size,
                          input=input or InputSpec(), base_checkpoint=base.checkpoint)
-    return AdaptedSAM(base.sam, config)
+    return AdaptedSAM.from_base(base, config)
 
 
 def perturb_trainable(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:

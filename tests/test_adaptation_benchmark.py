@@ -54,17 +54,22 @@ def test_benchmark_runs_on_its_smallest_setting(adaptation, family, tiny_checkpo
     assert set(runs) == {"zero_shot", "conv_lora"} and len(record["runs"]) == 2
     assert runs["conv_lora"]["seed"] == 0 and runs["zero_shot"]["seed"] is None
     for row, run in runs.items():
-        keys = ["miou", "fg_dice", "boundary_f", "boundary_precision", "boundary_recall", "trainable_params"]
+        keys = ["miou", "fg_dice", "boundary_f", "boundary_iou", "boundary_precision", "boundary_recall",
+                "trainable_params"]
         keys += ["box_iou"] if row == "zero_shot" else ["step_s", "train_s", "predict_s"]
         for key in keys:
             assert _finite(run[key]), (row, key, run[key])
-        assert 0 <= run["miou"] <= 1 and 0 <= run["boundary_f"] <= 1
+        assert 0 <= run["miou"] <= 1 and 0 <= run["boundary_f"] <= 1 and 0 <= run["boundary_iou"] <= 1
     assert runs["conv_lora"]["trainable_params"] > 0 and runs["conv_lora"]["step_s"] > 0
     summary = record["summary"][family]["conv_lora"]
     assert summary["miou"]["n"] == 1 and summary["miou"]["std"] is None
     assert summary["miou"]["mean"] == pytest.approx(runs["conv_lora"]["miou"])
     table = (tmp_path / "table.md").read_text()
     assert "zero-shot SAM + GT boxes (different task)" in table and "Conv-LoRA (defaults, top-1)" in table
+    header = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
+    assert header[4:6] == ["BF (2 px)", "bIoU"] and summary["boundary_iou"]["n"] == 1
+    conv_lora_line = next(line for line in table.splitlines() if "Conv-LoRA (defaults, top-1)" in line)
+    assert conv_lora_line.split("|")[6].strip() == f"{runs['conv_lora']['boundary_iou']:.3f}"
 
 
 def test_boundary_f_score(adaptation):
@@ -89,3 +94,20 @@ def test_boundary_f_score(adaptation):
     assert math.isnan(adaptation.boundary_f(np.zeros(4, np.int64))["boundary_f"])
     # Only scored pixels count: nothing predicted or true there leaves the score undefined.
     assert math.isnan(adaptation.boundary_f(adaptation.boundary_counts(truth, truth, ~everywhere))["boundary_f"])
+
+
+def test_boundary_iou_is_hq_sams_pooled_over_the_held_out_images(adaptation):
+    """The shifted 10 x 10 square of test_boundary.py (1/3 on a 20 x 20 image, band 1 px) and the square against
+    itself, pooled: (18 + 36) / (54 + 36); unannotated pixels are not scored."""
+    truth = np.zeros((20, 20), bool)
+    truth[5:15, 5:15] = True
+    target = truth.astype(np.int64)
+    scorer = adaptation.Scorer()
+    scorer.add(np.roll(truth, 1, axis=1), target, truth)
+    assert scorer.result()["boundary_iou"] == pytest.approx(1 / 3)
+    scorer.add(truth, target, truth)
+    assert scorer.result()["boundary_iou"] == pytest.approx((18 + 36) / (54 + 36))
+    sparse = adaptation.Scorer()
+    unannotated = np.where(np.arange(20)[None, :] < 10, target, adaptation.IGNORE_INDEX)  # left half annotated
+    sparse.add(truth, unannotated, truth)  # the cut through the square is no boundary
+    assert sparse.result()["boundary_iou"] == 1.0

@@ -36,7 +36,9 @@ def test_train_predict_evaluate_info(files, tiny_checkpoint, capsys):
                  "--labels", str(files / "lab.tif"), "--out", str(model), "--input-size", "64", "--steps", "4",
                  "--class-names", "bg,nucleus,rod", "--device", "cpu", "--grad-accum", "1"])
     assert code == 0 and model.exists()
-    assert "finished 4 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finished 4 steps" in err
+    assert re.search(r"validation at step 4: mIoU .*, boundary IoU (\d+\.\d%|n/a), pixel accuracy", err)
 
     code = main(["predict", "--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image",
                  str(files / "img.tif"), "--out", str(files / "pred.tif"), "--probabilities", str(files / "p.tif"),
@@ -51,8 +53,14 @@ def test_train_predict_evaluate_info(files, tiny_checkpoint, capsys):
                  str(files / "img.tif"), "--labels", str(files / "lab.tif"), "--json", "--device", "cpu"])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) >= {"per_class_iou", "mean_iou", "mean_iou_foreground", "pixel_accuracy"}
+    assert set(metrics) >= {"per_class_iou", "mean_iou", "mean_iou_foreground", "pixel_accuracy", "boundary_iou"}
     assert len(metrics["per_class_iou"]) == 3
+    assert len(metrics["per_class_boundary_iou"]) == 3 and metrics["per_class_boundary_iou"][0] is None
+    code = main(["evaluate", "--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image",
+                 str(files / "img.tif"), "--labels", str(files / "lab.tif"), "--device", "cpu"])
+    table = capsys.readouterr().out.splitlines()
+    assert code == 0 and table[0].split() == ["class", "IoU", "Dice", "bIoU", "pixels"]
+    assert "boundary IoU" in table[-2] and "bIoU" in table[-1]
 
     code = main(["info", str(model)])
     info = json.loads(capsys.readouterr().out)

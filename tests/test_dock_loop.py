@@ -53,6 +53,40 @@ def test_the_progress_line_shows_speed_and_a_slow_run_is_pointed_out(dock, monke
     assert dock.plot.loss_plot.getAxis("bottom").autoSIPrefix is False  # an empty axis read "step (x0.001)"
 
 
+def test_boundary_iou_is_a_column_of_the_scores_and_a_second_validation_curve(dock):
+    """HQ-SAM's boundary IoU beside mIoU: per class in the table (background not scored), its mean in the last
+    row, a second line under the loss named in the legend, and nothing for a record without it."""
+    from napari_convlora.train import TrainingEvent
+
+    view, plot = dock.view, dock.plot
+    view.start_training()
+    view.show_event(TrainingEvent("start", 0, 10, message="training"))
+    assert [label.text for _, label in plot.legend.items] == ["mIoU"]
+    metrics = {"per_class_iou": [0.9, 0.6, 0.3], "per_class_dice": [0.95, 0.75, 0.46], "per_class_pixels": [80, 15, 5],
+               "mean_iou": 0.6, "mean_dice": 0.72, "num_pixels": 100, "mean_iou_foreground": 0.45,
+               "pixel_accuracy": 0.9, "per_class_boundary_iou": [None, 0.42, None], "boundary_iou": 0.42}
+    view.show_event(TrainingEvent("validation", 0, 10, metrics=metrics), CLASS_NAMES)
+    view.show_event(TrainingEvent("validation", 5, 10, metrics={**metrics, "per_class_boundary_iou": [None, 0.5, 0.25],
+                                                                "boundary_iou": 0.375}), CLASS_NAMES)
+    view.draw()
+    header = [view.scores.table.horizontalHeaderItem(c).text() for c in range(view.scores.table.columnCount())]
+    assert header == ["class", "IoU", "Dice", "boundary IoU", "pixels"]
+    assert [row[3] for row in view.scores.rows()] == ["–", "50.0%", "25.0%", "37.5%"]
+    xs, ys = plot.boundary_curve.getData()
+    assert list(xs) == [0, 5] and list(ys) == [0.42, 0.375]
+    assert list(plot.miou_curve.getData()[1]) == [0.6, 0.6]
+    assert [label.text for _, label in plot.legend.items] == ["mIoU", "boundary IoU"]
+    assert "boundary IoU 37.5%" in dock.log.toPlainText()
+
+    view.show_event(TrainingEvent("start", 0, 10, message="again"))  # a new run, validated without boundary IoU
+    old = {k: v for k, v in metrics.items() if "boundary" not in k}
+    view.show_event(TrainingEvent("validation", 0, 10, metrics=old), CLASS_NAMES)
+    view.draw()
+    assert plot.boundary_curve.getData()[0] is None or len(plot.boundary_curve.getData()[0]) == 0
+    assert [label.text for _, label in plot.legend.items] == ["mIoU"]
+    assert [row[3] for row in view.scores.rows()] == ["–"] * 4
+
+
 def test_a_file_that_is_not_a_checkpoint_is_marked_when_chosen_and_not_remembered(dock, qtbot, tmp_path):
     """A bad path was remembered and accepted, failing only after data preparation with misleading words
     (a TIFF was called a pickle) (item 5)."""

@@ -479,8 +479,8 @@ def test_every_validation_is_a_row_of_the_metrics_csv(tmp_path, tiny_checkpoint,
     assert metrics_path(out) == tmp_path / "m.metrics.csv" and not leftover.exists()
     assert "validation metrics in m.metrics.csv" in events[-1].message
     rows = _csv(metrics_path(out))
-    assert list(rows[0]) == ["step", "epoch", "train_loss", "selection_mean_iou", "iou_0", "dice_0", "pixels_0",
-                             "iou_1", "dice_1", "pixels_1", "best"]
+    assert list(rows[0]) == ["step", "epoch", "train_loss", "selection_mean_iou", "boundary_iou", "iou_0", "dice_0",
+                             "pixels_0", "iou_1", "dice_1", "boundary_iou_1", "pixels_1", "best"]
     validations = [e for e in events if e.kind == "validation"]
     assert [int(r["step"]) for r in rows] == [e.step for e in validations] == [0, 2, 4, 5]
     losses = {e.step: e.loss for e in events if e.kind == "step"}
@@ -488,6 +488,8 @@ def test_every_validation_is_a_row_of_the_metrics_csv(tmp_path, tiny_checkpoint,
         assert float(row["epoch"]) == event.epoch
         assert row["train_loss"] == ("" if not since else repr(float(np.mean([losses[s] for s in since]))))
         assert float(row["selection_mean_iou"]) == selection_score(event.metrics)
+        assert float(row["boundary_iou"]) == event.metrics["boundary_iou"] == event.metrics["per_class_boundary_iou"][1]
+        assert float(row["boundary_iou_1"]) == event.metrics["boundary_iou"] and 0 <= float(row["boundary_iou"]) <= 1
         for i in range(2):
             assert float(row[f"iou_{i}"]) == event.metrics["per_class_iou"][i]
             assert float(row[f"dice_{i}"]) == event.metrics["per_class_dice"][i]
@@ -514,3 +516,50 @@ def test_a_resumed_run_continues_its_metrics_csv(tmp_path, tiny_checkpoint, cell
         resumed = tmp_path / resumed_name
         _run(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
         assert metrics_path(resumed).read_text() == expected
+
+
+def test_validation_scores_the_boundaries_of_every_patch(tmp_path, tiny_checkpoint, cells):
+    """Boundary IoU of the validation: each patch is an image (HQ-SAM's band on its labelled pixels), the counts
+    pooled over the patches; the progress line shows it."""
+    import io
+
+    from napari_convlora.boundary import mask_boundary
+    from napari_convlora.constants import IGNORE_INDEX
+    from napari_convlora.progress import TerminalProgress
+    from napari_convlora.train import validate
+
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    gen = train(tiny_checkpoint, cells, tmp_path / "m.safetensors", _recipe(steps=3, val_every=3), CPU)
+    events, model = _run(gen)
+    for event in events:
+        progress.show(event)
+    progress.close()
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("validation at step")]
+    assert len(lines) == 2 and all(", boundary IoU " in line for line in lines)
+    metrics = validate(model, cells, torch.device("cpu"), batch_size=3)
+    inter = union = 0
+    for image, target in cells.validation:
+        with torch.no_grad():
+            pred = model.segment(torch.from_numpy(image[None]))[0].numpy()
+        unknown = target == IGNORE_INDEX
+        p, t = mask_boundary(pred == 1, unknown=unknown), mask_boundary(target == 1, unknown=unknown)
+        inter, union = inter + (p & t).sum(), union + (p | t).sum()
+    assert len(cells.validation) > 1 and union > 0
+    assert metrics["per_class_boundary_iou"] == [None, pytest.approx(inter / union)]
+    assert metrics["boundary_iou"] == pytest.approx(inter / union)
+    assert f"boundary IoU {100 * metrics['boundary_iou']:.1f}%" in lines[-1]
+
+
+def test_a_history_validated_before_boundary_iou_leaves_its_cells_empty():
+    from napari_convlora.training_state import metrics_table
+
+    old = {"per_class_iou": [0.9, 0.5, None], "per_class_dice": [0.95, 0.6, None], "per_class_pixels": [10, 5, 0]}
+    new = {**old, "per_class_boundary_iou": [None, 0.25, None], "boundary_iou": 0.25}
+    header, rows = metrics_table({"validation": [(0, old), (2, new)]}, ["bg", "cell", "rod"], [0, 1, 2], 4)
+    assert header == ["step", "epoch", "train_loss", "selection_mean_iou", "boundary_iou", "iou_bg", "dice_bg",
+                      "pixels_bg", "iou_cell", "dice_cell", "boundary_iou_cell", "pixels_cell", "iou_rod", "dice_rod",
+                      "boundary_iou_rod", "pixels_rod", "best"]
+    assert [dict(zip(header, row))["boundary_iou_cell"] for row in rows] == ["", 0.25]
+    assert [dict(zip(header, row))["boundary_iou"] for row in rows] == ["", 0.25]
+    assert all(len(row) == len(header) and dict(zip(header, row))["boundary_iou_rod"] == "" for row in rows)

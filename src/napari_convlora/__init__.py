@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_base": "sam_loading",
     "BaseSam": "sam_loading",
     "tiny_sam_checkpoint": "sam_loading",
+    "tiny_hq_checkpoint": "sam_loading",
     "random_sam": "sam_loading",
     "random_base": "sam_loading",
     "save_sam_checkpoint": "sam_loading",

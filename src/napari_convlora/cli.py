@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .config.choices import DEVICES, LABEL_MODES, METHODS, PRECISIONS, UNPAINTED_PLANES
+from .config.choices import DEVICES, HQ_MODES, LABEL_MODES, METHODS, PRECISIONS, UNPAINTED_PLANES
 from .errors import CheckpointError, ConfigError, TrainingError, describe_error
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _recipe(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe":
         input_size=args.input_size, label_mode=args.label_mode, background_value=args.background_value,
         unpainted_planes=args.unpainted_planes,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-        num_mask_tokens=args.mask_tokens, val_fraction=args.val_fraction, batch_size=args.batch_size,
+        num_mask_tokens=args.mask_tokens, hq=args.hq, val_fraction=args.val_fraction, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
         augment=False if args.no_augment else None))
 
@@ -281,7 +281,12 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--init-from", default=None,
                    help="start a new run (step 0) from this trained model (adapter or bundle, on --checkpoint): its "
                         "adapter, head, input and label settings are kept; not with --resume")
-    p.add_argument("--method", default=None, choices=METHODS, help="default conv_lora")
+    p.add_argument("--method", default=None, choices=METHODS,
+                   help="default conv_lora; hq: HQ-SAM's regime (SAM frozen, only its HQ parts and the head train)")
+    p.add_argument("--hq", default=None, choices=HQ_MODES,
+                   help="HQ-SAM's output token and global-local fusion on the head, with any method: sam+hq adds the "
+                        "HQ mask to SAM's (HQ-SAM's default), hq uses the HQ mask alone; an HQ-SAM checkpoint's "
+                        "parts are used, a plain SAM gets new ones. Default off (sam+hq with --method hq)")
     p.add_argument("--label-mode", default=None, choices=LABEL_MODES, help="default dense")
     p.add_argument("--background-value", type=int, default=None, help="label value of background (sparse: default 1)")
     p.add_argument("--unpainted-planes", default=None, choices=UNPAINTED_PLANES,

@@ -29,6 +29,7 @@ from .config import ModelConfig, from_record, to_record
 from .config.choices import ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MODEL_SUFFIX, SAM_CHECKPOINT_FORMAT
 from .errors import CheckpointError, ConfigError
 from .modeling import AdaptedSAM
+from .modeling.hq import split_hq_state
 from .sam_build import build_sam, infer_architecture
 from .sam_loading import BaseSam, extract_sam_state, load_base, read_tensors
 
@@ -223,7 +224,7 @@ def load_model(
             "are the same."
         )
     try:
-        model = AdaptedSAM(base.sam, dataclasses.replace(config, base_checkpoint=base.checkpoint or expected))
+        model = AdaptedSAM(base.sam, dataclasses.replace(config, base_checkpoint=base.checkpoint or expected), base.hq)
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot be built on {base_name}: {e}") from None
     _check_tensor_keys(model, tensors, path, adapter=True)
@@ -233,7 +234,7 @@ def load_model(
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """The record of a file this project wrote (with tensor and parameter counts and the file size), or the
-    geometry of a SAM checkpoint (any supported format)."""
+    geometry of a SAM checkpoint (any supported format), with its HQ-SAM parts when it has them."""
     path = Path(path)
     if path.suffix == MODEL_SUFFIX and path.is_file():
         record = read_record(path)
@@ -250,11 +251,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         arch = infer_architecture(state)
     except KeyError as e:
         raise CheckpointError(f"{path}: SAM tensor {e} is missing") from None
+    _, hq_state = split_hq_state(state)
     return {
         "format": SAM_CHECKPOINT_FORMAT,
         "model_type": arch.model_type,
         "architecture": to_record(arch),
         "parameters": sum(t.numel() for t in state.values()),
+        "hq": {"parameters": sum(t.numel() for t in hq_state.values()), "tensors": len(hq_state)} if hq_state else None,
         "file_size": path.stat().st_size,
     }
 

@@ -6,6 +6,9 @@ Labels here are *class indices* ``0..K-1`` (class 0 is background); target pixel
 A class absent from both prediction and target has no defined IoU or Dice: it is reported
 as NaN and left out of every mean, so an image without, say, class 3 neither rewards nor
 punishes the model for class 3.
+
+Boundary IoU (HQ-SAM's, see ``boundary.py``) scores the edges of each foreground class on every
+2D image given, with its counts pooled over the images.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .boundary import DILATION_RATIO, BoundaryCounts
 from .constants import IGNORE_INDEX
 
 
@@ -38,6 +42,10 @@ class SegmentationMetrics:
     over classes ``1..K-1``. NaN entries (class absent from prediction and target) are
     excluded from the means. ``num_pixels`` counts the annotated (non-ignored) pixels and
     ``per_class_pixels`` the annotated pixels of each target class.
+
+    ``per_class_boundary_iou``: HQ-SAM's boundary IoU of each class, from boundary intersections and unions
+    summed over the images (NaN for background, which is not scored, and for a class without boundary pixels);
+    ``boundary_iou``: its mean over the foreground classes that have a value.
     """
 
     per_class_iou: list[float]
@@ -48,6 +56,8 @@ class SegmentationMetrics:
     pixel_accuracy: float
     num_pixels: int
     per_class_pixels: list[int] = field(default_factory=list)
+    per_class_boundary_iou: list[float] = field(default_factory=list)
+    boundary_iou: float = math.nan
 
     @property
     def num_classes(self) -> int:
@@ -74,19 +84,22 @@ class SegmentationMetrics:
         names = class_labels(class_names, self.num_classes)
         width = max([len("class")] + [len(n) for n in names[: self.num_classes]])
         pixels = self.per_class_pixels or [0] * self.num_classes
-        lines = [f"{'class':<{width}}     IoU    Dice  pixels"]
+        boundary = self.per_class_boundary_iou or [math.nan] * self.num_classes
+        lines = [f"{'class':<{width}}     IoU    Dice    bIoU  pixels"]
         for i in range(self.num_classes):
             lines.append(
                 f"{names[i]:<{width}}  {num(self.per_class_iou[i])}  "
-                f"{num(self.per_class_dice[i])}  {pixels[i]}"
+                f"{num(self.per_class_dice[i])}  {num(boundary[i])}  {pixels[i]}"
             )
         lines.append(
             f"mean IoU {num(self.mean_iou).strip()} "
             f"(foreground {num(self.mean_iou_foreground).strip()}), "
             f"mean Dice {num(self.mean_dice).strip()}, "
+            f"boundary IoU {num(self.boundary_iou).strip()}, "
             f"pixel accuracy {num(self.pixel_accuracy).strip()}, "
             f"{self.num_pixels} pixels"
         )
+        lines.append("bIoU: HQ-SAM's boundary IoU (foreground classes only)")
         return "\n".join(lines)
 
 
@@ -94,14 +107,17 @@ class ConfusionMatrix:
     """Accumulates a ``K x K`` int64 confusion matrix: rows = target class, columns = predicted.
 
     Call :meth:`update` once per image (or batch) and :meth:`compute` at the end; the
-    result equals one update on all the pixels concatenated.
+    result equals one update on all the pixels concatenated. Alongside, the boundary counts of every
+    2D image (each trailing ``Y x X`` plane of an update) are summed for boundary IoU (``boundary.py``;
+    ``boundary_dilation_ratio``: HQ-SAM's band width as a fraction of an image's diagonal).
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, boundary_dilation_ratio: float = DILATION_RATIO) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self._matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self._boundary = BoundaryCounts(self.num_classes, boundary_dilation_ratio)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -110,12 +126,14 @@ class ConfusionMatrix:
 
     def reset(self) -> None:
         self._matrix[:] = 0
+        self._boundary.reset()
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
         """Add one prediction / target pair.
 
         Args:
-            pred: integer class indices in ``0..K-1``, any shape.
+            pred: integer class indices in ``0..K-1``, any shape; with 2 or more dimensions each
+                trailing ``Y x X`` plane is an image whose boundaries are scored too.
             target: integer class indices in ``0..K-1`` or ``IGNORE_INDEX``, same shape as
                 ``pred``. Ignored pixels are skipped whatever ``pred`` says there.
         """
@@ -126,6 +144,7 @@ class ConfusionMatrix:
         for name, arr in (("pred", pred), ("target", target)):
             if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
                 raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        images = (pred, target)  # their planes, for the boundaries
         pred = pred.reshape(-1).astype(np.int64, copy=False)
         target = target.reshape(-1).astype(np.int64, copy=False)
         keep = target != IGNORE_INDEX
@@ -137,6 +156,7 @@ class ConfusionMatrix:
             raise ValueError(f"pred values must be in 0..{k - 1}")
         counts = np.bincount(target * k + pred, minlength=k * k)
         self._matrix += counts.reshape(k, k)
+        self._boundary.update(*images)
 
     def compute(self) -> SegmentationMetrics:
         """Scores of everything accumulated since construction or the last :meth:`reset`."""
@@ -151,6 +171,7 @@ class ConfusionMatrix:
         iou[present] = tp[present] / union[present]
         dice[present] = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
         total = int(self._matrix.sum())
+        boundary = self._boundary.per_class()
         return SegmentationMetrics(
             per_class_iou=[float(v) for v in iou],
             per_class_dice=[float(v) for v in dice],
@@ -160,6 +181,8 @@ class ConfusionMatrix:
             pixel_accuracy=float(tp.sum() / total) if total else math.nan,
             num_pixels=total,
             per_class_pixels=[int(v) for v in self._matrix.sum(axis=1)],
+            per_class_boundary_iou=[float(v) for v in boundary],
+            boundary_iou=_nanmean(boundary[1:]),
         )
 
 
@@ -187,13 +210,15 @@ def _percent(value: float | None) -> str:
 
 def format_line(metrics: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
     """One line for logs and progress bars, from :meth:`SegmentationMetrics.to_dict` (or the object's fields):
-    ``"mIoU 67.2% (background 92.9%, nucleus 75.2%, rod 33.3%), foreground 54.3%, pixel accuracy 95.1%"``.
-    Classes are named by ``class_names`` when there is one name per class, else ``class 0``, ``class 1``..."""
+    ``"mIoU 67.2% (background 92.9%, nucleus 75.2%, rod 33.3%), foreground 54.3%, boundary IoU 41.0%,
+    pixel accuracy 95.1%"`` (boundary IoU only in records that have it). Classes are named by ``class_names``
+    when there is one name per class, else ``class 0``, ``class 1``..."""
     ious = list(metrics.get("per_class_iou") or [])
     names = class_labels(class_names, len(ious))
     per_class = ", ".join(f"{name} {_percent(v)}" for name, v in zip(names, ious))
+    boundary = f"boundary IoU {_percent(metrics['boundary_iou'])}, " if "boundary_iou" in metrics else ""
     return (f"mIoU {_percent(metrics.get('mean_iou'))} ({per_class}), "
-            f"foreground {_percent(metrics.get('mean_iou_foreground'))}, "
+            f"foreground {_percent(metrics.get('mean_iou_foreground'))}, {boundary}"
             f"pixel accuracy {_percent(metrics.get('pixel_accuracy'))}")
 
 

@@ -21,6 +21,7 @@ from .config import PRESETS, TINY, BaseCheckpoint, SamArchitecture
 from .config.choices import MODEL_SUFFIX
 from .builtin_model import OFFICIAL_CHECKPOINTS
 from .errors import CheckpointError
+from .modeling.hq import HQ_CHECKPOINT_PREFIX, HQParts, split_hq_state
 from .safety import unreadable_reason
 from .sam_build import build_sam, infer_architecture
 
@@ -29,6 +30,8 @@ _WRAPPER_KEYS = ("model_state", "state_dict", "model")
 #: Key prefixes that exporters put in front of SAM's own names.
 _PREFIXES = ("sam.", "model.", "module.")
 _SAM_KEY = "image_encoder.patch_embed.proj.weight"
+#: Key prefixes of TinyViT encoders (sam_hq_vit_tiny, MobileSAM), which segment_anything cannot build.
+_TINYVIT_KEYS = ("image_encoder.patch_embed.seq.", "image_encoder.layers.")
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
@@ -115,6 +118,12 @@ def extract_sam_state(obj: Any, path: str | os.PathLike = "<state dict>") -> dic
             if prefix + _SAM_KEY in obj:
                 obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
                 break
+    if _SAM_KEY not in obj and any(str(k).startswith(_TINYVIT_KEYS) for k in obj):
+        raise CheckpointError(
+            f"{path}: a SAM with a TinyViT image encoder (HQ-SAM's sam_hq_vit_tiny, or MobileSAM): segment_anything "
+            "has no TinyViT encoder, so it cannot be built here. Use an HQ-SAM or SAM checkpoint with a ViT encoder "
+            "(sam_hq_vit_b / vit_l / vit_h, sam_vit_*)"
+        )
     if _SAM_KEY not in obj:
         sample = ", ".join(list(obj)[:4]) or "nothing"
         raise CheckpointError(
@@ -133,9 +142,8 @@ def _check_keys(sam: torch.nn.Module, state: Mapping[str, torch.Tensor], path: A
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
     if missing or extra:
-        hint = " (an HQ-SAM checkpoint? its HQ decoder is not supported yet)" if any("hf_" in k for k in extra) else ""
         raise CheckpointError(
-            f"{path}: the state dict does not match the SAM geometry read from its tensors{hint}. "
+            f"{path}: the state dict does not match the SAM geometry read from its tensors. "
             f"Missing {len(missing)} keys {missing[:5]}; unexpected {len(extra)} keys {extra[:5]}"
         )
     for name, target in sam.state_dict().items():
@@ -145,12 +153,14 @@ def _check_keys(sam: torch.nn.Module, state: Mapping[str, torch.Tensor], path: A
 
 @dataclass
 class BaseSam:
-    """A SAM to adapt: ``segment_anything``'s ``Sam``, its geometry, and (when it came from a file) the
-    file's name and sha256, which adapter files record so that they are only ever loaded on this base."""
+    """A SAM to adapt: ``segment_anything``'s ``Sam``, its geometry, (when it came from a file) the
+    file's name and sha256, which adapter files record so that they are only ever loaded on this base, and the
+    HQ parts of an HQ-SAM checkpoint (None for a plain SAM)."""
 
     sam: "torch.nn.Module"
     architecture: SamArchitecture
     checkpoint: BaseCheckpoint | None = None
+    hq: HQParts | None = None
 
 
 def sam_from_state(
@@ -159,7 +169,9 @@ def sam_from_state(
     path: Any = "<state dict>",
     decoder_num_heads: int = 8,
 ) -> BaseSam:
-    """Build ``segment_anything``'s ``Sam`` for ``state`` (geometry inferred unless given) and load it strictly."""
+    """Build ``segment_anything``'s ``Sam`` for ``state`` (geometry inferred unless given) and load it strictly;
+    an HQ-SAM checkpoint's 25 HQ tensors load strictly into :class:`~.modeling.hq.HQParts`."""
+    state, hq_state = split_hq_state(dict(state))
     if arch is None:
         try:
             arch = infer_architecture(state, decoder_num_heads=decoder_num_heads)
@@ -168,7 +180,26 @@ def sam_from_state(
     sam = build_sam(arch)
     _check_keys(sam, state, path)
     sam.load_state_dict(state, strict=True)
-    return BaseSam(sam.eval(), arch)
+    return BaseSam(sam.eval(), arch, hq=_hq_parts(hq_state, arch, path) if hq_state else None)
+
+
+def _hq_parts(hq_state: dict[str, torch.Tensor], arch: SamArchitecture, path: Any) -> HQParts:
+    """HQ-SAM's parts for ``arch``, loaded strictly from the HQ tensors of a checkpoint (names without ``mask_decoder.``)."""
+    hq = HQParts(arch.prompt_embed_dim, arch.encoder_embed_dim)
+    expected = hq.state_dict()
+    missing = sorted(set(expected) - set(hq_state))
+    if missing:
+        raise CheckpointError(f"{path}: an HQ-SAM checkpoint without all of its HQ decoder tensors: missing "
+                              f"{len(missing)} ({', '.join(HQ_CHECKPOINT_PREFIX + k for k in missing[:3])}, ...)")
+    extra = sorted(set(hq_state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected HQ tensors {[HQ_CHECKPOINT_PREFIX + k for k in extra[:4]]}")
+    for name, target in expected.items():
+        if hq_state[name].shape != target.shape:
+            raise CheckpointError(f"{path}: '{HQ_CHECKPOINT_PREFIX}{name}' has shape {tuple(hq_state[name].shape)}, "
+                                  f"expected {tuple(target.shape)} for this SAM")
+    hq.load_state_dict(hq_state, strict=True)
+    return hq.eval()
 
 
 _hash_cache: dict[tuple[str, int, int], str] = {}
@@ -238,12 +269,35 @@ def random_sam(arch: SamArchitecture | str, seed: int = 0) -> "torch.nn.Module":
     return sam
 
 
-def save_sam_checkpoint(sam: "torch.nn.Module", path: str | os.PathLike) -> Path:
-    """Write ``sam.state_dict()`` exactly as the official checkpoints are stored (a torch zip of tensors)."""
+def save_sam_checkpoint(sam: "torch.nn.Module", path: str | os.PathLike, hq: HQParts | None = None) -> Path:
+    """Write ``sam.state_dict()`` exactly as the official checkpoints are stored (a torch zip of tensors); with
+    ``hq``, as HQ-SAM's are (its 25 tensors merged in under ``mask_decoder.``)."""
     path = Path(path)
+    state = dict(sam.state_dict())
+    if hq is not None:
+        state.update(hq.to_checkpoint_state())
     with atomic_path(path) as tmp:
-        torch.save(sam.state_dict(), tmp)
+        torch.save(state, tmp)
     return path
+
+
+def random_hq_parts(arch: SamArchitecture | str, seed: int = 0) -> HQParts:
+    """HQ-SAM's parts for a SAM of geometry ``arch``, with random weights (seeded; LayerNorms randomised too so that
+    tests see them)."""
+    arch = SamArchitecture.preset(arch) if isinstance(arch, str) else arch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hq = HQParts(arch.prompt_embed_dim, arch.encoder_embed_dim)
+        for module in hq.modules():
+            if type(module).__name__ == "LayerNorm2d":  # weight and bias away from 1 and 0
+                torch.nn.init.normal_(module.weight, mean=1.0, std=0.1)
+                torch.nn.init.normal_(module.bias, std=0.1)
+    return hq.eval()
+
+
+def tiny_hq_checkpoint(path: str | os.PathLike, arch: SamArchitecture | str = "tiny", seed: int = 0) -> Path:
+    """Write an HQ-SAM checkpoint in the official format (SAM's keys + 25 HQ keys) with random weights, for tests."""
+    return save_sam_checkpoint(random_sam(arch, seed), path, hq=random_hq_parts(arch, seed + 1))
 
 
 def tiny_sam_checkpoint(path: str | os.PathLike, image_size: int = 256, seed: int = 0) -> Path:

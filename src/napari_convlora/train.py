@@ -71,6 +71,7 @@ def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding
         class_values=encoding.class_values,
         label_mode=encoding.mode,
         background_value=encoding.background_value,
+        hq=recipe.hq,
     )
     return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=head, input_size=recipe.input_size,
                        input=dataclasses.replace(recipe.input), base_checkpoint=base.checkpoint)
@@ -88,7 +89,8 @@ def _optimizer(model: AdaptedSAM, recipe: TrainRecipe) -> torch.optim.Optimizer:
 def validate(
     model: AdaptedSAM, data: PreparedData, device: torch.device, dtype: torch.dtype | None = None, batch_size: int = 4
 ) -> dict[str, Any] | None:
-    """Per-class IoU/Dice, mIoU, pixel accuracy on the validation patches (labelled pixels only)."""
+    """Per-class IoU/Dice, mIoU, pixel accuracy and HQ-SAM's boundary IoU (each patch an image) on the validation
+    patches (labelled pixels only)."""
     if not data.validation:
         return None
     model.eval()
@@ -108,6 +110,20 @@ MIN_VALIDATION_PIXELS = 1000
 
 #: In a binary task, a background class below this share of the labelled pixels is probably the thin structure.
 MINORITY_BACKGROUND = 0.25
+
+
+def _hq_words(hq: str) -> str:
+    return {"off": "", "sam+hq": " with HQ-SAM's fusion (SAM + HQ)", "hq": " with HQ-SAM's fusion (HQ only)"}[hq]
+
+
+def hq_note(base: BaseSam, recipe: TrainRecipe) -> str:
+    """What happens to HQ-SAM's parts: an HQ-SAM base's are used or left out, a plain SAM gets new ones."""
+    if base.hq is not None and recipe.hq == "off":
+        return ("the base is an HQ-SAM checkpoint, but its HQ parts are not used (HQ is off; choose 'SAM + HQ' or "
+                "'HQ only' to use them)")
+    if base.hq is None and recipe.hq != "off":
+        return "the base is a plain SAM: HQ-SAM's parts start new (untrained) and train with the run"
+    return ""
 
 
 def data_notes(data: PreparedData) -> list[str]:
@@ -254,7 +270,7 @@ def _train(
     elif init_from:
         model = load_initial_model(init_from, base, config, data.encoding)
     else:
-        model = AdaptedSAM(base.sam, config)
+        model = AdaptedSAM.from_base(base, config)
     model.to(device)
     model.set_activation_checkpointing(run.activation_checkpointing)
     params = model.trainable_parameters()
@@ -299,11 +315,13 @@ def _train(
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
-                        message=f"training {recipe.adapter.method} on {device} ({str(dtype).removeprefix('torch.')}"
+                        message=f"training {recipe.adapter.method}{_hq_words(recipe.hq)} on {device} "
+                                f"({str(dtype).removeprefix('torch.')}"
                                 + (f", {resolved.threads_note}" if resolved.threads_note else "") + "), "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
                                 + (f", starting from {init_from}" if init_from else "")
-                                + "".join(f"; {line}" for line in [note, *data_notes(data)] if line))
+                                + "".join(f"; {line}" for line in [note, hq_note(base, recipe), *data_notes(data)]
+                                          if line))
     if step == 0:
         metrics = validate(model, data, device, dtype)
         if metrics:

@@ -61,14 +61,17 @@ def metrics_table(
 
     Columns: ``step``, ``epoch``, ``train_loss`` (mean of the steps since the previous validation; empty at
     step 0), ``selection_mean_iou`` (mean IoU over the classes present in validation, the score the best model
-    is chosen on), then per class ``iou_NAME``, ``dice_NAME``, ``pixels_NAME`` (NAME: the class name, else its
-    label value; undefined scores empty), and ``best``: 1 where that validation was the best so far (saved as the
+    is chosen on), ``boundary_iou`` (HQ-SAM's boundary IoU, mean over the foreground classes), then per class
+    ``iou_NAME``, ``dice_NAME``, ``boundary_iou_NAME`` (foreground classes only), ``pixels_NAME`` (NAME: the class
+    name, else its label value; undefined scores, and boundary scores of runs validated before they existed,
+    empty), and ``best``: 1 where that validation was the best so far (saved as the
     ``.best`` file; the last 1 is the model in it), else 0. Step 0 (before fine-tuning) is never the best.
     """
     names = list(class_names) if class_names and len(class_names) == len(class_values) else \
         [str(v) for v in class_values]
-    header = ["step", "epoch", "train_loss", "selection_mean_iou"]
-    header += [f"{kind}_{name}" for name in names for kind in ("iou", "dice", "pixels")] + ["best"]
+    kinds = [("iou", "dice", "pixels")] + [("iou", "dice", "boundary_iou", "pixels")] * (len(names) - 1)
+    header = ["step", "epoch", "train_loss", "selection_mean_iou", "boundary_iou"]
+    header += [f"{kind}_{name}" for name, each in zip(names, kinds) for kind in each] + ["best"]
     losses, epochs = history.get("loss", []), history.get("epochs", {})
     rows, previous, best = [], 0, -math.inf
     for step, metrics in history.get("validation", []):
@@ -77,9 +80,13 @@ def metrics_table(
         is_best = step > 0 and score > best
         best = score if is_best else best
         epoch = epochs.get(step, step / steps_per_epoch if steps_per_epoch else None)
-        per_class = zip(metrics["per_class_iou"], metrics["per_class_dice"], metrics["per_class_pixels"])
+        boundary = list(metrics.get("per_class_boundary_iou") or []) + [None] * len(names)  # none in older runs
+        per_class: list[Any] = []
+        for i, scores in enumerate(zip(metrics["per_class_iou"], metrics["per_class_dice"],
+                                       metrics["per_class_pixels"])):
+            per_class += [*scores[:2], boundary[i], scores[2]] if i else list(scores)
         rows.append([step, _cell(epoch), sum(since) / len(since) if since else "", _cell(score),
-                     *[_cell(v) for values in per_class for v in values], int(is_best)])
+                     _cell(metrics.get("boundary_iou")), *[_cell(v) for v in per_class], int(is_best)])
         previous = step
     return header, rows
 

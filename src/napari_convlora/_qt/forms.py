@@ -31,12 +31,15 @@ from ..config.suggestions import suggested_input_size
 from ..config.choices import (
     DEVICE_LABELS,
     DEVICES,
+    HQ_MODE_LABELS,
+    HQ_MODES,
     LABEL_MODE_LABELS,
     LABEL_MODES,
     LENGTH_UNITS,
     METHOD_LABELS,
     METHODS,
     MIXED_PRECISIONS,
+    NO_ENCODER_ADAPTER,
     MODEL_SUFFIX,
     PRECISIONS,
     SAM_SUFFIXES,
@@ -71,7 +74,7 @@ def _combo(values, labels: dict[str, str] | None = None, tip: str = "") -> QComb
 #: Where training starts: the base SAM with new adapters, or the current fine-tuned model.
 START_FROM = ("base", "model")
 #: The fields a fine-tuned model decides; they follow it and are locked while training continues from it.
-MODEL_FIELDS = ("method", "rank", "experts", "input_size")
+MODEL_FIELDS = ("method", "hq", "rank", "experts", "input_size")
 
 
 class ModelForm(QWidget):
@@ -99,7 +102,13 @@ class ModelForm(QWidget):
         self.model_note.setWordWrap(True)
         self.method = _combo(METHODS, METHOD_LABELS, "Conv-LoRA: LoRA with a mixture of multi-scale convolution "
                                                      "experts; LoRA: low-rank adapters; Decoder only: the encoder "
-                                                     "stays frozen")
+                                                     "stays frozen; HQ-SAM: all of SAM stays frozen, only HQ-SAM's "
+                                                     "token, MLP and fusion layers and the class head train")
+        self.hq = _combo(HQ_MODES, HQ_MODE_LABELS, "HQ-SAM's output token and fusion of early and final encoder "
+                                                   "features, for finer boundaries, with any method: SAM + HQ adds "
+                                                   "the HQ mask to SAM's (HQ-SAM's default), HQ only uses it alone. "
+                                                   "An HQ-SAM checkpoint's parts are used; a plain SAM gets new ones "
+                                                   "that train with the run")
         adapter, recipe = AdapterConfig(), TrainRecipe()
         self.rank = _spin(1, 64, adapter.rank, tip="rank of the low-rank adapters in the encoder")
         self.experts = _spin(1, 16, adapter.num_experts, tip="Conv-LoRA: number of scale experts")
@@ -108,6 +117,7 @@ class ModelForm(QWidget):
         self.device = _combo(DEVICES, DEVICE_LABELS, "where to compute; unavailable devices are greyed out")
         self.precision = _combo(PRECISIONS, tip="mixed precision (bf16/fp16) is offered on CUDA only")
         self.method.currentIndexChanged.connect(self._method_changed)
+        self.hq.currentIndexChanged.connect(self._method_changed)
         self.device.currentIndexChanged.connect(self._device_changed)
         self.start_from.currentIndexChanged.connect(self._start_changed)
         self.model_config: dict[str, Any] | None = None  # the config of the current fine-tuned model
@@ -130,6 +140,7 @@ class ModelForm(QWidget):
         form.addRow("Start from", self.start_from)
         form.addRow(self.model_note)
         form.addRow("Method", self.method)
+        form.addRow("HQ", self.hq)
         form.addRow("", options)
         form.addRow("Input size", self.input_size)
         form.addRow("Device", self.device)
@@ -140,7 +151,12 @@ class ModelForm(QWidget):
         locked = self.continues()
         method = self.method_name()
         self.method.setEnabled(not locked)
-        self.rank.setEnabled(method != "decoder" and not locked)
+        self.hq.setEnabled(not locked)
+        set_item_enabled(self.hq, HQ_MODES.index("off"), method != "hq",
+                         HQ_MODE_LABELS["off"] + (" (not with the HQ-SAM method)" if method == "hq" else ""))
+        if method == "hq" and self.hq_mode() == "off":
+            self.hq.setCurrentIndex(HQ_MODES.index("sam+hq"))
+        self.rank.setEnabled(method not in NO_ENCODER_ADAPTER and not locked)
         self.experts.setEnabled(method == "conv_lora" and not locked)
         self.input_size.setEnabled(not locked)
 
@@ -166,12 +182,13 @@ class ModelForm(QWidget):
         if config is not None:
             adapter = config["adapter"]
             self.method.setCurrentIndex(METHODS.index(adapter["method"]))
+            self.hq.setCurrentIndex(HQ_MODES.index(config["head"].get("hq", "off")))
             if adapter.get("rank"):
                 self.rank.setValue(int(adapter["rank"]))
             if adapter.get("num_experts"):
                 self.experts.setValue(int(adapter["num_experts"]))
             self.input_size.setValue(int(config["input_size"]))
-            self.model_note.setText("Method, rank, experts and input size come from the current model while "
+            self.model_note.setText("Method, HQ, rank, experts and input size come from the current model while "
                                     "training continues from it.")
         else:
             self.model_note.setText("")
@@ -230,10 +247,19 @@ class ModelForm(QWidget):
     def precision_name(self) -> str:
         return self.precision.currentData()
 
+    def hq_mode(self) -> str:
+        return self.hq.currentData()
+
+    def base_has_hq(self, has_hq: bool) -> None:
+        """A SAM checkpoint was chosen: with HQ-SAM's parts, HQ is proposed ("SAM + HQ"); without, it goes back to
+        off (unless the current model decides it)."""
+        if not self.continues():
+            self.hq.setCurrentIndex(HQ_MODES.index("sam+hq" if has_hq or self.method_name() == "hq" else "off"))
+
     def adapter_config(self) -> AdapterConfig:
         """The encoder adapter chosen here (rank and experts only where the method has them)."""
         method = self.method_name()
-        options: dict[str, Any] = {} if method == "decoder" else {"rank": self.rank.value()}
+        options: dict[str, Any] = {} if method in NO_ENCODER_ADAPTER else {"rank": self.rank.value()}
         if method == "conv_lora":
             options["num_experts"] = self.experts.value()
         return AdapterConfig(method=method, **options)

@@ -1,4 +1,5 @@
-"""A small table of per-class scores (IoU, Dice, annotated pixels) of the last validation or evaluation."""
+"""A small table of per-class scores (IoU, Dice, boundary IoU, annotated pixels) of the last validation or
+evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget,
 
 from ..metrics import class_labels
 
-COLUMNS = ("class", "IoU", "Dice", "pixels")
+COLUMNS = ("class", "IoU", "Dice", "boundary IoU", "pixels")
 
 
 def _score(value: float | None) -> str:
@@ -31,7 +32,9 @@ class MetricsTable(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.setToolTip("IoU and Dice of each class on the validation pixels (annotated pixels held out "
-                              "from training); pixels: how many validation pixels the labels hold of each class")
+                              "from training); boundary IoU: the IoU of the bands along the class's edges, as "
+                              "HQ-SAM measures it (foreground classes only); pixels: how many validation pixels "
+                              "the labels hold of each class")
         column = QVBoxLayout(self)
         column.setContentsMargins(0, 0, 0, 0)
         column.addWidget(self.caption)
@@ -43,12 +46,14 @@ class MetricsTable(QWidget):
         ious = list(metrics.get("per_class_iou") or [])
         dices = list(metrics.get("per_class_dice") or [])
         pixels = list(metrics.get("per_class_pixels") or [])
+        boundary = list(metrics.get("per_class_boundary_iou") or [])
         names = class_labels(class_names, len(ious))
         self.table.setRowCount(len(ious) + 1)
-        rows = [(name, _score(iou), _score(dice), f"{n:,}" if n is not None else "–")
-                for name, iou, dice, n in zip(names, ious, dices, pixels + [None] * (len(ious) - len(pixels)))]
+        missing = [None] * len(ious)
+        rows = [(name, _score(iou), _score(dice), _score(b), f"{n:,}" if n is not None else "–")
+                for name, iou, dice, b, n in zip(names, ious, dices, boundary + missing, pixels + missing)]
         rows.append(("mean", _score(metrics.get("mean_iou")), _score(metrics.get("mean_dice")),
-                     f"{metrics.get('num_pixels') or 0:,}"))
+                     _score(metrics.get("boundary_iou")), f"{metrics.get('num_pixels') or 0:,}"))
         for r, row in enumerate(rows):
             for c, text in enumerate(row):
                 item = QTableWidgetItem(text)

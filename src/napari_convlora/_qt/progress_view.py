@@ -1,4 +1,4 @@
-"""What the dock shows while a job runs: a progress bar with ETA, the live loss / mIoU plot and a log.
+"""What the dock shows while a job runs: a progress bar with ETA, the live loss / mIoU / boundary IoU plot and a log.
 
 Events from the compute thread are recorded as they arrive and drawn together by a paced timer (see
 ``pacing.py``): each repaint recomposes the whole napari window, which software OpenGL pays for with
@@ -131,6 +131,7 @@ class ProgressView(QWidget):
             self.say(event.message)
         elif event.kind == "validation":
             self.plot.add_miou(event.step, event.metrics.get("mean_iou"))
+            self.plot.add_boundary_iou(event.step, event.metrics.get("boundary_iou"))
             line = f"step {event.step}: validation {format_line(event.metrics, class_names)}"
             self.say(line + (f" ({event.message})" if event.message else ""))
             if event.message.startswith("best so far"):  # "best so far: saved to <file>"

@@ -28,7 +28,7 @@ from .._napari.layers import (
     copy_pair,
 )
 from ..config import TrainRecipe
-from ..config.choices import SAM_CHECKPOINT_FORMAT
+from ..config.choices import HQ_MODE_LABELS, SAM_CHECKPOINT_FORMAT
 from ..errors import describe_error
 from .compute import JobWorker, compute_thread
 from .forms import DEFAULT_RUN_FOLDER, DataForm, ModelForm
@@ -226,14 +226,19 @@ class ConvLoRAWidget(PredictActions, QWidget):
         info = loaded.info
         if info["format"] == SAM_CHECKPOINT_FORMAT:
             arch = info["architecture"]
-            self.model_form.info.setText(f"SAM {info.get('model_type') or 'custom'}, {arch.get('image_size')} px, "
+            kind = "HQ-SAM" if info.get("hq") else "SAM"
+            self.model_form.info.setText(f"{kind} {info.get('model_type') or 'custom'}, {arch.get('image_size')} px, "
                                          f"{info['parameters'] / 1e6:.1f} M parameters")
             self.model_form.suggest_input_size(int(arch.get("image_size") or 1024))
+            self.model_form.base_has_hq(bool(info.get("hq")))
             return
         self.model, config = loaded.model, info["config"]
         head = config["head"]
         names = ", ".join(head.get("class_names") or []) or f"{head['num_classes']} classes"
-        self.model_form.info.setText(f"{config['adapter']['method']} model: {names}, input {config['input_size']} px")
+        hq = head.get("hq", "off")
+        method = config["adapter"]["method"] + ("" if hq == "off" or config["adapter"]["method"] == "hq" else " + HQ")
+        self.model_form.info.setText(f"{method} model: {names}, input {config['input_size']} px"
+                                     + ("" if hq == "off" else f", HQ output: {HQ_MODE_LABELS[hq]}"))
         self.model_form.set_model(config, Path(loaded.path).name)
         self.run_path, self.resumable = loaded.path, loaded.resumable
         self.say(f"loaded {Path(loaded.path).name}" + (" (training can be resumed)" if loaded.resumable else ""))
@@ -242,7 +247,7 @@ class ConvLoRAWidget(PredictActions, QWidget):
     def recipe(self) -> TrainRecipe:
         """The training recipe the two forms describe (ValueError when a value is not allowed)."""
         return TrainRecipe(adapter=self.model_form.adapter_config(), input_size=self.model_form.input_size.value(),
-                           **self.data_form.recipe_fields())
+                           hq=self.model_form.hq_mode(), **self.data_form.recipe_fields())
 
     def train(self, resume: bool = False) -> JobWorker | None:
         """Copy the chosen layers and train on the compute thread: new adapters on the base SAM, more training

@@ -40,12 +40,12 @@ def inject_adapters(root: nn.Module, config: AdapterConfig) -> list[str]:
     """Replace every ``nn.Linear`` in ``root`` whose name ends with a target by its adapter.
 
     Returns:
-        The names of the wrapped layers (empty for ``method="decoder"``).
+        The names of the wrapped layers (empty for methods without an encoder adapter: decoder, hq).
 
     Raises:
         ValueError: no Linear layer matched the targets (nothing would be adapted).
     """
-    if config.method == "decoder":
+    if not config.has_encoder_adapter:
         return []
     names = [
         name for name, module in root.named_modules()

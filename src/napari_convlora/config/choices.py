@@ -6,9 +6,17 @@ them through the ``*_LABELS`` dictionaries (value -> text in the menu).
 
 from __future__ import annotations
 
-#: Encoder adaptation: LoRA with a mixture of convolution experts, plain LoRA, or none (decoder only).
-METHODS = ("conv_lora", "lora", "decoder")
-METHOD_LABELS = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "Decoder only"}
+#: What trains: LoRA with a mixture of convolution experts in the encoder, plain LoRA, no encoder adapter (the
+#: decoder trains), or HQ-SAM's regime (SAM frozen; only the HQ parts and the head's own tokens and class head).
+METHODS = ("conv_lora", "lora", "decoder", "hq")
+METHOD_LABELS = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "Decoder only", "hq": "HQ-SAM (SAM frozen)"}
+#: Methods without an encoder adapter.
+NO_ENCODER_ADAPTER = ("decoder", "hq")
+
+#: HQ-SAM's output token and global-local fusion on the head: off, added to SAM's mask (the paper's default
+#: "error correction", ``hq_token_only=False``) or the HQ mask alone (``hq_token_only=True``).
+HQ_MODES = ("off", "sam+hq", "hq")
+HQ_MODE_LABELS = {"off": "off", "sam+hq": "SAM + HQ", "hq": "HQ only"}
 
 #: Where to compute; "auto" takes CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cuda", "mps", "cpu")

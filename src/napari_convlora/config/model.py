@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from ..errors import ConfigError
-from .choices import LABEL_MODES, METHODS
+from .choices import HQ_MODES, LABEL_MODES, METHODS, NO_ENCODER_ADAPTER
+from .records import ADDED_LATER
 from .sam import SamArchitecture
 
 
@@ -19,7 +20,8 @@ class AdapterConfig:
     """Which encoder adapter, where, and its hyper-parameters (defaults: the Conv-LoRA reference).
 
     method: ``"conv_lora"`` (LoRA with a mixture of scale experts in the bottleneck), ``"lora"``,
-        or ``"decoder"`` (no encoder adapter: only the mask decoder trains; a baseline).
+        ``"decoder"`` (no encoder adapter: only the mask decoder trains; a baseline), or ``"hq"`` (HQ-SAM's
+        regime: no encoder adapter and SAM's decoder frozen; needs the head's ``hq`` on).
     targets: suffixes of the encoder Linear layers to wrap (``"attn.qkv"``, ``"attn.proj"``,
         ``"mlp.lin1"``, ``"mlp.lin2"``); a name matches when it equals or ends with ``"." + target``.
     scales: the experts' up-sampling factors; None: 1, 2, ..., num_experts.
@@ -59,6 +61,10 @@ class AdapterConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def has_encoder_adapter(self) -> bool:
+        return self.method not in NO_ENCODER_ADAPTER
+
+    @property
     def expert_scales(self) -> tuple[float, ...]:
         return self.scales if self.scales is not None else tuple(float(i + 1) for i in range(self.num_experts))
 
@@ -72,6 +78,9 @@ class HeadConfig:
     class_values: the label value written into napari Labels for each class (default 0..K-1).
     label_mode and background_value: how the training labels were read (see ``data.LabelEncoding``), so that
     ground truth for evaluation is read the same way.
+    hq: HQ-SAM's fusion on the head (METHODS.md 2): ``"off"``; ``"sam+hq"``: every mask token's mask from SAM's
+        features plus its mask from the fused HQ features (HQ-SAM's ``hq_token_only=False``, its "error
+        correction"); ``"hq"``: the HQ mask alone (``hq_token_only=True``). The promptable path follows it too.
     """
 
     num_classes: int = 2
@@ -80,8 +89,11 @@ class HeadConfig:
     class_values: tuple[int, ...] | None = None
     label_mode: str = "dense"
     background_value: int = 0
+    hq: str = field(default="off", metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if self.hq not in HQ_MODES:
+            raise ConfigError(f"unknown HQ mode {self.hq!r}; expected one of {HQ_MODES}")
         if not 2 <= self.num_classes <= 256:
             raise ConfigError(f"num_classes (background included) must be in 2..256, got {self.num_classes}")
         if self.label_mode not in LABEL_MODES:
@@ -108,6 +120,10 @@ class HeadConfig:
     @property
     def binary(self) -> bool:
         return self.num_classes == 2
+
+    @property
+    def uses_hq(self) -> bool:
+        return self.hq != "off"
 
 
 @dataclass
@@ -178,6 +194,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
+        if self.adapter.method == "hq" and not self.head.uses_hq:
+            raise ConfigError("method 'hq' trains HQ-SAM's parts only: the head's hq must be 'sam+hq' or 'hq'")
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:

@@ -7,7 +7,9 @@
   recursively; values are checked by each dataclass's own ``__post_init__``, whose message is kept.
 
 Files from an older format version are first converted to the current shape (``files.py``), so that the
-reader here can stay strict.
+reader here can stay strict. The one exception: a field declared with ``metadata=ADDED_LATER`` (a setting
+introduced after format version 2 whose default reproduces what older files meant, like ``hq="off"``) takes its
+default when a record lacks it, so that adapters, bundles and training states written before stay readable.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any, Mapping, TypeVar
 from ..errors import ConfigError
 
 T = TypeVar("T")
+
+#: Field metadata of a setting added after a format was released: older records lack it and mean its default.
+ADDED_LATER = {"added_later": True}
 
 
 def to_record(obj: Any) -> Any:
@@ -64,13 +69,15 @@ def from_record(cls: type[T], record: Any, where: str, path: str = "") -> T:
     unknown = sorted(set(record) - set(fields))
     if unknown:
         warnings.warn(f"{label}: ignoring unknown keys {unknown} (written by a newer napari-convlora?)", stacklevel=2)
-    missing = [name for name in fields if name not in record]
+    missing = [name for name, f in fields.items() if name not in record and not f.metadata.get("added_later")]
     if missing:
         keys = ", ".join(f"'{path + '.' if path else ''}{name}'" for name in missing)
         raise ConfigError(f"{where}: the record lacks {keys}")
     nested = _nested_types(cls)
     values = {}
     for name in fields:
+        if name not in record:  # added later: the dataclass's default
+            continue
         value = record[name]
         if name in nested:
             kind, optional = nested[name]

@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .choices import DEVICES, LABEL_MODES, PRECISIONS, UNPAINTED_PLANES
+from .choices import DEVICES, HQ_MODES, LABEL_MODES, PRECISIONS, UNPAINTED_PLANES
 from .model import AdapterConfig, InputSpec, check_input_size
+from .records import ADDED_LATER
 
 #: Passes over the labelled planes when neither steps nor epochs are given.
 DEFAULT_EPOCHS = 10.0
@@ -37,6 +38,8 @@ class TrainRecipe:
     unpainted_planes: in stacks, a plane where nothing is painted is skipped (``"skip"``: not annotated) or
         trains as background (``"background"``: a real negative); dense and instances modes only.
     num_mask_tokens: multi-class heads: tokens that compete for the classes (default 2 x classes).
+    hq: HQ-SAM's fusion on the head (``HeadConfig.hq``): ``"off"``, ``"sam+hq"`` or ``"hq"``; method ``"hq"``
+        with ``"off"`` means ``"sam+hq"`` (the paper's default output).
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
     batch_size x grad_accum: patches per optimizer step.
@@ -51,6 +54,7 @@ class TrainRecipe:
     unpainted_planes: str = "skip"
     class_names: tuple[str, ...] | None = None
     num_mask_tokens: int | None = None
+    hq: str = field(default="off", metadata=ADDED_LATER)
     val_fraction: float = 0.1
     augment: bool = True
     steps: int | None = None
@@ -65,6 +69,10 @@ class TrainRecipe:
 
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
+        if self.hq not in HQ_MODES:
+            raise ConfigError(f"unknown HQ mode {self.hq!r}; expected one of {HQ_MODES}")
+        if self.adapter.method == "hq" and self.hq == "off":
+            self.hq = "sam+hq"
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
         if self.unpainted_planes not in UNPAINTED_PLANES:

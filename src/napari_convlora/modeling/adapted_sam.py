@@ -7,7 +7,9 @@ Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_de
   switched off or taken out again (``adapters/``); none for ``method="decoder"``;
 - ``head``: the prompt-free head of the config (``heads.PromptFreeHead``), holding SAM's decoder parts by
   reference and owning its tokens and class head;
-- ``prompt_head``: SAM's own promptable decoding on the same adapted encoder (``heads.PromptableHead``).
+- ``prompt_head``: SAM's own promptable decoding on the same adapted encoder (``heads.PromptableHead``);
+- ``hq``: HQ-SAM's token, MLP and fusion convolutions (``hq.HQParts``) when the head uses HQ (``config.head.hq``),
+  from an HQ-SAM checkpoint or new; both heads borrow them.
 
 Images go in as RGB in 0..255; the pixel normalisation belongs to the model (its own buffers, from the
 config). Activation checkpointing is a wrapper around the encoder blocks (``checkpointing.py``); an early
@@ -17,6 +19,7 @@ encoder feature, for a decoder-side fusion (HQ-SAM), is taken with a forward hoo
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,12 @@ from ..sam_build import infer_architecture
 from .checkpointing import set_activation_checkpointing, unwrapped
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
+from .hq import HQParts
 from .outputs import SegmentationOutput
 from .resize import resize_sam_input
+
+if TYPE_CHECKING:
+    from ..sam_loading import BaseSam
 
 #: The SAMs that are part of a model: a SAM serves one model (kept outside SAM's objects, weakly).
 _SAMS_IN_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -43,9 +50,12 @@ class AdaptedSAM(nn.Module):
             frozen, its input size is set to ``config.input_size`` and adapters wrap its encoder's target
             Linear layers; nothing else of it changes.
         config: geometry (must describe ``sam``), adapter, head, input size, input spec, base checkpoint.
+        hq: HQ-SAM's parts for a head that uses HQ (those of an HQ-SAM checkpoint: ``load_base(path).hq``); None
+            makes new ones (PyTorch's default initialisation, as HQ-SAM's training starts). Not used when the
+            head's hq is off.
     """
 
-    def __init__(self, sam: nn.Module, config: ModelConfig) -> None:
+    def __init__(self, sam: nn.Module, config: ModelConfig, hq: HQParts | None = None) -> None:
         super().__init__()
         if sam in _SAMS_IN_MODELS:
             raise ValueError("this SAM is already part of another model (they would train the same decoder); "
@@ -62,18 +72,35 @@ class AdaptedSAM(nn.Module):
         resize_sam_input(sam, config.input_size)
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
-        self.head = PromptFreeHead(sam.prompt_encoder, sam.mask_decoder, config.head)
-        self.prompt_head = PromptableHead(sam.prompt_encoder, sam.mask_decoder)
+        self.hq: HQParts | None = None
+        if config.head.uses_hq:
+            self.hq = hq if hq is not None else HQParts(config.base.prompt_embed_dim, config.base.encoder_embed_dim)
+            if (self.hq.transformer_dim, self.hq.vit_dim) != (config.base.prompt_embed_dim, config.base.encoder_embed_dim):
+                raise ValueError(f"HQ parts for decoder/encoder widths {self.hq.transformer_dim}/{self.hq.vit_dim} do "
+                                 f"not fit this SAM ({config.base.prompt_embed_dim}/{config.base.encoder_embed_dim})")
+            self.hq.requires_grad_(False)
+        self.head = PromptFreeHead(sam.prompt_encoder, sam.mask_decoder, config.head, self.hq)
+        self.prompt_head = PromptableHead(sam.prompt_encoder, sam.mask_decoder, self.hq,
+                                          config.head.hq if config.head.uses_hq else "sam+hq")
         self._early_capture: BlockOutputCapture | None = None
+        self.capture_early_feature(config.head.uses_hq)
         for p in self.trainable_parameters():
             p.requires_grad_(True)
 
+    @classmethod
+    def from_base(cls, base: BaseSam, config: ModelConfig) -> AdaptedSAM:
+        """The model of ``config`` on a loaded base (``sam_loading.load_base``), with the base's HQ parts when it
+        is an HQ-SAM checkpoint and the head uses HQ."""
+        return cls(base.sam, config, hq=base.hq)
+
     # ---- what trains -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapters' own weights (not the Linear layers they wrap) and what the head trains."""
+        """The adapters' own weights (not the Linear layers they wrap), what the head trains (with SAM's decoder
+        parts except for method "hq", where SAM stays frozen as HQ-SAM trains) and the HQ parts."""
         adapters = [p for _, layer in adapter_layers(self.sam) for name, p in layer.named_parameters()
                     if not name.startswith("base_layer.")]
-        return adapters + self.head.trainable_parameters()
+        head = self.head.trainable_parameters(sam_decoder=self.config.adapter.method != "hq")
+        return adapters + head + (list(self.hq.parameters()) if self.hq is not None else [])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors fine-tuning changes, under their state-dict names (what an adapter file holds)."""
@@ -99,7 +126,9 @@ class AdaptedSAM(nn.Module):
 
     def capture_early_feature(self, enabled: bool = True) -> None:
         """Make :meth:`encode` also return the output of the first global-attention block (HQ-SAM's early
-        feature), taken with a forward hook on that block."""
+        feature), taken with a forward hook on that block. On from the start when the head uses HQ."""
+        if not enabled and self.hq is not None:
+            raise ValueError("this model's HQ fusion reads the early feature: it cannot be switched off")
         if enabled and self._early_capture is None:
             block = unwrapped(self.sam.image_encoder.blocks[self.config.base.first_global_block])
             self._early_capture = BlockOutputCapture(block)
