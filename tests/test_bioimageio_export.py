@@ -70,7 +70,7 @@ def test_a_trained_model_exported_from_the_cli_passes_the_bioimageio_model_test(
             "cover.png", "README.md"} <= names
     assert rdf["format_version"].startswith("0.5") and rdf["name"] == "Nuclei and rods (test)"
     assert [a["name"] for a in rdf["authors"]] == ["A. Tester"] and "nuclei" in rdf["tags"]
-    assert {c["doi"] for c in rdf["cite"]} == {"10.48550/arXiv.2304.02643", "10.48550/arXiv.2402.03631"}
+    assert {c["doi"] for c in rdf["cite"]} == {"10.48550/arXiv.2304.02643", "10.48550/arXiv.2401.17868"}
     (inp,), (out,) = rdf["inputs"], rdf["outputs"]
     assert [a.get("type") for a in inp["axes"]] == ["batch", "channel", "space", "space"]
     assert [p["id"] for p in inp["preprocessing"] if p["id"] != "ensure_dtype"] == ["scale_range", "clip"]
@@ -162,3 +162,20 @@ def test_a_failed_write_keeps_the_previous_package(tmp_path, tiny_checkpoint, mo
         export_bioimageio(model, package)
     assert package.read_bytes() == b"the previous package"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zip"]
+
+
+def test_an_hq_model_passes_and_cites_hq_sam(tmp_path, tiny_hq_checkpoint, offline):
+    """HQ-SAM's parts travel in the package's weights and its rebuilt architecture; the package names and cites
+    HQ-SAM."""
+    from helpers import make_model, perturb_trainable
+
+    from napari_convlora.bioimageio_export import export_bioimageio
+
+    model = perturb_trainable(make_model(tiny_hq_checkpoint, num_classes=3, input_size=64, hq="sam+hq"))
+    package = export_bioimageio(model.eval(), tmp_path / "hq.zip")
+    bioimageio_test(package)
+    with zipfile.ZipFile(package) as z:
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        readme = z.read("README.md").decode()
+    assert "Conv-LoRA + HQ" in rdf["name"] and "10.48550/arXiv.2306.01567" in {c["doi"] for c in rdf["cite"]}
+    assert "HQ-SAM's output token and feature fusion: SAM's mask plus the HQ mask" in readme

@@ -306,3 +306,34 @@ def test_cli_trains_and_predicts_on_an_hq_checkpoint(tmp_path, tiny_hq_checkpoin
     capsys.readouterr()
     assert main(["info", str(tiny_hq_checkpoint)]) == 0
     assert json.loads(capsys.readouterr().out)["hq"]["tensors"] == 25
+
+
+def test_the_hq_step_benchmark_runs(tmp_path):
+    """benchmarks/bench_hq_step.py end to end on the tiny geometry (what the GPU suite runs on vit_l)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_hq_step
+
+    assert bench_hq_step.main(["--model-type", "tiny", "--sizes", "64", "--steps", "2", "--warmup", "1",
+                               "--json", str(tmp_path / "hq.json")]) == 0
+    results = json.loads((tmp_path / "hq.json").read_text())["results"]
+    assert [r["pair"] for r in results] == ["conv_lora", "hq_vs_decoder"]
+    assert all(r["paired_ratio"] > 0 for r in results)
+    assert results[1]["trainable_with"] == hq_parameter_count(64, 64) + 64  # HQ parts + the binary head's token
+
+
+def test_activation_checkpointing_keeps_hq_gradients(tiny_hq_checkpoint):
+    """The early feature is hooked on a block that checkpointing wraps: the same loss and gradients either way."""
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation, gate noise and new HQ parts
+        model = make_model(tiny_hq_checkpoint, num_classes=3, method="conv_lora", input_size=128, hq="sam+hq")
+        model.set_activation_checkpointing(checkpointed)
+        model(images(2, 128)).mask_logits.square().mean().backward()
+        grads.append({n.replace(".block.", "."): p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})  # the wrapper adds ".block." to the names of the blocks' parameters
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("hq.compress_vit_feat") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)

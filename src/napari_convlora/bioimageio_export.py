@@ -48,7 +48,18 @@ COVER_SIDE = 256
 #: Smallest input side the package declares (any size from there on runs: the forward tiles and pads).
 MIN_SIDE = 16
 SAM_DOI = "10.48550/arXiv.2304.02643"
-CONV_LORA_DOI = "10.48550/arXiv.2402.03631"
+CONV_LORA_DOI = "10.48550/arXiv.2401.17868"
+HQ_SAM_DOI = "10.48550/arXiv.2306.01567"
+
+
+def citations(config) -> list[tuple[str, str]]:
+    """(text, DOI) of the papers a model rests on: SAM, Conv-LoRA, and HQ-SAM when its head uses HQ."""
+    cited = [("Kirillov et al., Segment Anything, ICCV 2023", SAM_DOI),
+             ("Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything Model, "
+              "ICLR 2024", CONV_LORA_DOI)]
+    if config.head.uses_hq:
+        cited.append(("Ke et al., Segment Anything in High Quality, NeurIPS 2023", HQ_SAM_DOI))
+    return cited
 DEFAULT_LICENSE = "Apache-2.0"  # the license of SAM's weights, which every exported model contains
 BASE_TAGS = ("2d", "pytorch", "semantic-segmentation", "segment-anything", "napari-convlora", "napari")
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+- ()")
@@ -263,6 +274,11 @@ def _readme(model: AdaptedSAM, crop_shape: tuple[int, ...]) -> str:
                     "no encoder adapter (only SAM's mask decoder was fine-tuned)")
     if adapter.method == "conv_lora":
         adapter_text += f" with {adapter.num_experts} scale experts (top-{adapter.top_k})"
+    if adapter.method == "hq":
+        adapter_text = "no encoder adapter (SAM frozen; HQ-SAM's parts and the head's tokens were trained)"
+    hq_text = {"off": "", "sam+hq": " With HQ-SAM's output token and feature fusion: SAM's mask plus the HQ mask.",
+               "hq": " With HQ-SAM's output token and feature fusion: the HQ mask alone."}[head.hq]
+    cited = "\n".join(f"- {text}, doi:{doi}" for text, doi in citations(config))
     base = config.base_checkpoint
     base_text = f"`{base.file_name}` (sha256 `{base.sha256}`)" if base else "a SAM built in memory (no file)"
     tokens = f"{head.num_mask_tokens} mask token{'s' if head.num_mask_tokens > 1 else ''}"
@@ -271,7 +287,7 @@ def _readme(model: AdaptedSAM, crop_shape: tuple[int, ...]) -> str:
 
 Semantic segmentation into {head.num_classes} classes with Segment Anything (SAM, image encoder
 `{config.base.model_type or 'custom'}`), fine-tuned by napari-convlora {version}.
-Encoder: {adapter_text}. Head: prompt-free, {kind}, {tokens}.
+Encoder: {adapter_text}. Head: prompt-free, {kind}, {tokens}.{hq_text}
 Base SAM checkpoint: {base_text}.
 The package is self-contained: `weights.pt` holds the base SAM, the adapters and the head.
 
@@ -332,9 +348,7 @@ of the whole image only up to the tile blending at block borders.
 
 ## Citations
 
-- Kirillov et al., Segment Anything, ICCV 2023, doi:{SAM_DOI}
-- Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything Model, ICLR 2024,
-  doi:{CONV_LORA_DOI}
+{cited}
 - napari-convlora {version}
 """
 
@@ -342,8 +356,10 @@ of the whole image only up to the tile blending at block borders.
 # ---- the description ---------------------------------------------------------------------------------------
 def _default_name(model: AdaptedSAM) -> str:
     config = model.config
-    method = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "decoder-tuned"}.get(config.adapter.method,
-                                                                                          config.adapter.method)
+    method = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "decoder-tuned", "hq": "HQ-tuned"}.get(
+        config.adapter.method, config.adapter.method)
+    if config.head.uses_hq and config.adapter.method != "hq":
+        method += " + HQ"
     return f"{method} SAM {config.base.model_type or 'custom'} ({config.head.num_classes} classes)"
 
 
@@ -383,9 +399,7 @@ def _describe(model: AdaptedSAM, files: dict[str, Path], num_channels: int, *, n
             name=name,
             description=description or _default_description(model),
             authors=[Author(name=a) for a in (authors or ["napari-convlora user"])],
-            cite=[CiteEntry(text="Kirillov et al., Segment Anything, ICCV 2023", doi=Doi(SAM_DOI)),
-                  CiteEntry(text="Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment "
-                                 "Anything Model, ICLR 2024", doi=Doi(CONV_LORA_DOI))],
+            cite=[CiteEntry(text=text, doi=Doi(doi)) for text, doi in citations(model.config)],
             license=license,
             tags=list(dict.fromkeys([*BASE_TAGS, model.config.adapter.method.replace("_", "-"), *tags])),
             documentation=file("README.md"),

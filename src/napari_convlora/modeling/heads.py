@@ -45,11 +45,13 @@ class PromptFreeHead(nn.Module):
 
     Args:
         prompt_encoder, mask_decoder: SAM's own modules (borrowed).
-        config: classes, tokens and label values.
+        config: classes, tokens, label values and HQ mode.
+        hq: HQ-SAM's parts (borrowed from the model) when ``config.hq`` is not "off".
 
     Trains (see :meth:`trainable_parameters`): its own tokens and class head, and SAM's IoU token,
-    two-way transformer, output upscaling and hypernetwork MLP 0; not SAM's IoU prediction head, its own
-    mask tokens or MLPs 1-3, which only its promptable path uses.
+    two-way transformer, output upscaling and hypernetwork MLP 0 (not for method "hq", where SAM stays
+    frozen); never SAM's IoU prediction head, its own mask tokens or MLPs 1-3, which only its promptable path
+    uses. With HQ each of its tokens plays the part of HQ-SAM's HQ token: the HQ MLP reads the fused features.
     """
 
     def __init__(
