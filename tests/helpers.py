@@ -45,3 +45,18 @@ def perturb_trainable(model: torch.nn.Module, scale: float = 0.2, seed: int = 0)
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """n x 3 x size x size random RGB in 0..255."""
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+def drain(gen, stop_at: int | None = None, stop: Any = None) -> tuple[list, Any]:
+    """Run a training generator to its end: (its events, its return value). With ``stop_at``, set the ``stop``
+    event when the step event of that step arrives."""
+    events = []
+    try:
+        while True:
+            event = next(gen)
+            events.append(event)
+            if stop_at is not None and event.kind == "step" and event.step == stop_at:
+                stop.set()
+    except StopIteration as done:
+        return events, done.value
+

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import drain
+
 from napari_convlora import CheckpointError, load_model
 from napari_convlora.config import RunOptions, TrainRecipe
 from napari_convlora.data import TrainingPair, prepare_training_data
@@ -18,18 +20,6 @@ from napari_convlora.train import TrainingError, resume_recipe, train
 from napari_convlora.training_state import best_path, state_path
 
 CPU = RunOptions(device="cpu")
-
-
-def _run(gen, stop_at: int | None = None, stop: threading.Event | None = None):
-    events = []
-    try:
-        while True:
-            event = next(gen)
-            events.append(event)
-            if stop_at is not None and event.kind == "step" and event.step == stop_at:
-                stop.set()
-    except StopIteration as done:
-        return events, done.value
 
 
 def _recipe(**kw) -> TrainRecipe:
@@ -52,7 +42,7 @@ def cells():
 
 def test_training_lowers_loss_and_improves_validation(tmp_path, tiny_checkpoint, cells):
     out = tmp_path / "model.safetensors"
-    events, model = _run(train(tiny_checkpoint, cells, out, _recipe(steps=150, val_every=75), CPU))
+    events, model = drain(train(tiny_checkpoint, cells, out, _recipe(steps=150, val_every=75), CPU))
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished"
     steps = [e for e in events if e.kind == "step"]
@@ -76,15 +66,15 @@ def test_training_lowers_loss_and_improves_validation(tmp_path, tiny_checkpoint,
 def test_stop_and_resume_equal_uninterrupted(tmp_path, tiny_checkpoint, cells, grad_accum):
     recipe = _recipe(steps=12, val_every=5, grad_accum=grad_accum, batch_size=2)
     full = tmp_path / "full.safetensors"
-    _run(train(tiny_checkpoint, cells, full, recipe, CPU))
+    drain(train(tiny_checkpoint, cells, full, recipe, CPU))
 
     part = tmp_path / "part.safetensors"
     stop = threading.Event()
-    events, _ = _run(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=7, stop=stop)
+    events, _ = drain(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=7, stop=stop)
     assert events[-1].kind == "stopped" and events[-1].step == 7
     assert load_file(str(part)).keys() == load_file(str(full)).keys()
     resumed = tmp_path / "resumed.safetensors"
-    events, _ = _run(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
+    events, _ = drain(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
     assert [e.step for e in events if e.kind == "step"] == list(range(8, 13))
     a, b = load_file(str(full)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -105,7 +95,7 @@ def test_stop_mid_accumulation_discards_the_half_step(tmp_path, tiny_checkpoint,
 
     cells.sampler.sample = counting
     try:
-        events, _ = _run(gen)
+        events, _ = drain(gen)
     finally:
         del cells.sampler.sample
     assert events[-1].kind == "stopped" and events[-1].step == 2
@@ -113,7 +103,7 @@ def test_stop_mid_accumulation_discards_the_half_step(tmp_path, tiny_checkpoint,
 
 def test_nan_loss_stops_and_keeps_last_good_file(tmp_path, tiny_checkpoint, cells, monkeypatch):
     out = tmp_path / "m.safetensors"
-    _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
+    drain(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
     good = out.read_bytes()
     import napari_convlora.train as train_module
 
@@ -126,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_file(tmp_path, tiny_checkpoint, cell
 
     monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 1"):
-        _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
+        drain(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
     assert out.read_bytes() == good
 
 
@@ -134,7 +124,7 @@ def test_each_method_trains(tmp_path, tiny_checkpoint, cells):
     from napari_convlora.config import AdapterConfig
 
     for method in ("lora", "decoder"):
-        events, model = _run(train(tiny_checkpoint, cells, tmp_path / f"{method}.safetensors",
+        events, model = drain(train(tiny_checkpoint, cells, tmp_path / f"{method}.safetensors",
                                    _recipe(adapter=AdapterConfig(method=method), steps=3, val_every=3), CPU))
         assert model.config.adapter.method == method and events[-1].kind == "finished"
 
@@ -142,7 +132,7 @@ def test_each_method_trains(tmp_path, tiny_checkpoint, cells):
 def _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=3):
     part = tmp_path / "part.safetensors"
     stop = threading.Event()
-    _run(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, stop=stop), stop_at=stop_at, stop=stop)
+    drain(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, stop=stop), stop_at=stop_at, stop=stop)
     return part
 
 
@@ -151,15 +141,15 @@ def test_resume_after_changing_the_input_size_uses_the_saved_recipe(tmp_path, ti
     size before training (cutting them at 64 px failed with a shape error at the first step)."""
     recipe = _recipe(steps=6, val_every=3, batch_size=2)
     full = tmp_path / "full.safetensors"
-    _run(train(tiny_checkpoint, _prepare(recipe), full, recipe, CPU))
+    drain(train(tiny_checkpoint, _prepare(recipe), full, recipe, CPU))
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe)
     asked = _recipe(steps=6, val_every=3, batch_size=2, input_size=64)
     with pytest.raises(TrainingError, match=r"another recipe \(input_size: 64 asked, 128 saved\)"):
-        _run(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, resume_from=part))
+        drain(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, resume_from=part))
     saved, notes = resume_recipe(part, requested=asked)
     assert saved == recipe and notes == ["input_size: 64 asked, 128 saved"]
     resumed = tmp_path / "resumed.safetensors"
-    events, _ = _run(train(tiny_checkpoint, _prepare(saved), resumed, run=CPU, resume_from=part))
+    events, _ = drain(train(tiny_checkpoint, _prepare(saved), resumed, run=CPU, resume_from=part))
     assert [e.step for e in events if e.kind == "step"] == [4, 5, 6]
     a, b = load_file(str(full)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -168,10 +158,10 @@ def test_resume_after_changing_the_input_size_uses_the_saved_recipe(tmp_path, ti
 def test_data_cut_for_another_recipe_are_refused(tmp_path, tiny_checkpoint, cells):
     other = _recipe(input_size=64)
     with pytest.raises(TrainingError, match=r"prepared for another recipe \(input_size: 64 to train, 128 in the data\)"):
-        _run(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", other, CPU))
+        drain(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", other, CPU))
     assert not (tmp_path / "m.safetensors").exists()
     faster = _recipe(lr=1e-3, steps=2)  # other optimisation settings need no new data
-    events, _ = _run(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", faster, CPU))
+    events, _ = drain(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", faster, CPU))
     assert events[-1].kind == "finished"
 
 
@@ -181,21 +171,21 @@ def test_run_options_are_not_saved_and_come_from_the_caller(tmp_path, tiny_check
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
     state = torch.load(state_path(part), map_location="cpu", weights_only=True)
     assert "device" not in str(state["recipe"]) and "precision" not in state["recipe"]
-    events, _ = _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors",
+    events, _ = drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors",
                            run=RunOptions(device="cpu", num_threads=1), resume_from=part))
     assert "on cpu" in events[0].message and events[-1].kind == "finished"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
-            _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "c.safetensors",
+            drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "c.safetensors",
                        run=RunOptions(device="cuda"), resume_from=part))
 
 
 def test_a_finished_run_resumed_into_a_new_file_writes_it(tmp_path, tiny_checkpoint, cells):
     recipe = _recipe(steps=3, val_every=3)
     done = tmp_path / "done.safetensors"
-    _run(train(tiny_checkpoint, cells, done, recipe, CPU))
+    drain(train(tiny_checkpoint, cells, done, recipe, CPU))
     again = tmp_path / "elsewhere" / "again.safetensors"
-    events, _ = _run(train(tiny_checkpoint, cells, again, recipe, CPU, resume_from=done))
+    events, _ = drain(train(tiny_checkpoint, cells, again, recipe, CPU, resume_from=done))
     assert [e.kind for e in events] == ["start", "saved", "finished"]
     assert again.is_file() and state_path(again).is_file() and best_path(again).is_file()
     a, b = load_file(str(done)), load_file(str(again))
@@ -205,7 +195,7 @@ def test_a_finished_run_resumed_into_a_new_file_writes_it(tmp_path, tiny_checkpo
 def test_a_version_1_training_state_is_refused_with_a_reason(tmp_path, tiny_checkpoint, cells):
     recipe = _recipe(steps=2, val_every=2)
     done = tmp_path / "old.safetensors"
-    _run(train(tiny_checkpoint, cells, done, recipe, CPU))
+    drain(train(tiny_checkpoint, cells, done, recipe, CPU))
     torch.save({"step": 2, "optimizer": {}, "scheduler": {}, "rng": {}, "train_config": {"device": "cuda"}},
                state_path(done))
     with pytest.raises(CheckpointError, match="napari-convlora 0.1.*cannot be resumed exactly"):
@@ -220,18 +210,18 @@ def test_a_model_file_that_does_not_match_its_training_state_is_refused(tmp_path
     recipe = _recipe(steps=4, val_every=2)
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
     older_state = state_path(part).read_bytes()
-    events, _ = _run(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, resume_from=part))
+    events, _ = drain(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, resume_from=part))
     assert events[-1].kind == "finished"
     state_path(part).write_bytes(older_state)  # the state of step 2 beside the model of step 4
     with pytest.raises(CheckpointError, match=r"part.safetensors: the model file and its training state "
                                               r"\(part.training.pt, step 2\) are not from the same save"):
-        _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
+        drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
     other_recipe = _recipe(adapter=AdapterConfig(method="lora"), steps=2, val_every=2)
     other = tmp_path / "other.safetensors"
-    _run(train(tiny_checkpoint, _prepare(other_recipe), other, other_recipe, CPU))
+    drain(train(tiny_checkpoint, _prepare(other_recipe), other, other_recipe, CPU))
     part.write_bytes(other.read_bytes())  # the model file replaced by another run's
     with pytest.raises(CheckpointError, match="not from the same save"):
-        _run(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
+        drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
 
 
 def test_diverging_weights_are_never_saved_and_predict_refuses_them(tmp_path, tiny_checkpoint, cells, monkeypatch):
@@ -240,7 +230,7 @@ def test_diverging_weights_are_never_saved_and_predict_refuses_them(tmp_path, ti
     from safetensors.torch import save_file
 
     out = tmp_path / "m.safetensors"
-    _run(train(tiny_checkpoint, cells, out, _recipe(steps=2, val_every=2), CPU))
+    drain(train(tiny_checkpoint, cells, out, _recipe(steps=2, val_every=2), CPU))
     good, good_best = out.read_bytes(), best_path(out).read_bytes()
     real_step = torch.optim.AdamW.step
 
@@ -254,7 +244,7 @@ def test_diverging_weights_are_never_saved_and_predict_refuses_them(tmp_path, ti
     with pytest.raises(TrainingError, match=r"weights became NaN or infinite \(sam.image_encoder.blocks.0.attn.qkv."
                                             r"lora_A.weight and 0 more\) at step 1; training stopped and nothing "
                                             r"non-finite was saved \(the last good model is .*m.safetensors\)"):
-        _run(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
+        drain(train(tiny_checkpoint, cells, out, _recipe(steps=4, val_every=2), CPU))
     assert out.read_bytes() == good and best_path(out).read_bytes() == good_best
     tensors = load_file(str(out))
     name = next(iter(tensors))
@@ -284,7 +274,7 @@ def test_non_finite_outputs_stop_a_multi_class_run_with_a_message(tmp_path, tiny
 
     monkeypatch.setattr(AdaptedSAM, "forward", nan_forward)
     with pytest.raises(TrainingError, match="the model's outputs became NaN or infinite at step 1"):
-        _run(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
+        drain(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -311,14 +301,14 @@ def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(tmp_path, 
         path.write_bytes(b"half a file")
     unrelated = tmp_path / ".other.safetensors.abc.tmp"
     unrelated.write_bytes(b"not ours")
-    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=1, val_every=1), CPU))
+    events, _ = drain(train(tiny_checkpoint, cells, out, _recipe(steps=1, val_every=1), CPU))
     assert "removed 2 temporary file(s) of an interrupted save" in events[0].message
     assert not any(p.exists() for p in left) and unrelated.exists()
 
 
 def test_the_log_says_which_file_is_which_and_warns_about_thin_validation(tmp_path, tiny_checkpoint, cells):
     out = tmp_path / "m.safetensors"
-    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=6, val_every=2), CPU))
+    events, _ = drain(train(tiny_checkpoint, cells, out, _recipe(steps=6, val_every=2), CPU))
     state = torch.load(state_path(out), map_location="cpu", weights_only=True)
     scores = {step: selection_score(m) for step, m in state["history"]["validation"] if step}
     best_step = max(scores, key=scores.get)  # the first of the best (strictly better replaces)
@@ -329,7 +319,7 @@ def test_the_log_says_which_file_is_which_and_warns_about_thin_validation(tmp_pa
     image, labels = synthetic_cells(256, seed=0)
     thin = prepare_training_data([TrainingPair(image, labels)], _recipe(val_fraction=0.02))
     assert thin.validation_pixels().min() < 1000
-    events, _ = _run(train(tiny_checkpoint, thin, tmp_path / "t.safetensors", _recipe(val_fraction=0.02, steps=1), CPU))
+    events, _ = drain(train(tiny_checkpoint, thin, tmp_path / "t.safetensors", _recipe(val_fraction=0.02, steps=1), CPU))
     assert "validation pixels: its IoU is noisy" in events[0].message
 
 
@@ -340,7 +330,7 @@ def test_a_binary_task_whose_background_is_the_thin_class_is_pointed_out(tmp_pat
     labels[::16, :], labels[:, ::16] = 1, 1
     recipe = _recipe(label_mode="sparse", background_value=1, steps=1, val_fraction=0.0, input_size=64)
     data = prepare_training_data([TrainingPair(image, labels)], recipe)
-    events, _ = _run(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
+    events, _ = drain(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
     assert "the background class class 0 (label 1) is only 12 % of the labelled pixels" in events[0].message
 
 
@@ -352,7 +342,7 @@ def test_sparse_instances_train_and_predict_values_that_copy_back(tmp_path, tiny
     labels[:20][dense[:20] == 0] = 1  # background painted in the top rows only
     labels[dense == 1] = 3  # the nuclei, painted as instances with one id
     recipe = _recipe(label_mode="sparse_instances", steps=2, input_size=64)
-    _, model = _run(train(tiny_checkpoint, _prepare_with(image, labels, recipe), tmp_path / "m.safetensors",
+    _, model = drain(train(tiny_checkpoint, _prepare_with(image, labels, recipe), tmp_path / "m.safetensors",
                           recipe, CPU))
     assert model.config.head.label_mode == "sparse_instances" and model.config.head.class_values == (1, 2)
     assert set(np.unique(predict_image(model, image, device="cpu").labels)) <= {1, 2}
@@ -366,7 +356,7 @@ def _prepare_with(image, labels, recipe):
 def _source(tmp_path, tiny_checkpoint, cells, name="source.safetensors"):
     """A trained model to start from: 3 steps on the cells."""
     source = tmp_path / name
-    _run(train(tiny_checkpoint, cells, source, _recipe(steps=3, val_every=3), CPU))
+    drain(train(tiny_checkpoint, cells, source, _recipe(steps=3, val_every=3), CPU))
     return source
 
 
@@ -386,7 +376,7 @@ def test_a_run_started_from_a_trained_model_starts_with_its_weights(tmp_path, ti
     stop = threading.Event()
     stop.set()  # saved before the first step: the weights it starts with
     at_start = tmp_path / "at_start.safetensors"
-    events, _ = _run(train(tiny_checkpoint, data, at_start, recipe, CPU, stop=stop, init_from=source))
+    events, _ = drain(train(tiny_checkpoint, data, at_start, recipe, CPU, stop=stop, init_from=source))
     assert [e.kind for e in events] == ["start", "validation", "stopped"] and events[-1].step == 0
     assert f"starting from {source}" in events[0].message
     a, b = load_file(str(source)), load_file(str(at_start))
@@ -394,7 +384,7 @@ def test_a_run_started_from_a_trained_model_starts_with_its_weights(tmp_path, ti
     assert events[1].metrics == source_state["history"]["validation"][-1][1]  # same data: the source's last score
 
     again = tmp_path / "again.safetensors"
-    events, model = _run(train(tiny_checkpoint, data, again, recipe, CPU, init_from=source))
+    events, model = drain(train(tiny_checkpoint, data, again, recipe, CPU, init_from=source))
     assert [e.step for e in events if e.kind == "step"] == [1, 2, 3, 4]
     assert events[-1].kind == "finished" and source.read_bytes() == before
     state = torch.load(state_path(again), map_location="cpu", weights_only=True)
@@ -404,7 +394,7 @@ def test_a_run_started_from_a_trained_model_starts_with_its_weights(tmp_path, ti
     with pytest.raises(TrainingError, match=r"source.safetensors: the recipe does not fit the model to start from "
                                             r"\(input_size: 64 asked, 128 in the model\)"):
         asked = _recipe(steps=2, input_size=64)
-        _run(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, init_from=source))
+        drain(train(tiny_checkpoint, _prepare(asked), tmp_path / "x.safetensors", asked, CPU, init_from=source))
 
 
 def test_a_run_can_start_from_a_bundle_trained_on_the_same_base(tmp_path, tiny_checkpoint, other_tiny_checkpoint,
@@ -418,12 +408,12 @@ def test_a_run_can_start_from_a_bundle_trained_on_the_same_base(tmp_path, tiny_c
     stop = threading.Event()
     stop.set()
     out = tmp_path / "from_bundle.safetensors"
-    _run(train(tiny_checkpoint, _prepare(recipe), out, recipe, CPU, stop=stop, init_from=bundle))
+    drain(train(tiny_checkpoint, _prepare(recipe), out, recipe, CPU, stop=stop, init_from=bundle))
     a, b = load_file(str(source)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match=r"bundle.safetensors: was trained on 'tiny_sam.pth' .* but the base is "
                                               r"'other_sam.pth'"):
-        _run(train(other_tiny_checkpoint, _prepare(recipe), out, recipe, CPU, init_from=bundle))
+        drain(train(other_tiny_checkpoint, _prepare(recipe), out, recipe, CPU, init_from=bundle))
 
 
 def test_starting_from_a_model_refuses_a_new_class_another_base_and_its_own_files(tmp_path, tiny_checkpoint,
@@ -435,28 +425,28 @@ def test_starting_from_a_model_refuses_a_new_class_another_base_and_its_own_file
     two = np.where(labels == 2, 0, labels)  # nuclei only: label values 0, 1
     recipe = _recipe(label_mode="dense", input_size=64, steps=1, val_every=1)
     source = tmp_path / "nuclei.safetensors"
-    _run(train(tiny_checkpoint, _prepare_with(image, two, recipe), source, recipe, CPU))
+    drain(train(tiny_checkpoint, _prepare_with(image, two, recipe), source, recipe, CPU))
     before = source.read_bytes()
     resolved, _ = init_recipe(source, recipe)
     with pytest.raises(TrainingError, match=r"the model was trained on label values \[0, 1\] but the labels now hold "
                                             r"\[0, 1, 2\]; a new class needs a new training run"):
-        _run(train(tiny_checkpoint, _prepare_with(image, labels, resolved), tmp_path / "new.safetensors", resolved,
+        drain(train(tiny_checkpoint, _prepare_with(image, labels, resolved), tmp_path / "new.safetensors", resolved,
                    CPU, init_from=source))
     data = _prepare_with(image, two, resolved)
     with pytest.raises(CheckpointError, match=r"nuclei.safetensors: was trained on 'tiny_sam.pth' \(sha256 .*\) but "
                                               r"other_sam.pth has sha256"):
-        _run(train(other_tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, init_from=source))
+        drain(train(other_tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, init_from=source))
     best_of_run = tmp_path / "run.best.safetensors"
     best_of_run.write_bytes(before)
     for out, init in ((source, source), (tmp_path / "run.safetensors", best_of_run)):  # out, or its best file
         with pytest.raises(ConfigError, match="is the same file as the model to start from"):
-            _run(train(tiny_checkpoint, data, out, resolved, CPU, init_from=init))
+            drain(train(tiny_checkpoint, data, out, resolved, CPU, init_from=init))
         assert init.read_bytes() == before
     with pytest.raises(TrainingError, match=r"trained on label values \[0, 1\] but the labels now hold \[0, 2\]; a new "):
-        _run(train(tiny_checkpoint, _prepare_with(image, np.where(labels == 1, 0, labels), resolved),
+        drain(train(tiny_checkpoint, _prepare_with(image, np.where(labels == 1, 0, labels), resolved),
                    tmp_path / "new.safetensors", resolved, CPU, init_from=source))
     with pytest.raises(ConfigError, match="not both"):
-        _run(train(tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, resume_from=source,
+        drain(train(tiny_checkpoint, data, tmp_path / "new.safetensors", resolved, CPU, resume_from=source,
                    init_from=source))
     assert not (tmp_path / "new.safetensors").exists()
 
@@ -475,7 +465,7 @@ def test_every_validation_is_a_row_of_the_metrics_csv(tmp_path, tiny_checkpoint,
     out = tmp_path / "m.safetensors"
     leftover = tmp_path / ".m.metrics.csv.abc123.tmp"  # of a save that was killed
     leftover.write_text("half a table")
-    events, _ = _run(train(tiny_checkpoint, cells, out, _recipe(steps=5, val_every=2), CPU))
+    events, _ = drain(train(tiny_checkpoint, cells, out, _recipe(steps=5, val_every=2), CPU))
     assert metrics_path(out) == tmp_path / "m.metrics.csv" and not leftover.exists()
     assert "validation metrics in m.metrics.csv" in events[-1].message
     rows = _csv(metrics_path(out))
@@ -505,16 +495,16 @@ def test_a_resumed_run_continues_its_metrics_csv(tmp_path, tiny_checkpoint, cell
 
     recipe = _recipe(steps=6, val_every=2)
     full = tmp_path / "full.safetensors"
-    _run(train(tiny_checkpoint, cells, full, recipe, CPU))
+    drain(train(tiny_checkpoint, cells, full, recipe, CPU))
     expected = metrics_path(full).read_text()
     assert [r["step"] for r in _csv(metrics_path(full))] == ["0", "2", "4", "6"]
     for resumed_name in ("part.safetensors", "resumed.safetensors"):
         part = tmp_path / "part.safetensors"
         stop = threading.Event()
-        _run(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=3, stop=stop)
+        drain(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=3, stop=stop)
         assert [r["step"] for r in _csv(metrics_path(part))] == ["0", "2"]
         resumed = tmp_path / resumed_name
-        _run(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
+        drain(train(tiny_checkpoint, cells, resumed, recipe, CPU, resume_from=part))
         assert metrics_path(resumed).read_text() == expected
 
 
@@ -531,7 +521,7 @@ def test_validation_scores_the_boundaries_of_every_patch(tmp_path, tiny_checkpoi
     stream = io.StringIO()
     progress = TerminalProgress(stream)
     gen = train(tiny_checkpoint, cells, tmp_path / "m.safetensors", _recipe(steps=3, val_every=3), CPU)
-    events, model = _run(gen)
+    events, model = drain(gen)
     for event in events:
         progress.show(event)
     progress.close()

@@ -24,6 +24,8 @@ class TerminalProgress:
         if event.kind == "step":
             self.bar.update(event.step - self.bar.n)
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", img_s=f"{event.images_per_s:.2f}")
+        elif event.kind == "validation" and "prompt_miou" in (event.metrics or {}):  # self-training (WeSAM)
+            self.bar.write(f"validation: {event.message}", file=self.stream)
         elif event.kind == "validation":
             self.bar.write(f"validation at step {event.step}: {format_line(event.metrics, self.class_names)}"
                            + (f" ({event.message})" if event.message else ""), file=self.stream)

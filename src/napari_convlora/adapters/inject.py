@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import AdapterConfig
+from ..errors import ConfigError
 from .layers import ConvLoRALinear, LoRALinear
+from .qkv_lora import QkvSliceLoRALinear, is_fused_qkv
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
@@ -18,7 +20,9 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
 
 
 def make_adapter(base: nn.Linear, config: AdapterConfig) -> LoRALinear:
-    """Wrap one Linear as the config says (``lora`` or ``conv_lora``)."""
+    """Wrap one Linear as the config says (``lora``, on the whole output or on qkv slices, or ``conv_lora``)."""
+    if config.method == "lora" and config.qkv_slices is not None:
+        return QkvSliceLoRALinear(base, config.rank, config.alpha, config.dropout, slices=config.qkv_slices)
     if config.method == "lora":
         return LoRALinear(base, config.rank, config.alpha, config.dropout)
     if config.method == "conv_lora":
@@ -44,6 +48,7 @@ def inject_adapters(root: nn.Module, config: AdapterConfig) -> list[str]:
 
     Raises:
         ValueError: no Linear layer matched the targets (nothing would be adapted).
+        ConfigError: ``qkv_slices`` on a matched Linear that is not a fused qkv (out = 3 x in); nothing changed.
     """
     if not config.has_encoder_adapter:
         return []
@@ -51,12 +56,19 @@ def inject_adapters(root: nn.Module, config: AdapterConfig) -> list[str]:
         name for name, module in root.named_modules()
         if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and _matches(name, config.targets)
         and ".base_layer" not in name and not name.endswith(("lora_A", "lora_B"))
+        and ".lora_A." not in name and ".lora_B." not in name  # the per-slice branches of a qkv-slice adapter
     ]
     if not names:
         raise ValueError(
             f"no Linear layer matches the adapter targets {config.targets}; "
             "SAM's encoder blocks have attn.qkv, attn.proj, mlp.lin1 and mlp.lin2"
         )
+    if config.qkv_slices is not None:
+        unfused = [name for name in names if not is_fused_qkv(root.get_submodule(name))]
+        if unfused:
+            layer = root.get_submodule(unfused[0])
+            raise ConfigError(f"qkv_slices needs fused qkv layers (out = 3 x in); '{unfused[0]}' maps "
+                              f"{layer.in_features} -> {layer.out_features}")
     for name in names:
         base = root.get_submodule(name)
         adapter = make_adapter(base, config).to(base.weight.device)

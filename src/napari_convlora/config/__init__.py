@@ -17,6 +17,7 @@ from .model import (
     InputSpec,
     ModelConfig,
     check_input_size,
+    wesam_adapter,
 )
 from .records import from_record, to_record
 from .sam import PRESETS, SMALL, TINY, SamArchitecture
@@ -42,4 +43,5 @@ __all__ = [
     "check_input_size",
     "from_record",
     "to_record",
+    "wesam_adapter",
 ]

@@ -12,6 +12,8 @@ METHODS = ("conv_lora", "lora", "decoder", "hq")
 METHOD_LABELS = {"conv_lora": "Conv-LoRA", "lora": "LoRA", "decoder": "Decoder only", "hq": "HQ-SAM (SAM frozen)"}
 #: Methods without an encoder adapter.
 NO_ENCODER_ADAPTER = ("decoder", "hq")
+#: The slices of a fused qkv projection's output, in SAM's order (LoRA may adapt some of them: WeSAM's q and v).
+QKV_SLICES = ("q", "k", "v")
 
 #: HQ-SAM's output token and global-local fusion on the head: off, added to SAM's mask (the paper's default
 #: "error correction", ``hq_token_only=False``) or the HQ mask alone (``hq_token_only=True``).
@@ -25,6 +27,10 @@ DEVICE_LABELS = {"auto": "auto", "cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}
 #: Arithmetic of training and prediction; mixed precision (bf16, fp16) on CUDA only.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MIXED_PRECISIONS = ("bf16", "fp16")
+
+#: Kinds of weak labels for self-training (WeSAM): boxes (rectangles, or the boxes of polygons and ellipses),
+#: points, coarse masks.
+WEAK_LABEL_KINDS = ("box", "points", "coarse")
 
 #: How label values are read (see ``data/labels.py``).
 LABEL_MODES = ("dense", "sparse", "instances", "sparse_instances")

@@ -7,10 +7,11 @@ how to rebuild its model and how to prepare images for it. No torch, no numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from ..errors import ConfigError
-from .choices import HQ_MODES, LABEL_MODES, METHODS, NO_ENCODER_ADAPTER
+from .choices import HQ_MODES, LABEL_MODES, METHODS, NO_ENCODER_ADAPTER, QKV_SLICES, WEAK_LABEL_KINDS
 from .records import ADDED_LATER
 from .sam import SamArchitecture
 
@@ -27,6 +28,9 @@ class AdapterConfig:
     scales: the experts' up-sampling factors; None: 1, 2, ..., num_experts.
     weight_by_gate: multiply each expert's output by its gate value. The reference does not, so its
         gate learns only from the balance loss; with True it also learns from the task loss.
+    qkv_slices: None (default): LoRA on the whole output of each target. A tuple of ``"q"``, ``"k"``, ``"v"``
+        (method ``"lora"``, fused ``attn.qkv`` targets only): one separate LoRA branch per named slice of the
+        fused qkv output, the others untouched; WeSAM's adapter uses ``("q", "v")`` (:func:`wesam_adapter`).
     """
 
     method: str = "conv_lora"
@@ -40,11 +44,14 @@ class AdapterConfig:
     noisy_gating: bool = True
     balance_coef: float = 0.01
     targets: tuple[str, ...] = ("attn.qkv",)
+    qkv_slices: tuple[str, ...] | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown adapter method {self.method!r}; expected one of {METHODS}")
         self.targets = tuple(self.targets)
+        if self.qkv_slices is not None:
+            self.qkv_slices = _checked_qkv_slices(tuple(self.qkv_slices), self.method, self.targets)
         if self.scales is not None:
             self.scales = tuple(float(s) for s in self.scales)
             if len(self.scales) != self.num_experts:
@@ -67,6 +74,23 @@ class AdapterConfig:
     @property
     def expert_scales(self) -> tuple[float, ...]:
         return self.scales if self.scales is not None else tuple(float(i + 1) for i in range(self.num_experts))
+
+
+def _checked_qkv_slices(slices: tuple[str, ...], method: str, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """``slices`` in q, k, v order, or ConfigError when they, the method or the targets do not allow it."""
+    if method != "lora":
+        raise ConfigError(f"qkv_slices needs method 'lora', got {method!r}")
+    if not slices or not set(slices) <= set(QKV_SLICES) or len(set(slices)) != len(slices):
+        raise ConfigError(f"qkv_slices must be distinct names among {QKV_SLICES}, got {slices}")
+    if not all(t.rsplit(".", 1)[-1] == "qkv" for t in targets):
+        raise ConfigError(f"qkv_slices applies to fused qkv layers only ('attn.qkv'), got targets {targets}")
+    return tuple(s for s in QKV_SLICES if s in slices)
+
+
+def wesam_adapter() -> AdapterConfig:
+    """WeSAM's default adapter (METHODS.md 3.1): LoRA rank 4, scale 1 (alpha 4), no dropout, on the q and v
+    slices of every encoder block's fused ``attn.qkv``: ``4 d r`` parameters per block (147,456 for ViT-B)."""
+    return AdapterConfig(method="lora", rank=4, alpha=4.0, dropout=0.0, targets=("attn.qkv",), qkv_slices=("q", "v"))
 
 
 @dataclass
@@ -175,12 +199,36 @@ class BaseCheckpoint:
 
 
 @dataclass
+class PromptableAdaptation:
+    """What a model file records when its encoder was adapted through SAM's promptable decoder.
+
+    method: ``"wesam"``. weak_labels: the kinds used (``WEAK_LABEL_KINDS``). steps: optimizer steps made.
+    before, after: prompt mIoU and per-kind scores on the evaluation labels before and after adaptation (None
+    without evaluation labels).
+    """
+
+    method: str = "wesam"
+    weak_labels: tuple[str, ...] = ()
+    steps: int = 0
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.weak_labels = tuple(self.weak_labels)
+        unknown = set(self.weak_labels) - set(WEAK_LABEL_KINDS)
+        if unknown:
+            raise ConfigError(f"unknown weak label kinds {sorted(unknown)}; expected some of {WEAK_LABEL_KINDS}")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild a fine-tuned model on top of its base SAM, and to feed it images.
 
     base_checkpoint: the base's file name and sha256, taken once when the base was loaded; None for a SAM
         built in memory (such a model can be saved as a bundle, not as an adapter).
     pixel_mean, pixel_std: SAM's normalisation of RGB values in 0..255, applied inside the model.
+    promptable: set when the encoder was adapted through SAM's promptable decoder from weak labels (WeSAM): then
+        only the adapters train and SAM's decoder stays as loaded; None for prompt-free fine-tuning.
     """
 
     base: SamArchitecture
@@ -191,6 +239,7 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
     base_checkpoint: BaseCheckpoint | None = None
+    promptable: PromptableAdaptation | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_input_size(self.input_size)

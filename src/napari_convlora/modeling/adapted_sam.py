@@ -84,6 +84,8 @@ class AdaptedSAM(nn.Module):
                                           config.head.hq if config.head.uses_hq else "sam+hq")
         self._early_capture: BlockOutputCapture | None = None
         self.capture_early_feature(config.head.uses_hq)
+        if config.promptable is not None:  # WeSAM trains the adapters only: the prompt-free head stays as built
+            self.head.requires_grad_(False)
         for p in self.trainable_parameters():
             p.requires_grad_(True)
 
@@ -96,9 +98,12 @@ class AdaptedSAM(nn.Module):
     # ---- what trains -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapters' own weights (not the Linear layers they wrap), what the head trains (with SAM's decoder
-        parts except for method "hq", where SAM stays frozen as HQ-SAM trains) and the HQ parts."""
+        parts except for method "hq", where SAM stays frozen as HQ-SAM trains) and the HQ parts. A model adapted
+        through SAM's promptable decoder (``config.promptable``, WeSAM) trains its adapters only."""
         adapters = [p for _, layer in adapter_layers(self.sam) for name, p in layer.named_parameters()
                     if not name.startswith("base_layer.")]
+        if self.config.promptable is not None:
+            return adapters
         head = self.head.trainable_parameters(sam_decoder=self.config.adapter.method != "hq")
         return adapters + head + (list(self.hq.parameters()) if self.hq is not None else [])
 

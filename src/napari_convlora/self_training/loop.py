@@ -1,0 +1,229 @@
+"""WeSAM's self-training loop (METHODS.md 3): adapt SAM's encoder through its own promptable decoder from weak labels.
+
+One network, three forwards per step (``self_train``):
+- **teacher**: the adapted model on the weak view (flips), with gradients;
+- **student**: the same model on the strong view (the weak view plus photometric changes, ``views.py``);
+- **anchor**: the same model with its adapters switched off, under ``no_grad``, on the weak view: exactly the SAM
+  that was loaded (no second copy in memory).
+
+Every prompted object of the crop is decoded by SAM's own prompt encoder and mask decoder (``model.prompt_head``,
+single-mask output, decoder frozen); low-resolution logits are upsampled to the crop (``S x S``), and
+``wesam_losses.wesam_loss`` gives the five terms. Only the adapter weights train (``ModelConfig.promptable``).
+
+Yields the same :class:`~..train.TrainingEvent` as supervised training (start, step with the loss terms in
+``parts``, validation with prompt mIoU when evaluation labels exist, saved, stopped, finished); Stop saves at the
+next step; a NaN loss stops without saving it; saves are atomic (``save_adapter``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Generator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import HeadConfig, ModelConfig, RunOptions
+from ..config.model import PromptableAdaptation
+from ..config.self_training import SelfTrainingRecipe
+from ..devices import apply_run_options, autocast_context
+from ..errors import ConfigError, TrainingError
+from ..files import save_adapter
+from ..modeling import AdaptedSAM, Prompts
+from ..safety import check_outputs_are_not_inputs, check_writable, run_lock
+from ..sam_loading import load_base
+from ..train import TrainingEvent
+from ..wesam_losses import BranchOutputs, wesam_loss
+from .crops import CropPrompt, CropSampler, PromptedCrop, prompt_groups
+from .data import WeakData
+from .evaluation import evaluate_prompts
+from .views import Flips, random_flips, strong_view
+
+
+def _flip_prompts(prompts: Sequence[CropPrompt], flips: Flips, size: int) -> list[CropPrompt]:
+    return [CropPrompt(p.kind, None if p.box is None else flips.boxes(p.box, size)[0],
+                       flips.points(p.positive, size), flips.points(p.negative, size)) for p in prompts]
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """S x S x 3 float32 -> 1 x 3 x S x S on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+
+
+def decode_prompts(model: AdaptedSAM, embedding: torch.Tensor, early: torch.Tensor | None,
+                   prompts: Sequence[CropPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's single-mask decoding of every prompt of one crop, in prompt order.
+
+    Returns (low-resolution logits N x 4g x 4g, predicted IoU N)."""
+    device = embedding.device
+    low, iou = [None] * len(prompts), [None] * len(prompts)
+    for indices, arrays in prompt_groups(prompts):
+        def on(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            value = arrays[name]
+            return None if value is None else torch.from_numpy(value).to(device=device, dtype=dtype)
+
+        masks, ious = model.prompt_head(embedding, Prompts(points=on("points"), point_labels=on("labels", torch.int64),
+                                                           boxes=on("boxes")), multimask_output=False, early=early)
+        for row, i in enumerate(indices):
+            low[i], iou[i] = masks[row, 0], ious[row, 0]
+    return torch.stack(low), torch.stack(iou)
+
+
+def _branch(model: AdaptedSAM, image: torch.Tensor, prompts: Sequence[CropPrompt], size: int) -> BranchOutputs:
+    features = model.encode(image)
+    low, iou = decode_prompts(model, features.embedding, features.early, prompts)
+    logits = F.interpolate(low[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return BranchOutputs(mask_logits=logits, iou_pred=iou.float(), low_res_logits=low.float(),
+                         embedding=features.embedding[0].float())
+
+
+def step_loss(model: AdaptedSAM, crop: PromptedCrop, recipe: SelfTrainingRecipe, rng: np.random.Generator,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """WeSAM's loss on one crop: the weak and strong views, the three forwards, the five terms and the total."""
+    size = recipe.input_size
+    flips = random_flips(rng)
+    weak_image, valid = flips.image(crop.image), flips.image(crop.valid)
+    prompts = _flip_prompts(crop.prompts, flips, size)
+    strong_image = strong_view(weak_image, rng, valid)
+    weak, strong = _to_tensor(weak_image, device), _to_tensor(strong_image, device)
+    with torch.no_grad():
+        model.set_adapters_enabled(False)
+        try:
+            anchor = _branch(model, weak, prompts, size)
+        finally:
+            model.set_adapters_enabled(True)
+    teacher = _branch(model, weak, prompts, size)
+    student = _branch(model, strong, prompts, size)
+    return wesam_loss(student, teacher, anchor, reference_quirks=recipe.reference_quirks)
+
+
+def model_config_for(base, recipe: SelfTrainingRecipe, data: WeakData) -> ModelConfig:
+    """The model a WeSAM run adapts: ``base`` with the recipe's adapter, SAM's own decoder, no trained head."""
+    return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=HeadConfig(num_classes=2),
+                       input_size=recipe.input_size, input=dataclasses.replace(recipe.input),
+                       base_checkpoint=base.checkpoint,
+                       promptable=PromptableAdaptation(weak_labels=data.kinds()))
+
+
+def self_train(
+    base_checkpoint: str | Path,
+    data: WeakData,
+    out_path: str | Path,
+    recipe: SelfTrainingRecipe | None = None,
+    run: RunOptions | None = None,
+    stop: threading.Event | None = None,
+) -> Generator[TrainingEvent, None, AdaptedSAM]:
+    """Adapt ``base_checkpoint`` to ``data``'s images from their weak labels; yields events, returns the model.
+
+    Args:
+        data: planes and weak labels (``prepare_weak_data``), with evaluation labels or not.
+        out_path: the adapter file to write (saved at every validation, at the end and on stop).
+        recipe: default ``data.recipe``; it must be the one the data were prepared with.
+
+    Raises:
+        ConfigError: an output that is an input, or data prepared for another recipe.
+    """
+    out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
+    recipe = recipe or data.recipe
+    if (recipe.input_size, recipe.input) != (data.recipe.input_size, data.recipe.input):
+        raise ConfigError("the data were prepared for another input size or input spec than the recipe's")
+    run = run or RunOptions()
+    check_outputs_are_not_inputs({"the output": out_path}, {"the base checkpoint": base_checkpoint})
+    check_writable(out_path, "the output")
+    with run_lock(out_path) as note:
+        return (yield from _self_train(base_checkpoint, data, out_path, recipe, run, stop or threading.Event(), note))
+
+
+def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: SelfTrainingRecipe, run: RunOptions,
+                stop: threading.Event, note: str) -> Generator[TrainingEvent, None, AdaptedSAM]:
+    resolved = apply_run_options(run)
+    device, dtype = resolved.device, resolved.dtype
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    base = load_base(base_checkpoint)
+    model = AdaptedSAM.from_base(base, model_config_for(base, recipe, data)).to(device)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)  # coupled L2, as WeSAM
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
+    sampler = CropSampler(data.planes, data.objects, recipe.input_size, recipe.max_objects, recipe.positive_points,
+                          recipe.negative_points)
+    total, val_every = recipe.steps, recipe.val_every or max(1, recipe.steps // 5)
+    adaptation = model.config.promptable
+
+    def validate(step: int) -> TrainingEvent | None:
+        if not data.has_evaluation:
+            return None
+        metrics = evaluate_prompts(model, data, device, dtype)
+        if adaptation.before is None:
+            adaptation.before = metrics
+        adaptation.after = metrics
+        return TrainingEvent("validation", step, total, metrics=metrics,
+                             message=f"step {step}: {describe_metrics(metrics)} on {metrics['objects']} objects")
+
+    def save(kind: str, step: int) -> TrainingEvent:
+        adaptation.steps = step
+        save_adapter(model, out_path)
+        return TrainingEvent(kind, step, total, path=str(out_path), message=f"saved {out_path}")
+
+    yield TrainingEvent("start", 0, total, message=(
+        f"self-training (WeSAM) {recipe.adapter.method} on {device}: {total} steps of {recipe.input_size} px crops "
+        f"from {data.describe()}" + "".join(f"; {line}" for line in [note, resolved.threads_note] if line)))
+    event = validate(0)
+    if event:
+        yield event
+    started = time.perf_counter()
+    step = 0
+    while step < total:
+        if stop.is_set():
+            yield save("stopped", step)
+            return model.eval()
+        model.train()
+        crop = sampler.sample(rng)
+        while not crop.prompts:  # every object was cut off at the crop's edge
+            crop = sampler.sample(rng)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, dtype):
+            losses = step_loss(model, crop, recipe, rng, device)
+        loss = losses["total"]
+        if not bool(torch.isfinite(loss)):
+            kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
+            raise TrainingError(f"the loss became NaN or infinite at step {step + 1}; training stopped and nothing "
+                                f"non-finite was saved ({kept}). Try a lower learning rate.")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        elapsed = time.perf_counter() - started
+        yield TrainingEvent("step", step, total, loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
+                            parts={k: float(v.detach()) for k, v in losses.items() if k != "total"},
+                            images_per_s=step / max(elapsed, 1e-9), eta_s=elapsed / step * (total - step))
+        if step % val_every == 0 or step == total:
+            event = validate(step)
+            if event:
+                yield event
+            yield save("saved", step)
+    model.eval()
+    summary = _summary(adaptation)
+    yield TrainingEvent("finished", step, total, path=str(out_path), message=f"finished {step} steps{summary}")
+    return model
+
+
+def _summary(adaptation: PromptableAdaptation) -> str:
+    if not adaptation.before or not adaptation.after:
+        return " (no evaluation labels: no prompt mIoU)"
+    before, after = adaptation.before["prompt_miou"], adaptation.after["prompt_miou"]
+    return f"; prompt mIoU {100 * before:.1f}% before, {100 * after:.1f}% after"
+
+
+def describe_metrics(metrics: dict[str, Any] | None) -> str:
+    """One line for a log: prompt mIoU overall and per weak label kind."""
+    if not metrics:
+        return "no evaluation labels"
+    kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.get("per_kind", {}).items() if not math.isnan(v))
+    return f"prompt mIoU {100 * metrics['prompt_miou']:.1f}%" + (f" ({kinds})" if kinds else "")
