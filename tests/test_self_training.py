@@ -241,3 +241,67 @@ def test_cli_adapt_refuses_bad_input_in_one_line(tmp_path, tiny_checkpoint, caps
         assert code in (1, 2) and message in err and "Traceback" not in err, (extra, err)
         assert len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_stop_and_resume_equal_an_uninterrupted_run(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from napari_convlora.self_training.loop import resume_self_training_recipe
+
+    recipe = _recipe(steps=6, val_every=4)
+    data = prepare_weak_data(_box_pairs(1), recipe)
+    full = tmp_path / "full.safetensors"
+    drain(self_train(tiny_checkpoint, data, full, recipe, CPU))
+    part = tmp_path / "part.safetensors"
+    stop = threading.Event()
+    events, _ = drain(self_train(tiny_checkpoint, data, part, recipe, CPU, stop=stop), stop_at=3, stop=stop)
+    assert events[-1].kind == "stopped" and events[-1].step == 3
+    assert resume_self_training_recipe(part) == recipe
+    resumed = tmp_path / "resumed.safetensors"
+    events, _ = drain(self_train(tiny_checkpoint, data, resumed, recipe, CPU, resume_from=part))
+    assert [e.step for e in events if e.kind == "step"] == [4, 5, 6]
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_model(resumed, base=tiny_checkpoint).config.promptable == load_model(full, base=tiny_checkpoint
+                                                                                     ).config.promptable
+
+
+def test_a_supervised_run_cannot_resume_a_self_training_state(tmp_path, tiny_checkpoint):
+    from napari_convlora import CheckpointError
+    from napari_convlora.train import resume_recipe
+
+    recipe = _recipe(steps=1)
+    out = tmp_path / "weak.safetensors"
+    drain(self_train(tiny_checkpoint, prepare_weak_data(_box_pairs(1), recipe), out, recipe, CPU))
+    with pytest.raises(CheckpointError, match="another kind of run.*adapt --resume"):
+        resume_recipe(out)
+
+
+def test_cli_resumes_and_segments_prompts_with_and_without_the_adapters(tmp_path, tiny_checkpoint, capsys):
+    import tifffile
+
+    from napari_convlora.cli import main
+
+    image, instances = _cells(0)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    ids = [i for i in np.unique(instances) if i > 0][:5]
+    boxes = _napari_shapes_csv(tmp_path / "boxes.csv", [mask_box(instances == i).astype(int) for i in ids])
+    out = tmp_path / "adapted.safetensors"
+    common = ["--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "img.tif"), "--boxes", str(boxes),
+              "--out", str(out), "--input-size", "64", "--device", "cpu"]
+    assert main(["adapt", *common, "--steps", "2"]) == 0
+    assert main(["adapt", *common, "--steps", "3", "--resume", str(out)]) == 0  # continued in place
+    assert "resuming" in capsys.readouterr().err
+    resumed = tmp_path / "resumed.safetensors"
+    common[common.index(str(out))] = str(resumed)
+    assert main(["adapt", *common, "--steps", "4", "--resume", str(out)]) == 0  # or into another file
+    assert load_model(out, base=tiny_checkpoint).config.promptable.steps == 3
+    assert load_model(resumed, base=tiny_checkpoint).config.promptable.steps == 4
+    for extra, name in (([], "instances.tif"), (["--unadapted"], "unadapted.tif")):
+        code = main(["segment-prompts", "--model", str(resumed), "--checkpoint", str(tiny_checkpoint), "--image",
+                     str(tmp_path / "img.tif"), "--boxes", str(boxes), "--out", str(tmp_path / name),
+                     "--device", "cpu", *extra])
+        assert code == 0, capsys.readouterr().err
+        labels = tifffile.imread(tmp_path / name)
+        assert labels.shape == instances.shape and labels.max() <= len(ids)
+    assert "5 objects" in capsys.readouterr().out

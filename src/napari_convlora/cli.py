@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config.choices import DEVICES, HQ_MODES, LABEL_MODES, METHODS, PRECISIONS, UNPAINTED_PLANES
-from .cli_adapt import add_adapt_parser
+from .cli_adapt import add_adapt_parser, add_segment_prompts_parser
 from .errors import CheckpointError, ConfigError, TrainingError, describe_error
 
 if TYPE_CHECKING:
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     add_adapt_parser(sub, _add_layout_options, _add_run_options)
+    add_segment_prompts_parser(sub, _add_layout_options, _add_run_options)
     for name, helptext in (("predict", "segment an image, several or a folder of them"), ("evaluate", "compare a prediction with labels")):
         p = sub.add_parser(name, help=helptext, description="Channels, intensity percentiles and rescaling come "
                                                            "from the model, as it was trained.")

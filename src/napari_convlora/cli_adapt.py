@@ -9,6 +9,7 @@ position (each option given once per image, or not at all; ``-`` stands for none
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 from typing import Any
@@ -56,18 +57,27 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for i, image in enumerate(args.image):
         if not any(columns[o][i] for o in ("boxes", "points", "coarse")):
             raise ConfigError(f"--image {image} has no weak labels: give --boxes, --points or --coarse for it")
-    inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image)}
+    inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image)}  # --out may be --resume
     for option, values in columns.items():
         inputs.update(_numbered("--" + option.replace("_", "-"), [v for v in values if v]))
-    _check_outputs({"--out": args.out}, inputs)
-    adapter = {"wesam": None, "lora": AdapterConfig(method="lora"), "conv_lora": AdapterConfig(method="conv_lora")}
-    recipe_options = dict(input_size=args.input_size, steps=args.steps, lr=args.lr, seed=args.seed,
-                          reference_quirks=args.reference_quirks, val_every=args.val_every,
-                          input=InputSpec(channels=tuple(int(c) for c in args.channels.split(",")) if args.channels
-                                          else None))
-    if adapter[args.method] is not None:
-        recipe_options["adapter"] = adapter[args.method]
-    recipe = SelfTrainingRecipe(**recipe_options)
+    from .training_state import state_path
+
+    _check_outputs({"--out": args.out, "the training state of --out": state_path(args.out)}, inputs)
+    if args.resume:  # the saved recipe continues (for longer with a larger --steps)
+        from .self_training.loop import resume_self_training_recipe
+
+        saved = resume_self_training_recipe(args.resume)
+        recipe = dataclasses.replace(saved, steps=args.steps or saved.steps)
+        print(f"resuming {args.resume} with its saved recipe ({recipe.steps} steps)", file=sys.stderr)
+    else:
+        adapter = {"wesam": None, "lora": AdapterConfig(method="lora"), "conv_lora": AdapterConfig(method="conv_lora")}
+        recipe_options = dict(input_size=args.input_size, steps=args.steps or SelfTrainingRecipe().steps, lr=args.lr,
+                              seed=args.seed, reference_quirks=args.reference_quirks, val_every=args.val_every,
+                              input=InputSpec(channels=tuple(int(c) for c in args.channels.split(","))
+                                              if args.channels else None))
+        if adapter[args.method] is not None:
+            recipe_options["adapter"] = adapter[args.method]
+        recipe = SelfTrainingRecipe(**recipe_options)
     layout = _layout(args)
     pairs = []
     for i, path in enumerate(args.image):
@@ -83,11 +93,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     stop = threading.Event()
     progress = TerminalProgress()
     try:
-        for event in self_train(args.checkpoint, data, args.out, recipe, _run_options(args), stop=stop):
+        for event in self_train(args.checkpoint, data, args.out, recipe, _run_options(args), stop=stop,
+                                resume_from=args.resume):
             progress.show(event)
     except KeyboardInterrupt:
         progress.close()
-        print(f"interrupted: {args.out} holds the last save", file=sys.stderr)
+        print(f"interrupted: run again with --resume {args.out} to continue from its last save", file=sys.stderr)
         return 130
     finally:
         progress.close()
@@ -120,7 +131,10 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
                    help="wesam (default): LoRA rank 4 on q and v, as the paper; lora / conv_lora: the plugin's")
     p.add_argument("--input-size", type=int, default=defaults.input_size, help="SAM input side; crops are this large "
                    "(default 1024, SAM's own; 256 or 512 on a CPU)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps}; with "
+                   "--resume the saved run's, more to continue a finished run)")
+    p.add_argument("--resume", default=None, help="continue the self-training run saved in this adapter file "
+                   "(and its .training.pt) exactly, with its own recipe")
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -130,3 +144,46 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
     add_layout_options(p)
     add_run_options(p)
     p.set_defaults(func=cmd_adapt)
+
+
+def cmd_segment_prompts(args: argparse.Namespace) -> int:
+    from .cli import _check_outputs, _layout, _load
+    from .data import spatial_shape
+    from .image_io import read_image, write_image
+    from .prompting import EmbeddingCache, segment_weak_labels
+
+    if not (args.boxes or args.points or args.coarse):
+        raise ConfigError("give the prompts: --boxes, --points or --coarse")
+    _check_outputs({"--out": args.out}, {"--image": args.image, "--model": args.model, "--checkpoint": args.checkpoint,
+                                         "--boxes": args.boxes, "--points": args.points, "--coarse": args.coarse})
+    model = _load(args)
+    image = read_image(args.image)
+    layout = _layout(args)
+    weak = _weak_labels(spatial_shape(image, layout), args.boxes, args.points, args.coarse, False)
+    for line in weak.summary().lines():
+        print(f"{args.image}: {line}", file=sys.stderr)
+    from .devices import resolve_device
+
+    cache = EmbeddingCache(model.to(resolve_device(args.device)), image, layout, device=resolve_device(args.device))
+    labels, objects = segment_weak_labels(cache, weak, adapters=not args.unadapted)
+    write_image(args.out, labels, like=args.image)
+    print(f"{len(objects)} objects -> {args.out}" + (" (the unadapted SAM)" if args.unadapted else ""))
+    return 0
+
+
+def add_segment_prompts_parser(sub: Any, add_layout_options: Any, add_run_options: Any) -> None:
+    p = sub.add_parser("segment-prompts", help="segment every box, point group or coarse object of an image as one "
+                       "instance, with a model adapted by 'adapt' (or any model's promptable SAM)")
+    p.add_argument("--model", required=True, help="the adapted model (.safetensors)")
+    p.add_argument("--checkpoint", default=None, help="its base SAM checkpoint (for an adapter file)")
+    p.add_argument("--ignore-base-hash", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--image", required=True)
+    p.add_argument("--boxes", default=None, help="a Shapes layer saved as .csv")
+    p.add_argument("--points", default=None, help="a Points layer saved as .csv")
+    p.add_argument("--coarse", default=None, help="a coarse label image")
+    p.add_argument("--unadapted", action="store_true", help="segment with the SAM as loaded (adapters off), to compare")
+    p.add_argument("--out", required=True, help="instance label image to write (.tif)")
+    add_layout_options(p)
+    add_run_options(p)
+    p.set_defaults(func=cmd_segment_prompts)
+

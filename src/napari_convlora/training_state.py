@@ -123,19 +123,26 @@ def restore_rng(rng: np.random.Generator, snap: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(snap["cuda"])
 
 
-def save_training_state(path: str | os.PathLike, state: dict[str, Any], recipe: TrainRecipe) -> Path:
-    """Write ``state`` (step, best, history, rng, optimizer, scheduler, scaler) with the run's recipe."""
+#: What each kind of run saves as its recipe, and how to resume it (for messages).
+RECIPE_KINDS = {"TrainRecipe": "napari-convlora train --resume", "SelfTrainingRecipe": "napari-convlora adapt --resume"}
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any], recipe: Any) -> Path:
+    """Write ``state`` (step, best, history, rng, optimizer, scheduler, scaler) with the run's recipe (a
+    :class:`TrainRecipe`, or a ``SelfTrainingRecipe`` for self-training; its kind is saved too)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({**state, "state_version": STATE_VERSION, "recipe": to_record(recipe)}, tmp)
+        torch.save({**state, "state_version": STATE_VERSION, "recipe": to_record(recipe),
+                    "recipe_kind": type(recipe).__name__}, tmp)
     return path
 
 
-def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], TrainRecipe]:
-    """The saved state and the run's recipe.
+def load_training_state(path: str | os.PathLike, recipe_type: type = TrainRecipe) -> tuple[dict[str, Any], Any]:
+    """The saved state and the run's recipe (of ``recipe_type``).
 
     Raises:
-        CheckpointError: no state, an unreadable one, one of another version, or one that lacks a part.
+        CheckpointError: no state, an unreadable one, one of another version, one that lacks a part, or the state
+            of another kind of run (a self-training run given to supervised training, or the reverse).
     """
     path = Path(path)
     if not path.exists():
@@ -166,8 +173,12 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], TrainR
     for key in _REQUIRED:
         if key not in state:
             raise CheckpointError(f"{path}: the training state lacks '{key}'")
+    kind = state.get("recipe_kind", "TrainRecipe")  # states written before self-training existed are supervised
+    if kind != recipe_type.__name__:
+        how = RECIPE_KINDS.get(kind, "the tool that wrote it")
+        raise CheckpointError(f"{path}: the state of another kind of run ({kind}); resume it with {how}")
     try:
-        recipe = from_record(TrainRecipe, state["recipe"], path.name, "recipe")
+        recipe = from_record(recipe_type, state["recipe"], path.name, "recipe")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     return state, recipe

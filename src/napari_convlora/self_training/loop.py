@@ -12,7 +12,8 @@ single-mask output, decoder frozen); low-resolution logits are upsampled to the 
 
 Yields the same :class:`~..train.TrainingEvent` as supervised training (start, step with the loss terms in
 ``parts``, validation with prompt mIoU when evaluation labels exist, saved, stopped, finished); Stop saves at the
-next step; a NaN loss stops without saving it; saves are atomic (``save_adapter``).
+next step; a NaN loss stops without saving it; saves are atomic (``save_adapter``) and write the training state
+beside the adapter, so that ``resume_from`` continues a stopped or finished run exactly.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from ..config.model import PromptableAdaptation
 from ..config.self_training import SelfTrainingRecipe
 from ..devices import apply_run_options, autocast_context
 from ..errors import ConfigError, TrainingError
-from ..files import save_adapter
+from ..files import load_model, save_adapter
 from ..modeling import AdaptedSAM, Prompts
 from ..safety import check_outputs_are_not_inputs, check_writable, run_lock
 from ..sam_loading import load_base
 from ..train import TrainingEvent
+from ..training_state import load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
 from ..wesam_losses import BranchOutputs, wesam_loss
 from .crops import CropPrompt, CropSampler, PromptedCrop, prompt_groups
 from .data import WeakData
@@ -110,6 +112,11 @@ def model_config_for(base, recipe: SelfTrainingRecipe, data: WeakData) -> ModelC
                        promptable=PromptableAdaptation(weak_labels=data.kinds()))
 
 
+def resume_self_training_recipe(resume_from: str | Path) -> SelfTrainingRecipe:
+    """The recipe of the self-training run saved at ``resume_from`` (prepare the data with it to resume)."""
+    return load_training_state(state_path(resume_from), SelfTrainingRecipe)[1]
+
+
 def self_train(
     base_checkpoint: str | Path,
     data: WeakData,
@@ -117,36 +124,63 @@ def self_train(
     recipe: SelfTrainingRecipe | None = None,
     run: RunOptions | None = None,
     stop: threading.Event | None = None,
+    resume_from: str | Path | None = None,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     """Adapt ``base_checkpoint`` to ``data``'s images from their weak labels; yields events, returns the model.
 
     Args:
         data: planes and weak labels (``prepare_weak_data``), with evaluation labels or not.
-        out_path: the adapter file to write (saved at every validation, at the end and on stop).
+        out_path: the adapter file to write (saved at every validation, at the end and on stop), with its training
+            state beside it (``*.training.pt``) for an exact resume.
         recipe: default ``data.recipe``; it must be the one the data were prepared with.
+        resume_from: an adapter written by this loop: the run continues exactly from its last save (its recipe,
+            but for ``steps``, must be this one: take it with :func:`resume_self_training_recipe`).
 
     Raises:
         ConfigError: an output that is an input, or data prepared for another recipe.
+        TrainingError: a resume with another recipe.
     """
     out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
     recipe = recipe or data.recipe
     if (recipe.input_size, recipe.input) != (data.recipe.input_size, data.recipe.input):
         raise ConfigError("the data were prepared for another input size or input spec than the recipe's")
     run = run or RunOptions()
-    check_outputs_are_not_inputs({"the output": out_path}, {"the base checkpoint": base_checkpoint})
+    check_outputs_are_not_inputs({"the output": out_path, "its training state": state_path(out_path)},
+                                 {"the base checkpoint": base_checkpoint})
     check_writable(out_path, "the output")
     with run_lock(out_path) as note:
-        return (yield from _self_train(base_checkpoint, data, out_path, recipe, run, stop or threading.Event(), note))
+        return (yield from _self_train(base_checkpoint, data, out_path, recipe, run, stop or threading.Event(), note,
+                                       Path(resume_from) if resume_from is not None else None))
+
+
+def _start_model(base_checkpoint: Path, recipe: SelfTrainingRecipe, data: WeakData, resume_from: Path | None
+                 ) -> tuple[AdaptedSAM, dict[str, Any] | None]:
+    """A new model on the base, or the saved run's model and state (checked against the recipe)."""
+    base = load_base(base_checkpoint)
+    if resume_from is None:
+        return AdaptedSAM.from_base(base, model_config_for(base, recipe, data)), None
+    state, saved = load_training_state(state_path(resume_from), SelfTrainingRecipe)
+    if dataclasses.replace(recipe, steps=saved.steps) != saved:
+        differ = [f.name for f in dataclasses.fields(saved) if f.name != "steps"
+                  and getattr(saved, f.name) != getattr(recipe, f.name)]
+        raise TrainingError(f"{resume_from}: this run was started with another recipe (differs in {differ}); resume "
+                            "it with its saved recipe (resume_self_training_recipe)")
+    if recipe.steps < state["step"]:
+        raise TrainingError(f"{resume_from}: the run has already made {state['step']} steps; give more to continue it")
+    model = load_model(resume_from, base=base)
+    if model.config.promptable is None:
+        raise TrainingError(f"{resume_from}: not a self-training run's model")
+    return model, state
 
 
 def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: SelfTrainingRecipe, run: RunOptions,
-                stop: threading.Event, note: str) -> Generator[TrainingEvent, None, AdaptedSAM]:
+                stop: threading.Event, note: str, resume_from: Path | None) -> Generator[TrainingEvent, None, AdaptedSAM]:
     resolved = apply_run_options(run)
     device, dtype = resolved.device, resolved.dtype
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    base = load_base(base_checkpoint)
-    model = AdaptedSAM.from_base(base, model_config_for(base, recipe, data)).to(device)
+    model, state = _start_model(base_checkpoint, recipe, data, resume_from)
+    model.to(device)
     params = model.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)  # coupled L2, as WeSAM
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
@@ -154,6 +188,12 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
                           recipe.negative_points)
     total, val_every = recipe.steps, recipe.val_every or max(1, recipe.steps // 5)
     adaptation = model.config.promptable
+    step, history = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+        restore_rng(rng, state["rng"])
 
     def validate(step: int) -> TrainingEvent | None:
         if not data.has_evaluation:
@@ -162,25 +202,31 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
         if adaptation.before is None:
             adaptation.before = metrics
         adaptation.after = metrics
+        history.append((step, metrics))
         return TrainingEvent("validation", step, total, metrics=metrics,
                              message=f"step {step}: {describe_metrics(metrics)} on {metrics['objects']} objects")
 
-    def save(kind: str, step: int) -> TrainingEvent:
+    def save(kind: str, step: int, snapshot: dict[str, Any]) -> TrainingEvent:
         adaptation.steps = step
         save_adapter(model, out_path)
+        best = adaptation.after["prompt_miou"] if adaptation.after else math.nan
+        save_training_state(state_path(out_path), {
+            "step": step, "best": best, "history": history, "rng": snapshot, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict()}, recipe)
         return TrainingEvent(kind, step, total, path=str(out_path), message=f"saved {out_path}")
 
-    yield TrainingEvent("start", 0, total, message=(
+    yield TrainingEvent("start", step, total, message=(
         f"self-training (WeSAM) {recipe.adapter.method} on {device}: {total} steps of {recipe.input_size} px crops "
-        f"from {data.describe()}" + "".join(f"; {line}" for line in [note, resolved.threads_note] if line)))
-    event = validate(0)
-    if event:
-        yield event
-    started = time.perf_counter()
-    step = 0
+        f"from {data.describe()}" + (f", resuming {resume_from} at step {step}" if state is not None else "")
+        + "".join(f"; {line}" for line in [note, resolved.threads_note] if line)))
+    if state is None:
+        event = validate(0)
+        if event:
+            yield event
+    started, first = time.perf_counter(), step
     while step < total:
         if stop.is_set():
-            yield save("stopped", step)
+            yield save("stopped", step, rng_snapshot(rng))
             return model.eval()
         model.train()
         crop = sampler.sample(rng)
@@ -202,12 +248,14 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
         elapsed = time.perf_counter() - started
         yield TrainingEvent("step", step, total, loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
                             parts={k: float(v.detach()) for k, v in losses.items() if k != "total"},
-                            images_per_s=step / max(elapsed, 1e-9), eta_s=elapsed / step * (total - step))
+                            images_per_s=(step - first) / max(elapsed, 1e-9),
+                            eta_s=elapsed / (step - first) * (total - step))
         if step % val_every == 0 or step == total:
+            snapshot = rng_snapshot(rng)  # before validation, which draws nothing from these, so a resume matches
             event = validate(step)
             if event:
                 yield event
-            yield save("saved", step)
+            yield save("saved", step, snapshot)
     model.eval()
     summary = _summary(adaptation)
     yield TrainingEvent("finished", step, total, path=str(out_path), message=f"finished {step} steps{summary}")
