@@ -87,3 +87,18 @@ def test_unadapted_prompts_are_sam_as_loaded(tiny_checkpoint):
         adapted = segment_weak_labels(EmbeddingCache(trained, image), weak)[0]
     assert np.array_equal(unadapted, plain)
     assert not np.array_equal(adapted, plain)
+
+
+def test_the_prompt_latency_benchmark_runs(tmp_path):
+    """benchmarks/bench_prompt_latency.py end to end on the tiny geometry."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_prompt_latency
+
+    assert bench_prompt_latency.main(["--configs", "tiny:64", "--prompts", "2", "--image-size", "128",
+                                      "--json", str(tmp_path / "p.json")]) == 0
+    (result,) = json.loads((tmp_path / "p.json").read_text())["results"]
+    assert result["cold_ms"] > 0 and result["box"]["median_ms"] > 0 and result["point"]["median_ms"] > 0
