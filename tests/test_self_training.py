@@ -305,3 +305,18 @@ def test_cli_resumes_and_segments_prompts_with_and_without_the_adapters(tmp_path
         labels = tifffile.imread(tmp_path / name)
         assert labels.shape == instances.shape and labels.max() <= len(ids)
     assert "5 objects" in capsys.readouterr().out
+
+
+def test_a_promptable_model_is_not_used_as_a_prompt_free_one(tmp_path, tiny_checkpoint):
+    """Predicting without prompts, or continuing supervised training from it, would use a head that never trained."""
+    from napari_convlora import CheckpointError
+    from napari_convlora.predict import predict_image
+    from napari_convlora.train import init_recipe
+
+    recipe = _recipe(steps=1)
+    out = tmp_path / "weak.safetensors"
+    _, model = drain(self_train(tiny_checkpoint, prepare_weak_data(_box_pairs(1), recipe), out, recipe, CPU))
+    with pytest.raises(ValueError, match="adapted to segment prompts.*segment-prompts"):
+        predict_image(model, _cells(0)[0], device="cpu")
+    with pytest.raises(CheckpointError, match="adapted to segment prompts.*start from the base SAM"):
+        init_recipe(out)

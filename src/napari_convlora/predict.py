@@ -74,6 +74,12 @@ def predict_plane_probabilities(
     return None
 
 
+#: Why a model adapted through SAM's promptable decoder (WeSAM) cannot segment without prompts.
+PROMPTABLE_ONLY = ("this model was adapted to segment prompts (WeSAM self-training from weak labels); its prompt-free "
+                   "head was never trained: segment boxes, points or coarse labels with it (Segment prompts in the "
+                   "dock, napari-convlora segment-prompts), or train the prompt-free head from the base SAM")
+
+
 def predict_image(
     model: AdaptedSAM,
     image: np.ndarray,
@@ -98,6 +104,8 @@ def predict_image(
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
     """
+    if model.config.promptable is not None:
+        raise ValueError(PROMPTABLE_ONLY)
     sam_planes = SamPlanes(image, layout or ImageLayout(), model.config.input)
     device = resolve_device(device)
     model = model.to(device).eval()

@@ -71,6 +71,9 @@ def init_recipe(init_from: str | Path, requested: TrainRecipe | None = None) -> 
         CheckpointError: ``init_from`` is not a model file written by napari-convlora.
     """
     config = saved_model_config(init_from)
+    if config.promptable is not None:
+        raise CheckpointError(f"{init_from}: adapted to segment prompts (WeSAM self-training): its prompt-free head "
+                              "was never trained, so supervised training cannot continue it; start from the base SAM")
     head = config.head
     resolved = dataclasses.replace(
         requested or TrainRecipe(), adapter=config.adapter, input_size=config.input_size, input=config.input,
