@@ -93,6 +93,10 @@ def _time_cuda(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+#: The SAM geometry of the whole-step parts (``--model-type``; tiny for the suite's CPU smoke run).
+MODEL_TYPE = "vit_b"
+
+
 def experts_part(size: int, device, repeats: int) -> list[dict]:
     """Forward + backward of one expert per scale on vit_b's bottleneck maps at ``size`` px."""
     import torch
@@ -133,8 +137,8 @@ def steps_part(size: int, device, steps: int, batch: int = 1) -> dict:
     dtype = resolve_precision("auto", device)
     images, targets = _batch(size, device)
     images, targets = images.repeat(batch, 1, 1, 1), targets.repeat(batch, 1, 1)
-    lora, lora_opt = _build("vit_b", "lora", size, device)
-    conv, conv_opt = _build("vit_b", "conv_lora", size, device)
+    lora, lora_opt = _build(MODEL_TYPE, "lora", size, device)
+    conv, conv_opt = _build(MODEL_TYPE, "conv_lora", size, device)
     lora_step = _make_step(lora, lora_opt, images, targets, device, dtype)
     conv_step = _make_step(conv, conv_opt, images, targets, device, dtype)
     original = ConvLoRALinear.bottleneck
@@ -169,7 +173,7 @@ def profile_part(size: int, device, rows: int) -> dict:
     images, targets = _batch(size, device)
     result: dict = {}
     for method in ("lora", "conv_lora"):
-        model, opt = _build("vit_b", method, size, device)
+        model, opt = _build(MODEL_TYPE, method, size, device)
         step = _make_step(model, opt, images, targets, device, dtype)
         step(), step()
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -202,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument("--model-type", default="vit_b", help="geometry of the whole steps (tiny: a smoke run)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    global MODEL_TYPE
+    MODEL_TYPE = args.model_type
 
     import torch
 

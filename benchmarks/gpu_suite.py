@@ -14,10 +14,14 @@ Runs, each part in its own subprocess with its own time limit, and writes one JS
 6. ``tiled_vit_b``: ``bench_tiled_predict.py``, 1024 px tiles over a 4096 x 4096 image.
 7. ``e2e``: the real training loop on CUDA (``train``), stopped and resumed, against an uninterrupted
    run (how exact resume is on a GPU), and the CUDA prediction against the CPU prediction of the same model.
+8. ``prompt_latency``: ``bench_prompt_latency.py``: one prompt on a cached window, vit_b and vit_h at 1024 px.
 
 Run on a CUDA machine (about 7 minutes on one H100/H200)::
 
     python benchmarks/gpu_suite.py --out gpu_results
+
+``--smoke`` runs every part on the CPU with the tiny SAM in about a minute (``tests/test_gpu_suite.py``, in CI): it
+checks that the suite works, and measures nothing.
 
 Random-weight SAMs only: nothing is downloaded.
 """
@@ -51,6 +55,26 @@ def _run(name: str, cmd: list[str], out: Path, timeout: float, log) -> bool:
     return ok
 
 
+def smoke_parts(py: str, out: Path) -> list[tuple[str, list[str], float]]:
+    """The suite's parts on the CPU with the tiny SAM at 64-128 px: the same scripts and code paths, in seconds."""
+    cpu = ["--device", "cpu"]
+    return [
+        ("train_step_vit_b", [py, str(HERE / "bench_train_step.py"), "--model-type", "tiny", *cpu, "--sizes", "64",
+                              "--steps", "1", "--warmup", "0", "--json", str(out / "train_step_vit_b.json")], 120),
+        ("expert_variants", [py, str(HERE / "bench_expert_variants.py"), "--model-type", "tiny", *cpu, "--sizes", "64",
+                             "--batch", "1", "--steps", "1", "--repeats", "1", "--profile-rows", "3",
+                             "--json", str(out / "expert_variants.json")], 120),
+        ("e2e", [py, str(HERE / "gpu_e2e.py"), "--model-type", "tiny", *cpu, "--steps", "4",
+                 "--json", str(out / "e2e.json")], 120),
+        ("hq_step_vit_l", [py, str(HERE / "bench_hq_step.py"), "--model-type", "tiny", *cpu, "--sizes", "64",
+                           "--steps", "1", "--warmup", "0", "--json", str(out / "hq_step_vit_l.json")], 120),
+        ("tiled_vit_b", [py, str(HERE / "bench_tiled_predict.py"), "--model-type", "tiny", *cpu, "--input-size", "64",
+                         "--image-size", "128", "--repeats", "1", "--json", str(out / "tiled_vit_b.json")], 120),
+        ("prompt_latency", [py, str(HERE / "bench_prompt_latency.py"), "--configs", "tiny:64", *cpu, "--prompts", "2",
+                            "--image-size", "128", "--json", str(out / "prompt_latency.json")], 120),
+    ]
+
+
 def machine() -> dict:
     import torch
 
@@ -72,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu_results", help="folder for the JSON files and suite.log")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip (train_step_vit_h, tiled_vit_b, ...)")
+    parser.add_argument("--smoke", action="store_true", help="every part on the CPU with the tiny SAM and the "
+                        "smallest sizes, in about a minute: checks that the suite runs (what CI does), measures nothing")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         ("train_step_vit_h", [py, str(HERE / "bench_train_step.py"), "--model-type", "vit_h", "--device", "cuda",
                               "--sizes", "1024", "--steps", "5", "--warmup", "2",
                               "--json", str(out / "train_step_vit_h.json")], 150),
+        ("prompt_latency", [py, str(HERE / "bench_prompt_latency.py"), "--device", "cuda", "--configs", "vit_b:1024",
+                            "vit_h:1024", "--json", str(out / "prompt_latency.json")], 90),
     ]
+    if args.smoke:
+        parts = smoke_parts(py, out)
     results = {}
     with open(out / "suite.log", "w") as log:
         for name, cmd, timeout in parts:
