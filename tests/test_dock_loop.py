@@ -121,7 +121,7 @@ def test_every_button_says_what_it_does_and_advanced_has_its_own_tab(dock):
     untipped = [b.text() for b in dock.findChildren(QPushButton) if not b.toolTip() and b.text() not in ("…", "✕")]
     assert untipped == []
     tabs = [dock.setup.tabText(i) for i in range(dock.setup.count())]
-    assert tabs == ["Model", "Training data", "Advanced"]
+    assert tabs == ["Model", "Training data", "Advanced", "Weak labels"]
 
 
 def test_continue_training_the_current_model_and_see_its_scores(dock, viewer, qtbot):

@@ -35,6 +35,8 @@ from .forms import DEFAULT_RUN_FOLDER, DataForm, ModelForm
 from .predict_actions import PredictActions
 from .predict_panel import PredictPanel
 from .progress_view import ProgressView, eta_text
+from .prompt_actions import PromptActions
+from .weak_actions import WeakActions
 
 
 def new_run_path(folder: Path) -> str:
@@ -47,7 +49,7 @@ def new_run_path(folder: Path) -> str:
     return str(path)
 
 
-class ConvLoRAWidget(PredictActions, QWidget):
+class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
     """Plugins > napari-convlora: the whole annotate-then-fine-tune loop in one dock."""
 
     def __init__(self, napari_viewer) -> None:
@@ -73,6 +75,7 @@ class ConvLoRAWidget(PredictActions, QWidget):
         self.predict_button, self.copy_button = self.panel.predict, self.panel.copy
         self.save_button, self.export_button = self.panel.save, self.panel.export
         self.confirm = self._ask  # asks before painted pixels are replaced (tests answer for the user)
+        self._init_weak()  # the Weak labels tab: adapt SAM from boxes, points, coarse masks; segment prompts
         self._layout()
         self._connect()
         self._set_busy(None)
@@ -100,6 +103,7 @@ class ConvLoRAWidget(PredictActions, QWidget):
         self.setup.addTab(self.model_form, "Model")
         self.setup.addTab(self.data_form, "Training data")
         self.setup.addTab(self.data_form.options.native, "Advanced")
+        self.setup.addTab(self.weak_form, "Weak labels")
         content = QWidget()
         column = QVBoxLayout(content)
         for part in (self.setup, train_box, self.panel, results):
@@ -128,6 +132,7 @@ class ConvLoRAWidget(PredictActions, QWidget):
         self.export_button.clicked.connect(lambda: self.save(bundle=True))
         self.panel.model_zoo.clicked.connect(lambda: self.export_model_zoo())
         self.view.slow_run.connect(self._slow_run)
+        self._connect_weak()
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._layers_changed)
         for layer in self.viewer.layers:
@@ -143,11 +148,14 @@ class ConvLoRAWidget(PredictActions, QWidget):
             layer.events.name.connect(self._layers_changed)
         self.data_form.refresh()
         self.panel.refresh()
+        self.weak_form.refresh()
 
     # ---- jobs --------------------------------------------------------------------------------
-    def _run(self, job, *args, on_returned=None, on_error=None, stoppable: bool = False, **kwargs) -> JobWorker:
+    def _run(self, job, *args, on_returned=None, on_error=None, on_yielded=None, stoppable: bool = False,
+             **kwargs) -> JobWorker:
         # only bound methods of this widget: Qt drops those connections when the widget is deleted
-        connect = {"yielded": self._on_event, "errored": on_error or self._on_error, "finished": self._job_finished}
+        connect = {"yielded": on_yielded or self._on_event, "errored": on_error or self._on_error,
+                   "finished": self._job_finished}
         if on_returned is not None:
             connect["returned"] = on_returned
         worker = self.compute.start(job, *args, stoppable=stoppable, connect=connect, **kwargs)
@@ -160,19 +168,20 @@ class ConvLoRAWidget(PredictActions, QWidget):
             self._set_busy(None)
 
     def _set_busy(self, what: str | None) -> None:
-        """None: idle; "train" / "predict": the Stop button stops it; anything else: wait."""
+        """None: idle; "train" / "predict" / "adapt": the Stop button stops it; anything else: wait."""
         idle = what is None
         self.model_form.setEnabled(idle)  # the tabs stay browsable
         self.data_form.setEnabled(idle)
         self.train_button.setEnabled(idle)
         self.resume_button.setEnabled(idle and self.resumable)
-        self.stop_button.setEnabled(what in ("train", "predict"))
+        self.stop_button.setEnabled(what in ("train", "predict", "adapt"))
         for button in (self.predict_button, self.save_button, self.export_button, self.panel.evaluate,
                        self.panel.predict_files, self.panel.model_zoo):
             button.setEnabled(idle and self.model is not None)
         self.copy_button.setEnabled(idle)
         self.model_form.builtin.setEnabled(idle)
-        self.view.set_running(what in ("train", "predict"))
+        self.view.set_running(what in ("train", "predict", "adapt"))
+        self._set_weak_busy(what)
 
     @property
     def events_seen(self) -> list[str]:
@@ -241,6 +250,8 @@ class ConvLoRAWidget(PredictActions, QWidget):
                                      + ("" if hq == "off" else f", HQ output: {HQ_MODE_LABELS[hq]}"))
         self.model_form.set_model(config, Path(loaded.path).name)
         self.run_path, self.resumable = loaded.path, loaded.resumable
+        if config.get("promptable"):  # adapted from weak labels: it answers prompts too
+            self.set_prompt_model(loaded.model, loaded.path)
         self.say(f"loaded {Path(loaded.path).name}" + (" (training can be resumed)" if loaded.resumable else ""))
 
     # ---- train -------------------------------------------------------------------------------
