@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,12 +128,15 @@ class ConvLoRALinear(LoRALinear):
         zc = z.permute(0, 3, 1, 2)  # N x r x h x w
         gates, self.balance_loss = self.gate(zc)
         # One dispatch for all experts: the (expert, row) pairs of the non-zero gates, in expert order, and how
-        # many rows each expert got. It is the only point where the host waits for a GPU (a loop of one
-        # ``nonzero`` per expert waited eight times). Experts without rows are skipped, as in the reference,
-        # so they get no gradient in that step.
-        pairs = gates.t().nonzero()  # E x 2: (expert, row), sorted by expert then row
-        rows = pairs[:, 1]
-        counts = torch.bincount(pairs[:, 0], minlength=len(self.experts)).tolist()
+        # many rows each expert got, worked out on the host from ONE copy of the small N x M gate matrix: the
+        # only point where the host waits for a GPU in this layer (``nonzero`` then ``bincount().tolist()``
+        # waited twice; a loop of one ``nonzero`` per expert, eight times). Experts without rows are skipped,
+        # as in the reference, so they get no gradient in that step.
+        chosen = gates.detach().t().cpu().numpy() != 0  # M x N
+        expert_of, row_of = np.nonzero(chosen)  # sorted by expert, then row
+        counts = np.bincount(expert_of, minlength=len(self.experts)).tolist()
+        rows = torch.from_numpy(row_of).to(zc.device, non_blocking=True)
+        experts_of = torch.from_numpy(expert_of).to(zc.device, non_blocking=True)
         # The experts run in their weights' dtype (fp32 under mixed precision): in bf16, bicubic resizing's
         # backward made each expert 3-8 x slower on an H200 (benchmarks/bench_expert_variants.py).
         dtype = self.experts[0].conv.weight.dtype
@@ -140,7 +144,7 @@ class ConvLoRALinear(LoRALinear):
             inputs = zc.to(dtype).index_select(0, rows).split(counts)
             out = torch.cat([expert(x) for expert, x, n in zip(self.experts, inputs, counts) if n])
         if self.weight_by_gate:
-            out = out * gates[rows, pairs[:, 0]].view(-1, 1, 1, 1).to(out.dtype)
+            out = out * gates[rows, experts_of].view(-1, 1, 1, 1).to(out.dtype)
         mixed = torch.zeros_like(zc).index_add(0, rows, out.to(zc.dtype))
         return (zc + mixed).permute(0, 2, 3, 1)
 
