@@ -320,3 +320,27 @@ def test_a_promptable_model_is_not_used_as_a_prompt_free_one(tmp_path, tiny_chec
         predict_image(model, _cells(0)[0], device="cpu")
     with pytest.raises(CheckpointError, match="adapted to segment prompts.*start from the base SAM"):
         init_recipe(out)
+
+
+def test_a_nan_loss_stops_without_saving_it(tmp_path, tiny_checkpoint, monkeypatch):
+    from napari_convlora import TrainingError
+    from napari_convlora.self_training import loop
+
+    recipe = _recipe(steps=4, val_every=2)
+    data = prepare_weak_data(_box_pairs(1), recipe)
+    real = loop.wesam_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loop, "wesam_loss", poisoned)
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(TrainingError, match="NaN or infinite at step 3.*last good model is"):
+        drain(self_train(tiny_checkpoint, data, out, recipe, CPU))
+    saved = load_model(out, base=tiny_checkpoint)
+    assert saved.config.promptable.steps == 2 and all(torch.isfinite(t).all() for t in saved.state_dict().values())
