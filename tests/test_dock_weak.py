@@ -241,3 +241,25 @@ def test_stop_ends_adaptation_and_keeps_what_was_trained(dock, viewer, qtbot):
     assert dock.prompt_model is not None and Path(dock.prompt_model_path).is_file()
     assert "stopped: the adapted model" in dock.log.toPlainText()
     assert dock.weak_form.adapt.isEnabled() and not dock.weak_form.stop.isEnabled()
+
+
+def test_resume_continues_the_stopped_adaptation_in_its_own_file(dock, viewer, qtbot):
+    from napari_convlora import load_model
+
+    _weak_layers(viewer)
+    _choose(dock, ["boxes"])
+    assert not dock.weak_form.resume.isEnabled()  # nothing to resume yet
+    dock.weak_form.steps.setValue(12)
+    dock.adapt()
+    qtbot.waitUntil(lambda: "step" in dock.events_seen, timeout=60_000)
+    dock.weak_form.stop.click()
+    _wait_idle(dock, qtbot)
+    stopped_at = dock.progress.value()
+    path = dock.prompt_model_path
+    assert dock.events_seen[-1] == "stopped" and stopped_at < 12 and dock.weak_form.resume.isEnabled()
+    dock.weak_form.resume.click()
+    _wait_idle(dock, qtbot)
+    assert dock.events_seen[-1] == "finished" and dock.prompt_model_path == path
+    assert "resuming" in dock.log.toPlainText()
+    base = dock.model_form.sam.path()
+    assert load_model(path, base=base).config.promptable.steps == 12

@@ -7,6 +7,7 @@ returned for the main thread to write. torch is imported inside the jobs only.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,20 +75,28 @@ def adapt_job(
     run: RunOptions,
     out_path: str,
     stop: threading.Event | None = None,
+    resume_from: str | None = None,
 ) -> Generator[Any, None, AdaptResult | None]:
     """Prepare the image's planes that hold weak labels and drive ``self_training.self_train``; yields training
-    events (steps in batches), returns the adapted model (None when stopped before it began)."""
+    events (steps in batches), returns the adapted model (None when stopped before it began). ``resume_from``: the
+    run continues exactly with its saved recipe (for longer when ``recipe.steps`` is larger)."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
     from ..self_training import WeakPair, prepare_weak_data, self_train
+    from ..self_training.loop import resume_self_training_recipe
 
+    if resume_from is not None:
+        saved = resume_self_training_recipe(resume_from)
+        recipe = dataclasses.replace(saved, steps=max(saved.steps, recipe.steps))
+        yield Message(f"resuming {Path(resume_from).name} with its saved recipe ({recipe.steps} steps)")
     stop = stop or threading.Event()
     data = prepare_weak_data([WeakPair(image.image, weak, ImageLayout(rgb=image.rgb), image.name)], recipe)
     if stop.is_set():  # the start event says what the run reads
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     kinds: set[str] = set()
-    model = yield from batch_steps(self_train(base, data, out_path, recipe, run, stop=stop), seen=kinds)
+    model = yield from batch_steps(self_train(base, data, out_path, recipe, run, stop=stop, resume_from=resume_from),
+                                   seen=kinds)
     return AdaptResult(model, out_path, "stopped" in kinds)
 
 

@@ -36,6 +36,7 @@ class WeakActions:
         self.prompt_cache: tuple[Any, Any] | None = None  # (key, EmbeddingCache) of the image prompted last
         self.busy_with: str | None = None
         self.last_step: Any = None  # the last self-training step event (its loss terms are logged at saves)
+        self.weak_run: str | None = None  # the last self-training run's file (Resume continues it)
         self.weak_form = WeakForm(self._names(Image), self._weak_layer_names, self._names(Labels))
         self.weak_form.refresh()
         self._init_prompting()
@@ -44,6 +45,7 @@ class WeakActions:
         form = self.weak_form
         form.adapt.clicked.connect(lambda: self.adapt())
         form.stop.clicked.connect(self.stop)
+        form.resume.clicked.connect(lambda: self.adapt(resume=True))
         form.segment.clicked.connect(lambda: self.segment_prompts())
         form.to_training.clicked.connect(lambda: self.instances_to_training_labels())
         form.interactive.toggled.connect(self.set_interactive)
@@ -55,7 +57,7 @@ class WeakActions:
 
     def _set_weak_busy(self, what: str | None) -> None:
         self.busy_with = what
-        self.weak_form.set_busy(what, self.prompt_model is not None)
+        self.weak_form.set_busy(what, self.prompt_model is not None, self.weak_run is not None)
 
     # ---- reading the weak labels -------------------------------------------------------------------------
     def _weak_input(self, evaluation: bool = True, copy: bool = True) -> WeakInput:
@@ -77,8 +79,9 @@ class WeakActions:
         self.weak_form.read.setText(lines[0] + (f"; {skipped} skipped (see the log)" if skipped else ""))
 
     # ---- adapt -------------------------------------------------------------------------------------------
-    def adapt(self) -> JobWorker | None:
-        """Adapt SAM's encoder to the chosen image from its weak labels (WeSAM self-training) on the compute thread."""
+    def adapt(self, resume: bool = False) -> JobWorker | None:
+        """Adapt SAM's encoder to the chosen image from its weak labels (WeSAM self-training) on the compute thread;
+        ``resume``: continue the last run exactly (its file, its recipe; the weak labels must be read as before)."""
         from .widget import new_run_path
 
         base = self.model_form.sam.path()
@@ -92,14 +95,17 @@ class WeakActions:
             run = self.data_form.options.run_options(self.model_form.device_name(), self.model_form.precision_name())
         except ValueError as e:
             return self._refuse(str(e))
-        out_path = new_run_path(Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER)))
+        if resume and self.weak_run is None:
+            return self._refuse("nothing to resume: adapt first")
+        resume_from = self.weak_run if resume else None
+        out_path = resume_from or new_run_path(Path(str(self.data_form.options.run_folder.value or DEFAULT_RUN_FOLDER)))
         self._show_read(weak.image.name, weak.weak)
         self.view.start_training()
         self.last_step = None
         self.say(f"adapting SAM with {self.weak_form.method.currentText()} into {out_path}")
         self._set_busy("adapt")
         return self._run(weak_jobs.adapt_job, base, weak.image, weak.weak, recipe, run, out_path, stoppable=True,
-                         on_returned=self._adapted, on_yielded=self._adapt_event)
+                         on_returned=self._adapted, on_yielded=self._adapt_event, resume_from=resume_from)
 
     def _adapt_event(self, event: Any) -> None:
         """Self-training events: steps and the run's start and end as training's; prompt mIoU on the mIoU curve;
@@ -123,6 +129,7 @@ class WeakActions:
         if result is None:
             self.say("adaptation stopped before it began")
             return
+        self.weak_run = result.path
         self.set_prompt_model(result.model, result.path)
         self.say(("stopped: " if result.stopped else "") + f"the adapted model {Path(result.path).name} now "
                  "answers Segment prompts and interactive prompting")

@@ -74,6 +74,8 @@ class WeakForm(QWidget):
         self.adapt = _button("Adapt", "adapt SAM's encoder to this image from the weak labels (WeSAM self-training, "
                                       "in the background); the run is saved in the runs folder (Advanced)")
         self.stop = _button("Stop", "stop at the next step: what was trained so far is saved and used")
+        self.resume = _button("Resume", "continue the stopped (or finished) self-training run exactly, in its own "
+                                        "file and with its own settings; more Steps than it made continue it longer")
         self.read = QLabel("")
         self.read.setWordWrap(True)
         self.read.setToolTip("what was read from the weak-label layers (the log lists what was skipped and why)")
@@ -113,6 +115,7 @@ class WeakForm(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.adapt)
         buttons.addWidget(self.stop)
+        buttons.addWidget(self.resume)
         prompts = QGroupBox("Prompts")
         grid = QGridLayout(prompts)
         grid.addWidget(self.model_info, 0, 0, 1, 2)
@@ -162,8 +165,9 @@ class WeakForm(QWidget):
         return SelfTrainingRecipe(adapter=_adapter(self.method.currentData()), input_size=input_size, steps=steps,
                                   warmup_steps=warmup)
 
-    def set_busy(self, what: str | None, has_model: bool) -> None:
+    def set_busy(self, what: str | None, has_model: bool, resumable: bool = False) -> None:
         idle = what is None
+        self.resume.setEnabled(idle and resumable)
         for widget in (self.image, self.layers, self.evaluation, self.coarse_masks, self.method, self.steps,
                        self.adapt):
             widget.setEnabled(idle)
