@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config.choices import DEVICES, HQ_MODES, LABEL_MODES, METHODS, PRECISIONS, UNPAINTED_PLANES
 from .cli_adapt import add_adapt_parser, add_segment_prompts_parser
+from .cli_blockwise import add_blockwise_options, blockwise_requested
 from .errors import CheckpointError, ConfigError, TrainingError, describe_error
 
 if TYPE_CHECKING:
@@ -146,6 +147,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .image_io import read_image, write_image
     from .predict import predict_image
 
+    if blockwise_requested(args):  # a .zarr store in or out: block by block on dask
+        from .cli_blockwise import cmd_predict_blockwise
+
+        return cmd_predict_blockwise(args)
     folders = Path(args.image[0]).is_dir() or Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
     if len(args.image) > 1 or folders:
         return _predict_many(args)
@@ -354,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--probabilities / --instances. The model is loaded once; an image that cannot be read or "
                         "predicted is reported and skipped, and the exit status is then 1.")
             p.add_argument("--instances-3d", action="store_true", help="label components of stacks in 3D")
+            add_blockwise_options(p)
             p.set_defaults(func=cmd_predict)
         else:
             p.add_argument("--labels", required=True)

@@ -190,9 +190,12 @@ class SamPlanes:
     image: as a napari Image layer holds it: ``(Y, X)``, ``(Y, X, 3|4)`` with ``rgb``, ``(Z, Y, X)``,
         ``(Z, Y, X, 3|4)``, or channels along ``layout.channel_axis``; bool, integer or float.
     Planes are numbered in C order over the leading axes (a 2D image is the single plane 0).
+    ranges: each used channel's (low, high) intensities when already known (computed over a whole image of
+        which ``image`` is a part, e.g. by ``blockwise``); None computes them from ``image``.
     """
 
-    def __init__(self, image: np.ndarray, layout: ImageLayout, spec: InputSpec) -> None:
+    def __init__(self, image: np.ndarray, layout: ImageLayout, spec: InputSpec,
+                 ranges: Sequence[tuple[float, float]] | None = None) -> None:
         image = np.asarray(image)
         validate_image(image, layout, spec)
         self.spec = spec
@@ -202,7 +205,9 @@ class SamPlanes:
         self._slots = rgb_slots(len(self._used), spec)
         self.leading = self._channels_last.shape[:-3]
         self.shape = tuple(self._channels_last.shape[-3:-1])  # Y, X
-        self.ranges = [
+        if ranges is not None and len(ranges) != len(self._used):
+            raise ValueError(f"{len(ranges)} intensity ranges for {len(self._used)} channel(s) used")
+        self.ranges = [(float(low), float(high)) for low, high in ranges] if ranges is not None else [
             (0.0, 1.0) if image.dtype == bool else intensity_range(self._channels_last[..., c], spec.percentiles)
             for c in self._used
         ]
