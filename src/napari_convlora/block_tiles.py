@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
-from .tiling import ProbFn, axis_windows, overlap_pixels, tile_starts
+from .tiling import ProbFn, axis_windows, overlap_pixels, tile_probabilities, tile_starts
 
 
 @dataclass(frozen=True)
@@ -181,13 +180,7 @@ def predict_block(
     for chunk in _batches(positions, batch_size):
         batch = np.stack([view[grid.ys[iy] - top : grid.ys[iy] - top + tile,
                                grid.xs[ix] - left : grid.xs[ix] - left + tile] for iy, ix in chunk])
-        batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
-        with torch.inference_mode():
-            probs_t = prob_fn(batch_t)
-        expected = (len(chunk), num_classes, tile, tile)
-        if tuple(probs_t.shape) != expected:
-            raise ValueError(f"prob_fn returned shape {tuple(probs_t.shape)}, expected {expected}")
-        probs = probs_t.detach().to("cpu", torch.float32).numpy()
+        probs = tile_probabilities(prob_fn, batch, num_classes)
         for (iy, ix), tile_probs in zip(chunk, probs):
             ty, tx = grid.ys[iy], grid.xs[ix] - left
             if ty > band_top:  # a new row of tiles: the rows above it are complete

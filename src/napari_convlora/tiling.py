@@ -90,6 +90,18 @@ def axis_windows(starts: list[int], tile: int, margin: int, length: int) -> list
     ]
 
 
+def tile_probabilities(prob_fn: "ProbFn", batch: np.ndarray, num_classes: int) -> np.ndarray:
+    """``prob_fn`` on a batch of tiles (float32 ``N x T x T x 3``) -> float32 ``N x K x T x T`` on the CPU, its shape
+    checked."""
+    batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
+    with torch.inference_mode():
+        probs_t = prob_fn(batch_t)
+    expected = (batch.shape[0], num_classes, batch.shape[1], batch.shape[2])
+    if tuple(probs_t.shape) != expected:
+        raise ValueError(f"prob_fn returned shape {tuple(probs_t.shape)}, expected {expected}")
+    return probs_t.detach().to("cpu", torch.float32).numpy()
+
+
 def predict_tiled(
     prob_fn: ProbFn,
     image: np.ndarray,
@@ -174,13 +186,7 @@ def predict_tiled(
             raise PredictionCancelled(f"prediction stopped after {first} of {total} tiles")
         chunk = positions[first : first + batch_size]
         batch = np.stack([image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk])
-        batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
-        with torch.inference_mode():
-            probs_t = prob_fn(batch_t)
-        expected = (len(chunk), num_classes, tile, tile)
-        if tuple(probs_t.shape) != expected:
-            raise ValueError(f"prob_fn returned shape {tuple(probs_t.shape)}, expected {expected}")
-        probs = probs_t.detach().to("cpu", torch.float32).numpy()
+        probs = tile_probabilities(prob_fn, batch, num_classes)
         for (iy, ix), tile_probs in zip(chunk, probs):
             y0, x0 = ys[iy], xs[ix]
             if y0 > band_top:  # a new row of tiles: the rows above it are complete
