@@ -113,7 +113,8 @@ def instance_family(family: Family) -> tuple[list[Scored], list[Scored]]:
 
         shift = family.name.removeprefix("shift_")
         k = SHIFTS.index(shift)
-        scenes = [shifted_scene(np.random.default_rng(SHIFT_SEED + 1000 * k + i), shift, size=family.train[0][0].shape[0])
+        size = family.train[0][0].shape[0]
+        scenes = [shifted_scene(np.random.default_rng(SHIFT_SEED + 1000 * k + i), shift, size=size)
                   for i in range(SHIFT_TRAIN_SCENES)]
         for scene, (image, _, _) in zip(scenes, family.train):
             if not np.array_equal(scene.image, image):
@@ -161,7 +162,7 @@ def weak_object(mask: np.ndarray, kind: str, source: str) -> WeakObject:
     if kind == "box":
         return WeakObject((), "box", box=mask_box(mask), layer="ground truth", source=source)
     if kind == "points":
-        return WeakObject((), "points", positive=central_point(mask)[None], layer="ground truth", source=source)
+        return WeakObject((), "points", positive=interior_point(mask)[None], layer="ground truth", source=source)
     coarse = coarse_mask(mask)
     x0, y0, x1, y1 = mask_box(coarse).astype(int)
     return WeakObject((), "coarse", box=mask_box(coarse), mask=coarse[y0:y1, x0:x1], mask_origin=(y0, x0),
@@ -193,37 +194,64 @@ def coarse_quality(images: list[Scored]) -> dict[str, float]:
 # Scoring with prompts from the held-out ground truth
 
 
-@torch.no_grad()
-def score_prompts(model: AdaptedSAM, images: list[Scored], device: torch.device) -> dict[str, Any]:
-    """Box, one-point (single mask) and one-point best-of-3 mIoU over the objects of ``images``."""
-    model.eval()
-    size = model.config.input_size
-    ious: dict[str, list[float]] = {"box": [], "point": [], "point_best3": []}
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """``central_point`` of a non-empty Y x X bool mask (x, y), computed inside its box (the same point, faster)."""
+    x0, y0, x1, y1 = mask_box(mask).astype(int)
+    return central_point(mask[y0:y1, x0:x1]) + np.array([x0, y0], np.float32)
+
+
+@dataclass
+class Window:
+    """An S x S window of a held-out plane (float32 S x S x 3 in 0..255, valid S x S) and the objects prompted in it:
+    their masks in the window (N x S x S bool), exact boxes (N x 4) and interior-most points (N x 2)."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    targets: np.ndarray
+    boxes: np.ndarray
+    points: np.ndarray
+
+
+def held_out_windows(images: list[Scored], recipe: SelfTrainingRecipe) -> list[Window]:
+    """Every object of ``images`` in its ``prompting.grid_window``, with its prompts (the same for every row)."""
+    size, out = recipe.input_size, []
     for item in images:
-        plane = SamPlanes(item.image, ImageLayout(rgb=item.rgb), model.config.input).normalised(0)
+        plane = SamPlanes(item.image, ImageLayout(rgb=item.rgb), recipe.input).normalised(0)
         windows: dict[tuple[int, int], list[np.ndarray]] = {}
         for mask in object_masks(item.instances):
             box = mask_box(mask)
             windows.setdefault(grid_window((box[:2] + box[2:]) / 2, mask.shape, size), []).append(mask)
         for (top, left), masks in windows.items():
             image, valid = crop_plane(plane, top, left, size)
-            targets = np.stack([crop_plane(m[..., None].astype(np.float32), top, left, size)[0][..., 0] > 0
-                                for m in masks])
             offset = np.array([left, top], np.float32)
+            targets = [crop_plane(m[..., None].astype(np.float32), top, left, size)[0][..., 0] > 0 for m in masks]
             boxes = [np.clip(mask_box(m) - np.tile(offset, 2), 0, size) for m in masks]
-            points = [central_point(m) - offset for m in masks]
-            embedding = model.encode(torch.from_numpy(image.transpose(2, 0, 1).copy())[None].to(device)).embedding
-            box_low, _ = decode_prompts(model, embedding, None, [CropPrompt("box", b) for b in boxes])
-            point_low, _ = decode_prompts(model, embedding, None, [CropPrompt("points", None, p[None]) for p in points])
-            coords = torch.from_numpy(np.stack(points)[:, None]).to(device)
-            many, predicted = model.prompt_head(embedding, Prompts(points=coords, point_labels=torch.ones(
-                len(masks), 1, dtype=torch.int64, device=device)), multimask_output=True)
-            best = many[torch.arange(len(masks)), predicted.argmax(dim=1)]
-            for name, low in (("box", box_low), ("point", point_low), ("point_best3", best)):
-                pred = (F.interpolate(low[:, None].float(), size=(size, size), mode="bilinear",
-                                      align_corners=False)[:, 0] > 0).cpu().numpy() & valid
-                inter, union = (pred & targets).sum((1, 2)), (pred | targets).sum((1, 2))
-                ious[name] += (inter / np.maximum(union, 1)).tolist()
+            points = [interior_point(m) - offset for m in masks]
+            out.append(Window(image, valid, np.stack(targets), np.stack(boxes), np.stack(points)))
+    return out
+
+
+@torch.no_grad()
+def score_prompts(model: AdaptedSAM, windows: list[Window], device: torch.device) -> dict[str, Any]:
+    """Box, one-point (single mask) and one-point best-of-3 mIoU over the objects of ``windows``."""
+    model.eval()
+    size = model.config.input_size
+    ious: dict[str, list[float]] = {"box": [], "point": [], "point_best3": []}
+    for window in windows:
+        n = len(window.targets)
+        embedding = model.encode(torch.from_numpy(window.image.transpose(2, 0, 1).copy())[None].to(device)).embedding
+        box_low, _ = decode_prompts(model, embedding, None, [CropPrompt("box", b) for b in window.boxes])
+        point_low, _ = decode_prompts(model, embedding, None, [CropPrompt("points", None, p[None])
+                                                               for p in window.points])
+        coords = torch.from_numpy(window.points[:, None].copy()).to(device)
+        many, predicted = model.prompt_head(embedding, Prompts(points=coords, point_labels=torch.ones(
+            n, 1, dtype=torch.int64, device=device)), multimask_output=True)
+        best = many[torch.arange(n), predicted.argmax(dim=1)]
+        for name, low in (("box", box_low), ("point", point_low), ("point_best3", best)):
+            pred = (F.interpolate(low[:, None].float(), size=(size, size), mode="bilinear",
+                                  align_corners=False)[:, 0] > 0).cpu().numpy() & window.valid
+            inter, union = (pred & window.targets).sum((1, 2)), (pred | window.targets).sum((1, 2))
+            ious[name] += (inter / np.maximum(union, 1)).tolist()
     return {f"{name}_miou": float(np.mean(v)) for name, v in ious.items()} | {"objects": len(ious["box"])}
 
 
@@ -234,6 +262,13 @@ def score_prompts(model: AdaptedSAM, images: list[Scored], device: torch.device)
 def recipe_for(args: argparse.Namespace, seed: int) -> SelfTrainingRecipe:
     return SelfTrainingRecipe(input_size=args.input_size, steps=args.steps, lr=args.lr, warmup_steps=args.warmup,
                               max_objects=args.max_objects, seed=seed, val_every=args.steps)
+
+
+def wesam_model(base: Path, train: list[Scored], recipe: SelfTrainingRecipe) -> AdaptedSAM:
+    """A new model as ``self_train`` builds it (``model_config_for``): WeSAM's LoRA on ``base``, only it trains."""
+    loaded = load_base(base)
+    data = prepare_weak_data(weak_pairs(train, "box"), recipe)
+    return AdaptedSAM.from_base(loaded, model_config_for(loaded, recipe, data))
 
 
 def run_wesam(base: Path, train: list[Scored], kind: str, seed: int, args: argparse.Namespace, work: Path
@@ -282,8 +317,7 @@ def run_supervised(base: Path, train: list[Scored], seed: int, args: argparse.Na
     data = prepare_weak_data(weak_pairs(train, "box"), recipe)  # the planes, normalised as WeSAM's
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    loaded = load_base(base)
-    model = AdaptedSAM.from_base(loaded, model_config_for(loaded, recipe, data)).to(device)
+    model = wesam_model(base, train, recipe).to(device)
     params = model.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
@@ -356,8 +390,9 @@ def markdown(summary: dict, threads: int, seeds: int) -> str:
     for family, rows in summary.items():
         for row in (r for r in ROWS if r in rows):
             stats = rows[row]
-            lines.append(f"| {family} | {ROWS[row]} | {cell(stats.get('box_miou'))} | {cell(stats.get('point_miou'))} "
-                         f"| {cell(stats.get('point_best3_miou'))} | {cell(stats.get('step_s'), 2) if row != 'zero_shot' else '-'} |")
+            cells = [cell(stats.get(m)) for m in ("box_miou", "point_miou", "point_best3_miou")]
+            cells.append(cell(stats.get("step_s"), 2) if row != "zero_shot" else "-")
+            lines.append(f"| {family} | {ROWS[row]} | " + " | ".join(cells) + " |")
     lines += ["", f"Mean ± sample std over {seeds} seed(s) (zero-shot: one deterministic run).", "",
               "The gap (supervised - zero-shot, means) and the share of it that each WeSAM row closes, box / point "
               "prompts ((row - zero-shot) / gap; n/a where the gap is under 0.01):", "",
@@ -399,6 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (WeSAM: 250 at lr 1e-4)")
     parser.add_argument("--max-objects", type=int, default=16, help="prompted objects per crop (WeSAM: 40; 16 "
                         "here to fit the CPU budget)")
+    parser.add_argument("--held-out", type=int, default=None, help="score only the first N held-out images "
+                        "(default: all; for quick checks)")
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
@@ -419,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "benchmark": "WeSAM adaptation (benchmarks/wesam_adaptation.py)",
         "config": {"base": str(base), "base_sha256": checkpoint_identity(base).sha256, "steps": args.steps,
-                   "lr": args.lr, "warmup": args.warmup, "max_objects": args.max_objects, "input_size": args.input_size,
+                   "lr": args.lr, "warmup": args.warmup, "held_out": args.held_out, "max_objects": args.max_objects,
+                   "input_size": args.input_size,
                    "threads": args.threads, "device": args.device, "seeds": args.seeds, "rows": rows,
                    "recipe": {k: v for k, v in vars(recipe_for(args, 0)).items() if k not in ("adapter", "input")},
                    "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -441,20 +479,18 @@ def main(argv: list[str] | None = None) -> int:
             record["families"][name] = {"description": family.description, "train_images": len(train),
                                         "train_objects": sum(len(object_masks(t.instances)) for t in train),
                                         "held_out_images": len(held), **coarse_quality(train)}
+            windows = held_out_windows(held[: args.held_out], recipe_for(args, 0))
             for row in rows:
                 for seed in [None] if row == "zero_shot" else args.seeds:
                     tick = time.perf_counter()
-                    if row == "zero_shot":
-                        recipe = recipe_for(args, 0)
-                        loaded = load_base(base)
-                        data = prepare_weak_data(weak_pairs(train, "box"), recipe)
-                        model, steps, parts = AdaptedSAM.from_base(loaded, model_config_for(loaded, recipe, data)), [], {}
+                    if row == "zero_shot":  # the model WeSAM starts from: LoRA's B is zero, so the base SAM
+                        model, steps, parts = wesam_model(base, train, recipe_for(args, 0)), [], {}
                     elif row == "supervised":
                         model, steps, parts = run_supervised(base, train, seed, args)
                     else:
                         model, steps, parts = run_wesam(base, train, WEAK_KIND[row], seed, args, Path(tmp))
                     train_s = time.perf_counter() - tick
-                    scores = score_prompts(model, held, torch.device(args.device))
+                    scores = score_prompts(model, windows, torch.device(args.device))
                     timed = steps[2:] or steps
                     result = {"family": name, "row": row, "seed": seed, **scores, "last_loss": parts,
                               "step_s": float(np.median(timed)) if timed else None, "train_s": train_s,

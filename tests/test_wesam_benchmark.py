@@ -31,7 +31,8 @@ def test_benchmark_runs_end_to_end(wesam_benchmark, tiny_checkpoint, tmp_path):
     out = tmp_path / "wesam.json"
     try:
         assert wesam_benchmark.main(["--base", str(tiny_checkpoint), "--families", "shift_blur", "--seeds", "0",
-                                     "--steps", "2", "--max-objects", "8", "--threads", "1", "--json", str(out),
+                                     "--steps", "2", "--max-objects", "8", "--held-out", "2", "--threads", "1",
+                                     "--json", str(out),
                                      "--markdown", str(tmp_path / "table.md")]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -43,7 +44,7 @@ def test_benchmark_runs_end_to_end(wesam_benchmark, tiny_checkpoint, tmp_path):
     assert set(runs) == set(wesam_benchmark.ROWS) and len(record["runs"]) == len(wesam_benchmark.ROWS)
     assert runs["zero_shot"]["seed"] is None and runs["zero_shot"]["step_s"] is None
     for row, run in runs.items():
-        assert run["objects"] == 381  # every held-out object of the family is prompted
+        assert run["objects"] == 47 + 11  # every object of the first two held-out scenes is prompted
         for key in ("box_miou", "point_miou", "point_best3_miou"):
             assert 0 <= run[key] <= 1, (row, key)
         if row != "zero_shot":
