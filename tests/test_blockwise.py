@@ -230,6 +230,30 @@ def test_refusals_are_one_line_and_leave_no_output(tmp_path, model_file, source,
     assert not (tmp_path / "half.zarr").exists() and not list(tmp_path.glob(".half.zarr.*"))
 
 
+def test_an_array_open_in_this_process_chosen_planes_and_a_stop_between_tile_batches(tmp_path, model_file,
+                                                                                    in_memory):
+    """What the dock uses (issue 14): a dask array and the model in memory, no client; one plane of a stack; a
+    stop inside a block raises PredictionCancelled and leaves nothing under the output names."""
+    da = pytest.importorskip("dask.array")
+    from napari_convlora.array_image import open_array
+    from napari_convlora.tiling import PredictionCancelled
+    from napari_convlora.worker_model import LoadedModel
+
+    model = LoadedModel(load_model(*model_file))
+    image = _image((2, 100, 110), seed=6)
+    result = predict_blockwise(model, open_array(da.from_array(image, chunks=(1, 40, 40))), tmp_path / "one.zarr",
+                               batch_size=1, block_size=64, planes=[1])
+    labels = zarr.open(str(tmp_path / "one.zarr"))[...]
+    assert np.array_equal(labels[1], in_memory(image).labels[1]) and not labels[0].any() and result.blocks == 4
+    polls = []
+    with pytest.raises(PredictionCancelled):
+        predict_blockwise(model, open_array(image), tmp_path / "stopped.zarr", instances=tmp_path / "i.zarr",
+                          batch_size=1, block_size=64, should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert len(polls) == 4 and list(tmp_path.glob("*stopped*")) == list(tmp_path.glob("*i.zarr*")) == []
+    with pytest.raises(ValueError, match="plane indices \\[2\\] out of range"):
+        predict_blockwise(model, open_array(image), tmp_path / "bad.zarr", planes=[2])
+
+
 def test_the_command_line_predicts_a_zarr_store(tmp_path, model_file, capsys, monkeypatch):
     import contextlib
 

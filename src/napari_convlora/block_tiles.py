@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .tiling import ProbFn, axis_windows, overlap_pixels, tile_probabilities, tile_starts
+from .tiling import PredictionCancelled, ProbFn, axis_windows, overlap_pixels, tile_probabilities, tile_starts
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def predict_block(
     num_classes: int,
     batch_size: int = 4,
     sink: Callable[[int, np.ndarray], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray | None:
     """Class probabilities of the pixels ``block`` owns, equal to ``predict_tiled`` on the whole plane there.
 
@@ -144,6 +145,8 @@ def predict_block(
             padding beyond a plane smaller than a tile hold 0.
         sink: called as ``sink(first_row, probabilities)`` (``K x n x block width`` float32, ``first_row`` in
             the plane's rows) for consecutive bands of the block's rows; then nothing is returned.
+        should_stop: polled before each batch of tiles; when it returns True, ``tiling.PredictionCancelled``
+            is raised.
 
     Returns:
         ``K x block height x block width`` float32, or None with ``sink``.
@@ -177,7 +180,10 @@ def predict_block(
         band_weight[tile - rows :] = 0.0
         band_top += rows
 
-    for chunk in _batches(positions, batch_size):
+    for done, chunk in enumerate(_batches(positions, batch_size)):
+        if should_stop is not None and should_stop():
+            raise PredictionCancelled(f"block {block.index} stopped after {done * batch_size} of {len(positions)} "
+                                      "tiles")
         batch = np.stack([view[grid.ys[iy] - top : grid.ys[iy] - top + tile,
                                grid.xs[ix] - left : grid.xs[ix] - left + tile] for iy, ix in chunk])
         probs = tile_probabilities(prob_fn, batch, num_classes)

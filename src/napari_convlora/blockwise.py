@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from .data import ImageLayout, SamPlanes, label_dtype, spatial_shape
 from .data.images import _channel_axis, _strided_sample, _used_channels, check_image_dtype
 from .errors import ConfigError
 from .worker_model import ModelSource, forget_models
-from .zarr_io import (ArrayReader, LazyImage, ZarrOutput, create_output, is_zarr_path, ome_axes_for, ome_scale_for,
+from .zarr_io import (ArrayReader, LazyImage, ZarrOutput, check_outputs, create_output, ome_axes_for, ome_scale_for,
                       read_region, require_large, write_region)
 
 __all__ = ["BlockJob", "BlockOutcome", "BlockwiseResult", "ModelSource", "check_outputs", "intensity_ranges",
@@ -63,6 +63,7 @@ class BlockJob:
     labels: tuple[str, str]
     probabilities: tuple[str, str] | None = None
     instances: tuple[str, str] | None = None
+    should_stop: Callable[[], bool] | None = None  # in this process only (no client): not sent to workers
 
 
 @dataclass
@@ -124,7 +125,7 @@ def predict_one_block(job: BlockJob, block: Block) -> BlockOutcome:
             probabilities[:, rows] = band
 
     predict_block(make_prob_fn(model, next(model.parameters()).device), view, grid, block, model.num_classes,
-                  job.batch_size, sink=write_rows)
+                  job.batch_size, sink=write_rows, should_stop=job.should_stop)
     key = _output_key(job, block)
     write_region(job.labels, key, labels)
     if probabilities is not None:
@@ -205,18 +206,6 @@ class BlockwiseResult:
     peak_rss: dict[int, int] = field(default_factory=dict)
 
 
-def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse, before any work, a Zarr output that is not named ``*.zarr`` or that exists (never overwritten)."""
-    for option, path in outputs.items():
-        if path is None:
-            continue
-        if not is_zarr_path(path):
-            raise ConfigError(f"{option} {path}: blockwise prediction writes Zarr stores; name it <name>.zarr")
-        if Path(path).exists():
-            raise ConfigError(f"{option} {path} exists; a Zarr output is never overwritten: remove it or choose "
-                              "another name")
-
-
 def predict_blockwise(
     model: ModelSource,
     image: LazyImage,
@@ -230,6 +219,8 @@ def predict_blockwise(
     client: Any | None = None,
     progress: Callable[[int, int, BlockOutcome], None] | None = None,
     ome: bool | None = None,
+    planes: Sequence[int] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BlockwiseResult:
     """Predict ``image`` (:func:`zarr_io.open_lazy`) with the model of ``model`` into Zarr stores, block by block
     on ``client``'s workers (``dask_cluster.dask_client``; None: in this process).
@@ -243,12 +234,18 @@ def predict_blockwise(
         progress: ``progress(done_blocks, total_blocks, outcome)`` as blocks finish.
         ome: write OME-Zarr metadata on labels and instances (default: when the input has it, or for an output
             named ``*.ome.zarr``).
+        planes: for stacks, which planes to predict (leading axes flattened in C order, as ``predict_image``
+            numbers them); the others stay 0. None: all.
+        should_stop: without a client only: polled before each batch of tiles; when it returns True,
+            ``tiling.PredictionCancelled`` is raised and nothing is left under the output names.
 
     Raises:
         ConfigError / ValueError: one line naming the option or file; nothing is left under the output names.
     """
     from .predict import PROMPTABLE_ONLY
 
+    if should_stop is not None and client is not None:
+        raise ValueError("should_stop is polled in this process only: predict without a client to use it")
     start = time.perf_counter()
     config = model.config()
     if config.promptable is not None:
@@ -266,7 +263,7 @@ def predict_blockwise(
     ranges_seconds = time.perf_counter() - start
     grid = TileGrid.of(shape[-2], shape[-1], config.input_size, overlap)
     leading = tuple(shape[:-2])
-    plan = BlockPlan(grid, block_size, tuple(range(int(np.prod(leading, dtype=np.int64)))))
+    plan = BlockPlan(grid, block_size, _chosen_planes(planes, int(np.prod(leading, dtype=np.int64))))
     blocks = plan.blocks()
     values = tuple(config.head.class_values)
     side = next((c for c in (1024, 512, 256) if block_size % c == 0), block_size)
@@ -283,7 +280,7 @@ def predict_blockwise(
                                               _ome_meta(image, instances, shape, ome), image.zarr_format)
         job = BlockJob(reader, layout, config.input, ranges, grid, leading, model, values, batch_size,
                        made["labels"].target, made["probabilities"].target if probabilities is not None else None,
-                       made["instances"].target if instances is not None else None)
+                       made["instances"].target if instances is not None else None, should_stop)
         outcomes = run_tasks(client, _BlockTask(job), blocks, progress)
         count = None
         if instances is not None:
@@ -301,6 +298,15 @@ def predict_blockwise(
     return BlockwiseResult(written, shape, {v: int(n) for v, n in zip(values, totals)}, len(blocks),
                            sum(o.tiles for o in outcomes), grid.unique_tiles * len(plan.planes),
                            time.perf_counter() - start, ranges_seconds, count, peaks)
+
+
+def _chosen_planes(planes: Sequence[int] | None, count: int) -> tuple[int, ...]:
+    if planes is None:
+        return tuple(range(count))
+    bad = [p for p in planes if not 0 <= int(p) < count]
+    if bad:
+        raise ValueError(f"plane indices {bad} out of range: the image has {count} plane(s)")
+    return tuple(int(p) for p in planes)
 
 
 def _ome_meta(image: LazyImage, path: str | os.PathLike, shape: tuple[int, ...], ome: bool | None

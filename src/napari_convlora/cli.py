@@ -87,6 +87,7 @@ def _load(args: argparse.Namespace) -> "AdaptedSAM":
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainRecipe
     from .data import TrainingPair, prepare_training_data
+    from .data_parallel import from_environment
     from .image_io import read_image
     from .progress import TerminalProgress
     from .train import init_recipe, resume_recipe, train
@@ -123,21 +124,36 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"starting from {args.init_from} with its own settings: {note}", file=sys.stderr)
     else:
         recipe = _recipe(args, TrainRecipe())
+    processes = from_environment(args.process_timeout)
+    processes.check_recipe(recipe.grad_accum, recipe.batch_size)
     layout = _layout(args)
     pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
     val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
     data = prepare_training_data(pairs, recipe, val)
-    print(f"label values {list(data.encoding.class_values)}; {data.summary()}", file=sys.stderr)
+    if processes.main:
+        print(f"label values {list(data.encoding.class_values)}; {data.summary()}", file=sys.stderr)
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
     try:
         for event in train(args.checkpoint, data, args.out, recipe, run, resume_from=args.resume, stop=stop,
-                           init_from=args.init_from):
-            progress.show(event)
+                           init_from=args.init_from, processes=processes):
+            if processes.main:  # the others compute quietly
+                progress.show(event)
     except KeyboardInterrupt:
         progress.close()
-        print("interrupted: run again with --resume to continue from the last save", file=sys.stderr)
+        if processes.main:
+            print("interrupted: run again with --resume to continue from the last save", file=sys.stderr)
         return 130
+    except (TrainingError, RuntimeError, MemoryError, OSError) as e:
+        if not processes.parallel:
+            raise
+        progress.close()
+        print(f"napari-convlora train (process {processes.rank} of {processes.world_size}): error: "
+              f"{describe_error(e)}", file=sys.stderr)
+        if processes.main:
+            print(f"the last save is {args.out} (if any): continue with --resume {args.out}, with any number of "
+                  "processes", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         progress.close()  # before any error message
     return 0
@@ -321,6 +337,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--high-percentile", type=float, default=None, help="default 99.8")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--activation-checkpointing", action="store_true", help="less GPU memory, ~30%% slower")
+    p.add_argument("--process-timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a process waits for the others before the run fails (process 0 "
+                        "validates and saves meanwhile; default 1800)")
     _add_layout_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
@@ -409,13 +428,16 @@ EXIT_USAGE, EXIT_FAILURE = 2, 1
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except ConfigError as e:
         print(f"napari-convlora {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except (MemoryError, ValueError, CheckpointError, TrainingError, RuntimeError, OSError) as e:
         print(f"napari-convlora {args.command}: error: {describe_error(e)}", file=sys.stderr)
-        return EXIT_FAILURE
+        code = EXIT_FAILURE
+    if "napari_convlora.data_parallel" in sys.modules:  # a process of a torchrun run ends without finalisation
+        return sys.modules["napari_convlora.data_parallel"].end_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from .atomic import copy_file, sha256_file, temporary_files
 from .config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from .constants import IGNORE_INDEX
 from .data import LabelEncoding, PreparedData
+from .data_parallel import Processes, micro_seed
+from .data_parallel import start as join_processes
+from .data_parallel import stop as leave_processes
 from .devices import apply_run_options, autocast_context
 from .errors import ConfigError, TrainingError
 from .files import save_adapter
@@ -200,6 +203,7 @@ def train(
     resume_from: str | Path | None = None,
     stop: threading.Event | None = None,
     init_from: str | Path | None = None,
+    processes: Processes | None = None,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     """Fine-tune ``base_checkpoint`` on ``data``; yields :class:`TrainingEvent` and returns the model.
 
@@ -215,6 +219,10 @@ def train(
             schedule, the model's adapter and head weights. The recipe must carry the model's settings (take them
             with :func:`init_recipe`) and the labels its label values. Not with ``resume_from``; ``out_path``
             must be another file (the model is only read).
+        processes: this process's place in a multi-process run (``data_parallel.from_environment()`` under
+            ``torchrun``; default: one process). Every process calls ``train`` with the same arguments; they share
+            each step's micro-batches, sum their gradients, and process 0 alone validates and writes the files
+            (see ``data_parallel.py``). The process group is joined here and left at the end.
 
     Files: ``out_path`` (latest adapter, saved at every validation, at the end and on stop),
     ``*.best.safetensors`` (best mean IoU over the classes present in validation), ``*.training.pt``
@@ -234,6 +242,15 @@ def train(
     outputs = {"the output": out_path, "its best file": best_path(out_path), "its training state": state_path(out_path),
                "its metrics table": metrics_path(out_path)}
     check_outputs_are_not_inputs(outputs, {"the base checkpoint": base_checkpoint, "the model to start from": init_from})
+    processes = processes or Processes()
+    processes.check_recipe(recipe.grad_accum, recipe.batch_size)
+    stop = stop or threading.Event()
+    if not processes.main:  # process 0 holds the lock and writes; the others only compute
+        try:
+            return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, init_from, stop,
+                                      "", processes))
+        finally:
+            leave_processes()
     check_writable(out_path, "the output")
     with run_lock(out_path) as note:
         leftovers = [tmp for path in outputs.values() for tmp in temporary_files(path)]
@@ -241,8 +258,11 @@ def train(
             tmp.unlink(missing_ok=True)
         if leftovers:
             note = "; ".join(filter(None, [note, f"removed {len(leftovers)} temporary file(s) of an interrupted save"]))
-        return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, init_from,
-                                  stop or threading.Event(), note))
+        try:
+            return (yield from _train(base_checkpoint, data, out_path, recipe, run, resume_from, init_from, stop,
+                                      note, processes))
+        finally:
+            leave_processes()
 
 
 def _train(
@@ -255,11 +275,14 @@ def _train(
     init_from: Path | None,
     stop: threading.Event,
     note: str,
+    processes: Processes,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     check_recipe(data, recipe, resume_from, saved, init_from)
     resolved = apply_run_options(run)
-    device, dtype = resolved.device, resolved.dtype
+    device, dtype = processes.device(resolved.device), resolved.dtype
+    join_processes(processes, device)
+    main = processes.main
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
 
@@ -292,7 +315,7 @@ def _train(
         best_step, origin = state.get("best_step"), state.get("started_from")
         history.setdefault("epochs", {})
         restore_rng(rng, state["rng"])
-        if resume_from != out_path and best_path(resume_from).is_file():
+        if main and resume_from != out_path and best_path(resume_from).is_file():
             copy_file(best_path(resume_from), best_path(out_path))  # the run's best so far goes with it
 
     def log(metrics: dict[str, Any] | None) -> None:
@@ -317,46 +340,64 @@ def _train(
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
                         message=f"training {recipe.adapter.method}{_hq_words(recipe.hq)} on {device} "
                                 f"({str(dtype).removeprefix('torch.')}"
-                                + (f", {resolved.threads_note}" if resolved.threads_note else "") + "), "
+                                + (f", {resolved.threads_note}" if resolved.threads_note else "") + ")"
+                                + (f" in {processes.world_size} processes" if processes.parallel else "") + ", "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
                                 + (f", starting from {init_from}" if init_from else "")
                                 + "".join(f"; {line}" for line in [note, hq_note(base, recipe), *data_notes(data)]
                                           if line))
-    if step == 0:
+    if step == 0 and main:
         metrics = validate(model, data, device, dtype)
         if metrics:
             log(metrics)
             yield TrainingEvent("validation", 0, total, 0.0, metrics=metrics, message="before fine-tuning")
     val_every = recipe.val_every or max(1, total // 10)
     started, done_at_start = time.perf_counter(), step
+    mine = set(processes.mine(recipe.grad_accum))
     while step < total:
         snapshot = rng_snapshot(rng)
-        if stop.is_set():
+        if processes.any(stop.is_set(), device):  # every process stops at the same step
             break
         model.train()
         optimizer.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
-        interrupted = False
+        interrupted, failure = False, None
         for micro in range(recipe.grad_accum):
-            images, targets = data.sampler.sample(rng, recipe.batch_size)
+            images, targets = data.sampler.sample(rng, recipe.batch_size)  # every process draws every micro-batch
+            if micro not in mine or failure is not None:
+                continue
+            torch.manual_seed(micro_seed(recipe.seed, step, micro))  # the same noise whichever process computes it
             images = torch.from_numpy(images).to(device, non_blocking=True)
             targets = torch.from_numpy(targets).to(device, non_blocking=True)
-            with autocast_context(device, dtype):
-                out = model(images)
-                _check_finite_output(out, step + 1, out_path)
-                losses = segmentation_loss(out, targets, model.num_classes)
-            loss = losses["total"]
-            if not torch.isfinite(loss):
-                raise TrainingError(_not_finite_message(f"the loss became {float(loss.detach())}", step + 1, out_path))
+            try:
+                with autocast_context(device, dtype):
+                    out = model(images)
+                    _check_finite_output(out, step + 1, out_path)
+                    losses = segmentation_loss(out, targets, model.num_classes)
+                loss = losses["total"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(_not_finite_message(f"the loss became {float(loss.detach())}", step + 1,
+                                                            out_path))
+            except TrainingError as e:
+                if not processes.parallel:
+                    raise
+                failure = e  # raised after the others learn of it, so that no process waits for it
+                continue
             scaler.scale(loss / recipe.grad_accum).backward()
             for name, value in losses.items():
                 parts[name] = parts.get(name, 0.0) + float(value.detach()) / recipe.grad_accum
-            if stop.is_set() and micro < recipe.grad_accum - 1:
+            if not processes.parallel and stop.is_set() and micro < recipe.grad_accum - 1:
                 interrupted = True
                 break
         if interrupted:  # discard the half step; resume redraws the same batches
             restore_rng(rng, snapshot)
             break
+        parts, failed = processes.reduce_step(params, parts, failure is not None, device)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise TrainingError(_not_finite_message("another process's loss or outputs became NaN or infinite",
+                                                    step + 1, out_path))
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         scaler.step(optimizer)
@@ -371,7 +412,7 @@ def _train(
             "step", step, total, step / steps_per_epoch, loss=parts["total"], parts=parts,
             lr=scheduler.get_last_lr()[0], images_per_s=rate * recipe.patches_per_step, eta_s=(total - step) / rate,
         )
-        if step % val_every == 0 or step == total:
+        if main and (step % val_every == 0 or step == total):
             metrics = validate(model, data, device, dtype)
             if metrics:
                 log(metrics)
@@ -384,10 +425,15 @@ def _train(
             yield save("saved", rng_snapshot(rng))
     model.set_activation_checkpointing(False)
     if step < total:
-        yield save("stopped", rng_snapshot(rng))  # the RNG is back at the start of the unfinished step
+        if main:
+            yield save("stopped", rng_snapshot(rng))  # the RNG is back at the start of the unfinished step
+        else:
+            yield TrainingEvent("stopped", step, total, step / steps_per_epoch, message="stopped with process 0")
+        processes.barrier(device)
     else:
-        if step == done_at_start:  # a finished run resumed (into a new file, say): nothing trained, still write it
+        if main and step == done_at_start:  # a finished run resumed (into a new file, say): nothing trained
             yield save("saved", rng_snapshot(rng))
+        processes.barrier(device)  # the others end once process 0 has written
         yield TrainingEvent("finished", step, total, step / steps_per_epoch, path=str(out_path),
                             message=f"finished {total} steps; model saved to {out_path}" + _which_file(best, best_step,
                                                                                                        out_path)

@@ -82,3 +82,23 @@ class ModelSource:
 def forget_models() -> None:
     """Drop the models this thread loaded."""
     _MODELS.__dict__.pop("models", None)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model already in this process (the dock's current model) where ``blockwise`` expects a
+    :class:`ModelSource`: for blockwise prediction without a client only (it is not sent to workers).
+    ``path`` names it in messages."""
+
+    model: Any
+    device: str = "cpu"
+    path: str = "the current model"
+
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def load(self) -> Any:
+        """The model in eval mode on its device (as ``predict_image`` prepares it; a no-op once it is there)."""
+        from .devices import resolve_device
+
+        return self.model.to(resolve_device(self.device)).eval()

@@ -44,6 +44,20 @@ def is_zarr_path(path: str | os.PathLike) -> bool:
     return str(path).rstrip("/\\").lower().endswith(".zarr")
 
 
+def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before any work, a Zarr output that is not named ``*.zarr`` or that exists (never overwritten)."""
+    from .errors import ConfigError
+
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        if not is_zarr_path(path):
+            raise ConfigError(f"{option} {path}: blockwise prediction writes Zarr stores; name it <name>.zarr")
+        if Path(path).exists():
+            raise ConfigError(f"{option} {path} exists; a Zarr output is never overwritten: remove it or choose "
+                              "another name")
+
+
 @dataclass(frozen=True)
 class ArrayReader:
     """An image array on disk, read region by region; picklable (paths only).

@@ -9,7 +9,7 @@ from pathlib import Path
 from napari.layers import Labels
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
-from .._napari import jobs
+from .._napari import block_predict, jobs
 from .._napari.layers import (
     class_colours,
     copy_image,
@@ -45,6 +45,8 @@ class PredictActions:
         layer = self.viewer.layers[name]
         whole = self.whole_stack.isChecked() if whole_stack is None else whole_stack
         plane = None if whole else current_plane(self.viewer, layer)
+        if block_predict.held_lazily(layer):
+            return self._predict_blockwise(layer, plane)
         progress = self.view.start_prediction()
         self._set_busy("predict")
         return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
@@ -59,9 +61,7 @@ class PredictActions:
             self.say(f"'{result.image_name}' was removed; prediction not written")
             return
         image = self.viewer.layers[result.image_name]
-        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs()) or self._training_labels()
-        colours = class_colours(result.class_values, result.background_value,
-                                training_colours(paired, result.class_values, result.background_value))
+        colours = self._class_colours(result)
         layer = write_prediction(self.viewer, image, result.labels, result.class_values, result.class_names,
                                  result.background_value, result.planes, colours)
         if result.instances is not None:
@@ -69,16 +69,55 @@ class PredictActions:
         predicted = result.labels if result.planes is None else \
             result.labels.reshape(-1, *result.labels.shape[-2:])[result.planes]
         counts = class_pixel_counts(predicted, result.class_values)
-        names = class_labels(result.class_names, len(result.class_values))
-        self.panel.show_counts(layer.name, counts, names, colours, result.background_value)
-        absent = [n for (v, c), n in zip(counts.items(), names) if c == 0 and v != result.background_value]
         written = f"wrote '{layer.name}'" + (f" and '{instances_name(image.name)}'" if result.instances is not None
                                               else "")
+        self._report(result, layer.name, counts, colours, written)
+
+    def _class_colours(self, result) -> dict[int, str]:
+        """The colours of the classes of a prediction: those of the training labels of its image, if any."""
+        paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs()) or self._training_labels()
+        return class_colours(result.class_values, result.background_value,
+                             training_colours(paired, result.class_values, result.background_value))
+
+    def _report(self, result, layer_name: str, counts: dict[int, int], colours: dict[int, str], written: str) -> None:
+        """The legend and the log line of a prediction written; a warning when classes are absent."""
+        names = class_labels(result.class_names, len(result.class_values))
+        self.panel.show_counts(layer_name, counts, names, colours, result.background_value)
+        absent = [n for (v, c), n in zip(counts.items(), names) if c == 0 and v != result.background_value]
         self.say(written + ": " + ", ".join(f"{n} {c:,} px" for n, c in zip(names, counts.values())))
         if absent:
             self._refuse(f"the prediction of '{result.image_name}' holds no {' and no '.join(absent)}: train "
                          "longer, annotate more of " + ("it" if len(absent) == 1 else "them") + ", or check "
                          "the class's labels")
+
+    def _predict_blockwise(self, layer, plane: int | None) -> JobWorker | None:
+        """Predict a layer held lazily block by block into a Zarr store (chosen, else temporary), never whole."""
+        try:
+            outputs = block_predict.block_outputs(self.panel.store.path(), layer.name,
+                                                  self.panel.instances.isChecked())
+        except ValueError as e:
+            return self._refuse(str(e))
+        progress = self.view.start_prediction("block %v / %m")
+        self._set_busy("predict")
+        return self._run(block_predict.predict_blockwise_job, self.model, block_predict.lazy_layer(layer),
+                         None if plane is None else [plane], self.model_form.device_name(), progress, outputs,
+                         stoppable=True, on_returned=self._predicted_blockwise)
+
+    def _predicted_blockwise(self, result: block_predict.BlockPredictResult | None) -> None:
+        if result is None:
+            self.say("prediction stopped: nothing was written")
+            return
+        if result.image_name not in self.viewer.layers:
+            self.say(f"'{result.image_name}' was removed; its prediction is in {result.outputs.labels}")
+            return
+        colours = self._class_colours(result)
+        layer, instances = block_predict.write_lazy_prediction(self.viewer, self.viewer.layers[result.image_name],
+                                                               result, colours)
+        written = (f"wrote '{layer.name}'" + (f" and '{instances.name}' ({result.instances:,} objects)"
+                                               if instances is not None else "")
+                   + f" ({result.blocks} blocks, {result.seconds:.0f} s)")
+        self._report(result, layer.name, result.pixel_counts, colours, written)
+        self.say(f"'{layer.name}' is {block_predict.stores_note(result)}")
 
     def _training_labels(self) -> Labels | None:
         """The first Labels layer under Training data (its colours are the classes' colours)."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import html
 from typing import Mapping, Sequence
 
-from qtpy.QtWidgets import QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                            QPushButton, QVBoxLayout, QWidget)
 
+from .._napari.block_predict import LARGE_BYTES
 from .._napari.layers import COPY_MODES
-from .fields import LayerCombo
+from .fields import LayerCombo, settings
 
 COPY_MODE_LABELS = {"unpainted": "fill unpainted pixels only", "all": "replace painted pixels too"}
 
@@ -33,6 +35,46 @@ def legend_html(counts: Mapping[int, int], names: Sequence[str], colours: Mappin
     return "<br>".join(rows)
 
 
+STORE_TIP = (
+    "where Predict writes an image held lazily (dask or Zarr data, a multiscale layer: its level 0, the full "
+    f"resolution; or an image over {LARGE_BYTES / 2**30:.0f} GiB): block by block, never loading it whole, into a "
+    "new Zarr store <name>.zarr (instances into <name>-instances.zarr) that a Labels layer then reads lazily; "
+    "painting on that layer writes into the store. A store that exists is never overwritten; the store appears "
+    "only when complete, so Stop or an error leaves nothing under its name. Empty: a temporary store under the "
+    "system's temporary folder, deleted when napari closes (the log says where; copy it to keep it; where the "
+    "temporary folder lives in memory, choose a store on disk). Images held in memory ignore this field."
+)
+
+
+class StoreField(QWidget):
+    """The Zarr store for predictions of large images: a text box and a save dialog; empty means temporary."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText("(a temporary Zarr store)")
+        self.edit.setToolTip(STORE_TIP)
+        self.button = _button("…", "choose the Zarr store (a new <name>.zarr) for predictions of large images")
+        self.button.setFixedWidth(30)
+        self.button.clicked.connect(self.browse)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        label = QLabel("large images to")
+        label.setToolTip(STORE_TIP)
+        row.addWidget(label)
+        row.addWidget(self.edit, 1)
+        row.addWidget(self.button)
+
+    def path(self) -> str:
+        return self.edit.text().strip()
+
+    def browse(self) -> None:
+        start = self.path() or str(settings().value("last_folder", ""))
+        path, _ = QFileDialog.getSaveFileName(self, "Zarr store for the prediction", start, "Zarr stores (*.zarr)")
+        if path:
+            self.edit.setText(path if path.rstrip("/").lower().endswith(".zarr") else path + ".zarr")
+
+
 class PredictPanel(QGroupBox):
     """Predict, Predict files…, Copy to training labels (with how), Evaluate, Save, Export and Model Zoo export."""
 
@@ -46,7 +88,10 @@ class PredictPanel(QGroupBox):
         self.instances.setToolTip("also write a Labels layer of objects: the connected components of each class, "
                                   "numbered plane by plane in stacks")
         self.predict = _button("Predict", "segment the chosen image with the current model; writes '<image> "
-                                          "prediction' (and '<image> instances')")
+                                          "prediction' (and '<image> instances'); an image held lazily (dask, "
+                                          "Zarr, multiscale) block by block into a Zarr store (see 'large "
+                                          "images to')")
+        self.store = StoreField()
         self.predict_files = _button("Predict files…", "segment image files (TIFF, PNG, …) without opening them: "
                                                        "choose the files, then a folder for the label images")
         self.copy = _button("Copy to training labels", "copy the prediction into the Labels layer paired with "
@@ -89,6 +134,7 @@ class PredictPanel(QGroupBox):
         grid.addWidget(self.model_zoo, 4, 0, 1, 2)
         column = QVBoxLayout(self)
         column.addLayout(top)
+        column.addWidget(self.store)
         column.addLayout(grid)
         column.addWidget(self.legend)
 

@@ -89,10 +89,10 @@ class ProgressView(QWidget):
         self.warned_slow = False
         self.best = None
 
-    def start_prediction(self) -> jobs.TileProgress:
-        """Returns the progress record for the prediction job to fill in."""
+    def start_prediction(self, text: str = "predicting · %p%") -> jobs.TileProgress:
+        """Returns the progress record for the prediction job to fill in; ``text``: the bar's format."""
         self.tile_progress = jobs.TileProgress()
-        self.progress.setFormat("predicting · %p%")
+        self.progress.setFormat(text)
         return self.tile_progress
 
     def set_running(self, running: bool) -> None:
