@@ -6,12 +6,14 @@ Three parts, all on random-weight SAMs (nothing is downloaded), each printed and
    the bottleneck maps of vit_b's windowed blocks (windows of 14 x 14) and global blocks (the whole token
    grid), for every scale, in bf16 and in fp32, channels-first and channels-last (CUDA events, median).
 2. ``steps``: whole training steps (``bench_train_step``'s step: forward, loss, backward, AdamW) of LoRA and
-   of Conv-LoRA with the experts run each way (monkeypatched ``ConvLoRALinear.bottleneck``), paired in
+   of Conv-LoRA with the experts run each way (monkeypatched ``ConvLoRALinear.bottleneck``, or for
+   ``masked`` the layers' own masked dispatch, ``adapters/dispatch.py``: every expert on every row, no host
+   copy per layer, plus the one host copy per step of ``drop_unrouted_expert_grads``), paired in
    alternation so that the ratio to LoRA is measured on the same warm GPU; at the last size also with a
    batch of several images (where the GPU, not the host launching kernels, sets the pace).
 3. ``profile``: ``torch.profiler`` over three steps of each method: GPU time per step (what the step would
    take if the host launched kernels infinitely fast), operators launched per step, and Conv-LoRA's most
-   expensive operators.
+   expensive operators; ``conv_lora_masked``: Conv-LoRA with the masked dispatch.
 
 Run on a CUDA machine (about 2 minutes on one H200)::
 
@@ -32,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("current", "autocast_experts", "channels_last")  # current: experts in fp32 (since 2026-11-26)
+#: current: indexed dispatch, experts in fp32 (since 2026-11-26); masked: every expert on every row (issue 14)
+VARIANTS = ("current", "autocast_experts", "channels_last", "masked")
 
 
 def _bottleneck_variant(variant: str):
@@ -42,7 +45,7 @@ def _bottleneck_variant(variant: str):
     from napari_convlora.adapters.layers import ConvLoRALinear
 
     original = ConvLoRALinear.bottleneck
-    if variant == "current":
+    if variant in ("current", "masked"):  # the layer's own bottleneck; the dispatch is set by _use_variant
         return original
     fp32 = variant != "autocast_experts"  # the experts as they ran before: in autocast's dtype
     channels_last = variant == "channels_last"
@@ -69,6 +72,33 @@ def _bottleneck_variant(variant: str):
         return (zc + mixed).permute(0, 2, 3, 1)
 
     return bottleneck
+
+
+@contextlib.contextmanager
+def _use_variant(variant: str, model, optimizer):
+    """Run ``model``'s Conv-LoRA layers as ``variant`` says; masked also drops unrouted experts' gradients
+    before each AdamW step (one host copy per step), so that it trains as the indexed dispatch does."""
+    from napari_convlora.adapters.dispatch import (
+        drop_unrouted_expert_grads,
+        set_expert_dispatch,
+    )
+    from napari_convlora.adapters.layers import ConvLoRALinear
+
+    original = ConvLoRALinear.bottleneck
+    ConvLoRALinear.bottleneck = _bottleneck_variant(variant)
+    set_expert_dispatch(model, "masked" if variant == "masked" else "indexed")
+
+    def drop(*_) -> None:
+        drop_unrouted_expert_grads(model)
+
+    hook = optimizer.register_step_pre_hook(drop) if variant == "masked" else None
+    try:
+        yield
+    finally:
+        ConvLoRALinear.bottleneck = original
+        set_expert_dispatch(model, "auto")
+        if hook is not None:
+            hook.remove()
 
 
 def _time_cuda(fn, repeats: int, device) -> float:
@@ -131,7 +161,6 @@ def steps_part(size: int, device, steps: int, batch: int = 1) -> dict:
     """Paired step times: LoRA, then Conv-LoRA with each variant of running the experts (``batch`` images)."""
     from bench_train_step import _batch, _build, _make_step
 
-    from napari_convlora.adapters.layers import ConvLoRALinear
     from napari_convlora.devices import resolve_precision
 
     dtype = resolve_precision("auto", device)
@@ -141,11 +170,9 @@ def steps_part(size: int, device, steps: int, batch: int = 1) -> dict:
     conv, conv_opt = _build(MODEL_TYPE, "conv_lora", size, device)
     lora_step = _make_step(lora, lora_opt, images, targets, device, dtype)
     conv_step = _make_step(conv, conv_opt, images, targets, device, dtype)
-    original = ConvLoRALinear.bottleneck
     result = {"size": size, "batch": batch, "precision": str(dtype).split(".")[-1]}
-    try:
-        for variant in VARIANTS:
-            ConvLoRALinear.bottleneck = _bottleneck_variant(variant)
+    for variant in VARIANTS:
+        with _use_variant(variant, conv, conv_opt):
             for _ in range(2):
                 lora_step(), conv_step()
             ratios, conv_times = [], []
@@ -153,17 +180,15 @@ def steps_part(size: int, device, steps: int, batch: int = 1) -> dict:
                 a, b = lora_step(), conv_step()
                 ratios.append(b / a)
                 conv_times.append(b)
-            result[variant] = dict(conv_lora_ms=round(statistics.median(conv_times) * 1000, 1),
-                                   paired_ratio=round(statistics.median(ratios), 2))
-            print(size, batch, variant, result[variant], flush=True)
-    finally:
-        ConvLoRALinear.bottleneck = original
+        result[variant] = dict(conv_lora_ms=round(statistics.median(conv_times) * 1000, 1),
+                               paired_ratio=round(statistics.median(ratios), 2))
+        print(size, batch, variant, result[variant], flush=True)
     result["lora_ms"] = round(statistics.median([lora_step() for _ in range(steps)]) * 1000, 1)
     return result
 
 
 def profile_part(size: int, device, rows: int) -> dict:
-    """GPU (or CPU) time per step of LoRA and Conv-LoRA, and Conv-LoRA's most expensive operators."""
+    """GPU (or CPU) time per step of LoRA, Conv-LoRA and Conv-LoRA with masked dispatch; Conv-LoRA's top operators."""
     import torch
     from bench_train_step import _batch, _build, _make_step
 
@@ -172,16 +197,18 @@ def profile_part(size: int, device, rows: int) -> dict:
     dtype = resolve_precision("auto", device)
     images, targets = _batch(size, device)
     result: dict = {}
-    for method in ("lora", "conv_lora"):
-        model, opt = _build(MODEL_TYPE, method, size, device)
-        step = _make_step(model, opt, images, targets, device, dtype)
-        step(), step()
+    for method in ("lora", "conv_lora", "conv_lora_masked"):
+        model, opt = _build(MODEL_TYPE, method.removesuffix("_masked"), size, device)
+        variant = "masked" if method.endswith("_masked") else "current"
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(3):
-                step()
+        with _use_variant(variant, model, opt):
+            step = _make_step(model, opt, images, targets, device, dtype)
+            step(), step()
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(3):
+                    step()
         averages = prof.key_averages()
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         if device.type == "cuda":  # kernels only: an operator's row repeats the time of the kernels it launched

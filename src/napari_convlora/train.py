@@ -23,6 +23,7 @@ from typing import Any, Generator
 import numpy as np
 import torch
 
+from .adapters.dispatch import drop_unrouted_expert_grads
 from .atomic import copy_file, sha256_file, temporary_files
 from .config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from .constants import IGNORE_INDEX
@@ -392,6 +393,7 @@ def _train(
         if interrupted:  # discard the half step; resume redraws the same batches
             restore_rng(rng, snapshot)
             break
+        drop_unrouted_expert_grads(model)  # masked expert dispatch: unused experts keep no gradient, as indexed
         parts, failed = processes.reduce_step(params, parts, failure is not None, device)
         if failure is not None:
             raise failure

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import indexed_mix, masked_mix, resolve_dispatch
 from .gate import NoisyTopKGate
 
 
@@ -115,6 +115,11 @@ class ConvLoRALinear(LoRALinear):
         self.experts = nn.ModuleList(ScaleExpert(rank, s) for s in scales)
         self.gate = NoisyTopKGate(rank, len(scales), top_k=top_k, noisy=noisy_gating, balance_coef=balance_coef)
         self.weight_by_gate = weight_by_gate
+        #: How rows reach their experts (``"auto"``, ``"indexed"``, ``"masked"``; see ``adapters/dispatch.py``):
+        #: a runtime choice, not saved. ``"auto"`` decides by device type (``dispatch.AUTO_DISPATCH``).
+        self.dispatch = "auto"
+        #: M booleans on the device, masked dispatch only: experts routed rows since gradients were cleared.
+        self.routed_experts: torch.Tensor | None = None
 
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         """z: N x h x w x r (channels last, as SAM feeds its Linear layers) -> same shape."""
@@ -127,26 +132,24 @@ class ConvLoRALinear(LoRALinear):
             raise ValueError(f"Conv-LoRA expects N x H x W x C input, got shape {tuple(z.shape)}")
         zc = z.permute(0, 3, 1, 2)  # N x r x h x w
         gates, self.balance_loss = self.gate(zc)
-        # One dispatch for all experts: the (expert, row) pairs of the non-zero gates, in expert order, and how
-        # many rows each expert got, worked out on the host from ONE copy of the small N x M gate matrix: the
-        # only point where the host waits for a GPU in this layer (``nonzero`` then ``bincount().tolist()``
-        # waited twice; a loop of one ``nonzero`` per expert, eight times). Experts without rows are skipped,
-        # as in the reference, so they get no gradient in that step.
-        chosen = gates.detach().t().cpu().numpy() != 0  # M x N
-        expert_of, row_of = np.nonzero(chosen)  # sorted by expert, then row
-        counts = np.bincount(expert_of, minlength=len(self.experts)).tolist()
-        rows = torch.from_numpy(row_of).to(zc.device, non_blocking=True)
-        experts_of = torch.from_numpy(expert_of).to(zc.device, non_blocking=True)
-        # The experts run in their weights' dtype (fp32 under mixed precision): in bf16, bicubic resizing's
-        # backward made each expert 3-8 x slower on an H200 (benchmarks/bench_expert_variants.py).
-        dtype = self.experts[0].conv.weight.dtype
-        with torch.autocast(z.device.type, enabled=False):
-            inputs = zc.to(dtype).index_select(0, rows).split(counts)
-            out = torch.cat([expert(x) for expert, x, n in zip(self.experts, inputs, counts) if n])
-        if self.weight_by_gate:
-            out = out * gates[rows, experts_of].view(-1, 1, 1, 1).to(out.dtype)
-        mixed = torch.zeros_like(zc).index_add(0, rows, out.to(zc.dtype))
+        if resolve_dispatch(self.dispatch, zc.device.type) == "masked":
+            self._note_routed(gates)
+            mixed = masked_mix(self.experts, zc, gates, self.weight_by_gate)
+        else:
+            mixed = indexed_mix(self.experts, zc, gates, self.weight_by_gate)
         return (zc + mixed).permute(0, 2, 3, 1)
+
+    def _note_routed(self, gates: torch.Tensor) -> None:
+        """Mark (on the device, no host copy) the experts that rows were routed to, for their gradients.
+
+        gates: N x M. The record covers every forward with gradients since this layer's expert gradients were
+        last set to ``None`` (``zero_grad(set_to_none=True)``), so all micro-batches of an accumulated step.
+        """
+        if not torch.is_grad_enabled():
+            return
+        routed = (gates.detach() != 0).any(dim=0)  # M
+        fresh = self.routed_experts is None or all(p.grad is None for p in self.experts.parameters())
+        self.routed_experts = routed if fresh else self.routed_experts | routed
 
     def merged(self) -> nn.Linear:
         raise NotImplementedError(
