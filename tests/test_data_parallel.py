@@ -101,12 +101,11 @@ def test_two_processes_train_the_weights_one_process_trains(files, tiny_checkpoi
 
 def test_gradients_are_summed_and_a_gradient_no_process_made_stays_none(files):
     spec = files / "reduce.json"
-    spec.write_text(json.dumps({"mode": "reduce"}))
+    spec.write_text(json.dumps({"mode": "reduce", "log": str(files / "reduce")}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(WORKER), str(spec)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2
+    results = [json.loads((files / f"reduce.{rank}.jsonl").read_text()) for rank in range(2)]
     for r in results:
         assert r["grads"] == [[3.0, 3.0, 3.0], [1.0, 2.0, 3.0], None]  # AdamW skips p2 as one process would
         assert r["parts"] == {"total": 1.5} and r["failed"] is False
@@ -137,6 +136,21 @@ def test_a_killed_process_ends_the_run_with_a_message_not_a_hang(files, tiny_che
     assert time.monotonic() - started < 100, "the survivor waited for its timeout instead of noticing"
     assert load_file(files / "killed.safetensors")  # the last save is whole
     assert not list(files.glob("killed*.tmp*")) and not (files / "killed.safetensors.lock").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_nan_loss_in_one_process_stops_every_process_at_that_step(files, tiny_checkpoint, rank):
+    procs = _by_hand(files, tiny_checkpoint, 2, f"nan{rank}.safetensors", steps=20, nan_at=[rank, 3], timeout_s=60)
+    ends = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err[-3000:]
+        ends.append(json.loads(out.strip().splitlines()[-1]))
+    # one micro-batch per process and step: that process's third is step 3; both processes stop there, and say so
+    assert "the loss became nan at step 3" in ends[rank]["error"]
+    assert "another process's loss or outputs became NaN or infinite at step 3" in ends[1 - rank]["error"]
+    assert all(e["type"] == "TrainingError" for e in ends)
+    assert load_file(files / f"nan{rank}.safetensors")  # the save after step 2 is kept, whole
 
 
 def test_torchrun_trains_from_the_command_line(files, tiny_checkpoint):

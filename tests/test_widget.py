@@ -212,6 +212,9 @@ def test_forms_build_the_core_config_objects(dock, tmp_path):
                                         label_mode="sparse", unpainted_planes="background", class_names=CLASS_NAMES,
                                         val_fraction=0.1, steps=STEPS, lr=1e-3, batch_size=2, grad_accum=1)
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
+    data.options.low_memory.value = True  # the dock's switch for small GPUs
+    assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions(
+        "cpu", "auto", 1, activation_checkpointing=True)
 
 
 def test_log_lines_wait_for_the_redraw_while_a_job_runs_and_the_log_follows_them(qtbot):

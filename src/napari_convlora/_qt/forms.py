@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import Container, FileEdit, FloatSpinBox, SpinBox
+from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -387,13 +387,20 @@ class AdvancedOptions(Container):
         self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
                                tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
                                        "processes keep the CPUs busy, which would slow training down many times)")
+        self.low_memory = CheckBox(value=False, label="less GPU memory",
+                                   tooltip="activation checkpointing: the encoder's blocks are recomputed in the "
+                                           "backward pass instead of kept, about a third of the memory for 1.6-2x "
+                                           "the step time, same result (vit_h at 1024 px then fits a 12 GB card; "
+                                           "BENCHMARKS.md). Supervised training; self-training ignores it")
         folder = str(settings().value("run_folder", "") or DEFAULT_RUN_FOLDER)
         self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
                                    tooltip="folder where training runs are saved (remembered)")
         self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
         self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
-        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.run_folder])
+        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.low_memory,
+                                  self.run_folder])
         self.margins = (0, 0, 0, 0)
 
     def run_options(self, device: str, precision: str) -> RunOptions:
-        return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None)
+        return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None,
+                          activation_checkpointing=bool(self.low_memory.value))
