@@ -45,7 +45,8 @@ def _weak_labels(image_shape: tuple[int, ...], boxes: str | None, points: str | 
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .cli import _check_outputs, _layout, _numbered, _run_options
+    from .cli_options import check_outputs as _check_outputs, image_layout as _layout
+    from .cli_options import numbered as _numbered, run_options as _run_options
     from .config import AdapterConfig, InputSpec
     from .config.self_training import SelfTrainingRecipe
     from .data import spatial_shape
@@ -147,7 +148,8 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
 
 
 def cmd_segment_prompts(args: argparse.Namespace) -> int:
-    from .cli import _check_outputs, _layout, _load
+    from .cli import _load
+    from .cli_options import check_outputs as _check_outputs, image_layout as _layout
     from .data import spatial_shape
     from .image_io import read_image, write_image
     from .prompting import EmbeddingCache, segment_weak_labels

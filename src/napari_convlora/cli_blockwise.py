@@ -50,7 +50,8 @@ def blockwise_requested(args: argparse.Namespace) -> bool:
 
 def cmd_predict_blockwise(args: argparse.Namespace) -> int:
     from .blockwise import ModelSource, check_outputs, predict_blockwise
-    from .cli import _layout, _use_run_options
+    from .cli import _use_run_options
+    from .cli_options import image_layout as _layout
     from .dask_cluster import dask_client
     from .safety import check_outputs_are_not_inputs, check_writable
     from .zarr_io import open_lazy
