@@ -316,3 +316,17 @@ def test_the_training_loop_trains_the_same_with_either_dispatch(tmp_path, tiny_c
     assert experts and weights["indexed"].keys() == weights["masked"].keys()
     for key, value in weights["indexed"].items():
         np.testing.assert_allclose(weights["masked"][key].numpy(), value.numpy(), atol=1e-4, err_msg=key)
+
+
+def test_a_record_left_by_masked_forwards_never_drops_an_indexed_steps_gradients():
+    torch.manual_seed(0)
+    layer = ConvLoRALinear(nn.Linear(16, 16), rank=3)
+    layer.dispatch = "masked"
+    layer(torch.randn(4, 14, 14, 16)).sum().backward()  # leaves a record of the experts it routed to
+    layer.zero_grad(set_to_none=True)
+    set_expert_dispatch(layer, "indexed")
+    assert layer.routed_experts is None
+    layer(torch.randn(4, 14, 14, 16)).sum().backward()
+    with_grads = sum(e.conv.weight.grad is not None for e in layer.experts)
+    assert drop_unrouted_expert_grads(layer) == 0
+    assert sum(e.conv.weight.grad is not None for e in layer.experts) == with_grads > 0

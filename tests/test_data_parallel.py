@@ -182,3 +182,44 @@ def test_each_micro_batch_has_its_own_seed_whatever_process_draws_it():
     seeds = {micro_seed(0, step, micro) for step in range(3) for micro in range(4)}
     assert len(seeds) == 12 and micro_seed(0, 1, 2) == micro_seed(0, 1, 2) != micro_seed(1, 1, 2)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_process_without_its_gpu_is_told_so_before_cuda_is_asked_anything(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device before the check"))
+    with pytest.raises(ConfigError, match="process 1 needs GPU 1, but this machine shows 1"):
+        Processes(rank=1, world_size=2, local_rank=1).device(torch.device("cuda"))
+    assert Processes().device(torch.device("cuda")) == torch.device("cuda")  # one process: the caller's device
+
+
+def test_training_leaves_a_process_group_it_did_not_make(files, tiny_checkpoint, tmp_path):
+    from napari_convlora.config import RunOptions, TrainRecipe
+    from napari_convlora.data import TrainingPair, prepare_training_data
+    from napari_convlora.train import train
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        recipe = TrainRecipe(input_size=64, steps=1, grad_accum=1, val_fraction=0.0)
+        data = prepare_training_data([TrainingPair(tifffile.imread(files / "img.tif"),
+                                                   tifffile.imread(files / "lab.tif"))], recipe)
+        for _ in train(tiny_checkpoint, data, files / "g.safetensors", recipe, RunOptions(device="cpu", num_threads=1)):
+            pass
+        assert torch.distributed.is_initialized()  # the caller's group is the caller's to end
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_state_saved_with_more_gpus_than_visible_restores(monkeypatch):
+    import numpy as np
+
+    from napari_convlora.training_state import restore_rng
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(len(states)))
+    rng = np.random.default_rng(0)
+    snap = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "cuda": [torch.zeros(8)] * 4}
+    restore_rng(rng, snap)  # saved by a run on 4 GPUs, resumed where 1 is visible
+    assert restored == [1]

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .tiling import PredictionCancelled, ProbFn, axis_windows, overlap_pixels, tile_probabilities, tile_starts
+from .tiling import (BandSums, PredictionCancelled, ProbFn, axis_windows, overlap_pixels, tile_probabilities,
+                     tile_starts)
 
 
 @dataclass(frozen=True)
@@ -159,26 +160,18 @@ def predict_block(
     positions = [(iy, ix) for iy in iys for ix in ixs]
     width = view.shape[1]
     out = None if sink is not None else np.empty((num_classes, y1 - y0, x1 - x0), dtype=np.float32)
-    band = np.zeros((num_classes, tile, width), dtype=np.float32)  # plane rows band_top .. band_top + tile
-    band_weight = np.zeros((tile, width), dtype=np.float32)
-    band_top = top
+    band: BandSums | None = None  # plane rows band.top .. band.top + tile, where prob_fn's output is
 
     def finish(rows: int) -> None:
         """Hand over the owned part of the band's top ``rows`` rows (complete) and move the band down."""
-        nonlocal band_top
-        first, last = max(band_top, y0), min(band_top + rows, y1)
-        if last > first:
-            a, b = first - band_top, last - band_top
-            done = band[:, a:b, x0 - left : x1 - left] / band_weight[a:b, x0 - left : x1 - left]
-            if sink is not None:
-                sink(first, done)
-            else:
-                out[:, first - y0 : last - y0] = done
-        band[:, : tile - rows] = band[:, rows:]
-        band[:, tile - rows :] = 0.0
-        band_weight[: tile - rows] = band_weight[rows:]
-        band_weight[tile - rows :] = 0.0
-        band_top += rows
+        first, last = max(band.top, y0), min(band.top + rows, y1)
+        done = band.finish(rows, first, last, slice(x0 - left, x1 - left))
+        if done is None:
+            return
+        if sink is not None:
+            sink(first, done)
+        else:
+            out[:, first - y0 : last - y0] = done
 
     for done, chunk in enumerate(_batches(positions, batch_size)):
         if should_stop is not None and should_stop():
@@ -187,13 +180,13 @@ def predict_block(
         batch = np.stack([view[grid.ys[iy] - top : grid.ys[iy] - top + tile,
                                grid.xs[ix] - left : grid.xs[ix] - left + tile] for iy, ix in chunk])
         probs = tile_probabilities(prob_fn, batch, num_classes)
-        for (iy, ix), tile_probs in zip(chunk, probs):
-            ty, tx = grid.ys[iy], grid.xs[ix] - left
-            if ty > band_top:  # a new row of tiles: the rows above it are complete
-                finish(ty - band_top)
-            window = np.outer(y_windows[iy], x_windows[ix])
-            band[:, :, tx : tx + tile] += tile_probs * window
-            band_weight[:, tx : tx + tile] += window
+        if band is None:
+            band = BandSums.where(probs, num_classes, tile, width, top)
+            y_windows, x_windows = band.windows(y_windows), band.windows(x_windows)
+        for (iy, ix), tile_probs in zip(chunk, band.batch(probs)):
+            if grid.ys[iy] > band.top:  # a new row of tiles: the rows above it are complete
+                finish(grid.ys[iy] - band.top)
+            band.add(tile_probs, grid.xs[ix] - left, y_windows[iy], x_windows[ix])
     finish(tile)
     return out
 

@@ -233,10 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, ValueError, CheckpointError, TrainingError, RuntimeError, OSError) as e:
         print(f"napari-convlora {args.command}: error: {describe_error(e)}", file=sys.stderr)
         code = EXIT_FAILURE
-    if "napari_convlora.data_parallel" in sys.modules:  # a process of a torchrun run ends without finalisation
+    return code
+
+
+def console_main() -> int:
+    """The ``napari-convlora`` command and ``python -m napari_convlora``: :func:`main`, then a process that trained
+    in a torchrun group ends without the interpreter's finalisation (``data_parallel.end_process``)."""
+    code = main()
+    if "napari_convlora.data_parallel" in sys.modules:
         return sys.modules["napari_convlora.data_parallel"].end_process(code)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

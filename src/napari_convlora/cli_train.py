@@ -63,30 +63,30 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "the training state of --out": state_path(args.out),
                     "the metrics table of --out": metrics_path(args.out)}, inputs)
     run = run_options(args)
+    processes = from_environment(args.process_timeout)
+    say = (lambda line: print(line, file=sys.stderr)) if processes.main else (lambda line: None)  # once, not N times
     if args.resume:  # the saved recipe continues, for longer if asked; report what other options would change
         saved, _ = resume_recipe(args.resume)
         requested = recipe_from(args, saved)
         recipe = dataclasses.replace(saved, steps=requested.steps, epochs=requested.epochs)
         for note in requested.differences(recipe, "asked", "saved"):
-            print(f"resuming {args.resume} with its saved recipe: {note}", file=sys.stderr)
+            say(f"resuming {args.resume} with its saved recipe: {note}")
         if recipe != saved:
-            print(f"resuming {args.resume} for longer: {saved.steps or saved.epochs} -> "
-                  f"{recipe.steps or recipe.epochs} {'steps' if recipe.steps else 'epochs'}; the learning rate now "
-                  "decays over the new length (not the same as a run that long from the start)", file=sys.stderr)
+            say(f"resuming {args.resume} for longer: {saved.steps or saved.epochs} -> "
+                f"{recipe.steps or recipe.epochs} {'steps' if recipe.steps else 'epochs'}; the learning rate now "
+                "decays over the new length (not the same as a run that long from the start)")
     elif args.init_from:  # a new run from a trained model: its settings win; report the options they replace
         recipe, set_aside = init_recipe(args.init_from, recipe_from(args, init_recipe(args.init_from)[0]))
         for note in set_aside:
-            print(f"starting from {args.init_from} with its own settings: {note}", file=sys.stderr)
+            say(f"starting from {args.init_from} with its own settings: {note}")
     else:
         recipe = recipe_from(args, TrainRecipe())
-    processes = from_environment(args.process_timeout)
     processes.check_recipe(recipe.grad_accum, recipe.batch_size)
     layout = image_layout(args)
     pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
     val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
     data = prepare_training_data(pairs, recipe, val)
-    if processes.main:
-        print(f"label values {list(data.encoding.class_values)}; {data.summary()}", file=sys.stderr)
+    say(f"label values {list(data.encoding.class_values)}; {data.summary()}")
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
     try:

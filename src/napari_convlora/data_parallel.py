@@ -18,7 +18,9 @@ The scheme, chosen so that N processes compute what one process computes:
 - Process 0 validates, logs and writes every file; the others wait at the next step's collective. Stop and
   non-finite losses are agreed by all processes at every step, so every process ends at the same step.
 - A process that dies or stops answering makes the others' next collective fail (gloo: at once when the peer's
-  connection closes; otherwise after ``Processes.timeout_s``); :class:`ParallelError` says so and where the last save is.
+  connection closes; otherwise after ``Processes.timeout_s``); :class:`ParallelError` says so and where the last
+  save is. Under torchrun the agent also ends the other processes once one has failed; with NCCL a collective
+  that times out is aborted by NCCL's watchdog, which ends the process rather than raising.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ class Processes:
         return range(self.rank, grad_accum, self.world_size)
 
     def device(self, device: torch.device) -> torch.device:
-        """The device of this process: ``cuda:<local rank>`` when the run is on CUDA."""
+        """The device of this process: ``cuda:<local rank>`` when the run is on CUDA (made the current device,
+        before anything asks CUDA a question, so that no process makes a context on GPU 0)."""
         if self.parallel and device.type == "cuda":
+            if torch.cuda.device_count() <= self.local_rank:
+                raise ConfigError(f"process {self.rank} needs GPU {self.local_rank}, but this machine shows "
+                                  f"{torch.cuda.device_count()}: start at most that many processes per node")
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
@@ -91,8 +97,7 @@ class Processes:
         if not self.parallel:
             return flag
         value = torch.tensor([float(flag)], dtype=torch.float64, device=device)
-        self._all_reduce(value, torch.distributed.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        return self._all_reduce(value, torch.distributed.ReduceOp.MAX, read=True)[0] > 0
 
     def reduce_step(self, params: Sequence[torch.nn.Parameter], parts: dict[str, float], failed: bool,
                     device: torch.device) -> tuple[dict[str, float], bool]:
@@ -113,8 +118,7 @@ class Processes:
         meta = torch.tensor([float(g is not None) for g in grads] + [float(failed)], dtype=torch.float64,
                             device=device)
         self._all_reduce(flat, torch.distributed.ReduceOp.SUM)
-        self._all_reduce(meta, torch.distributed.ReduceOp.SUM)
-        used = meta.tolist()
+        used = self._all_reduce(meta, torch.distributed.ReduceOp.SUM, read=True)
         if used[-1] > 0:
             return parts, True
         offset = 0
@@ -130,17 +134,20 @@ class Processes:
                 p.grad = None
             offset += n
         values = torch.tensor([parts[n] for n in names], dtype=torch.float64, device=device)
-        self._all_reduce(values, torch.distributed.ReduceOp.SUM)
-        return dict(zip(names, values.tolist())), False
+        return dict(zip(names, self._all_reduce(values, torch.distributed.ReduceOp.SUM, read=True))), False
 
     def barrier(self, device: torch.device) -> None:
         """Wait until every process gets here (the end of the run: process 0 has written its files)."""
-        if self.parallel:
-            self._all_reduce(torch.zeros(1, device=device), torch.distributed.ReduceOp.SUM)
+        if self.parallel:  # read back, so that the host waits too (NCCL returns before the GPU has done it)
+            self._all_reduce(torch.zeros(1, device=device), torch.distributed.ReduceOp.SUM, read=True)
 
-    def _all_reduce(self, tensor: torch.Tensor, op) -> None:
+    def _all_reduce(self, tensor: torch.Tensor, op: torch.distributed.ReduceOp,
+                    read: bool = False) -> list[float] | None:
+        """All-reduce ``tensor`` in place; with ``read``, its values on the host (the wait, and where NCCL's
+        errors surface, inside the same guard)."""
         try:
             torch.distributed.all_reduce(tensor, op=op)
+            return tensor.tolist() if read else None
         except RuntimeError as e:  # DistError is one: a peer died, timed out or broke the connection
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ParallelError(f"process {self.rank} of {self.world_size}: another process of this run ended or "
@@ -163,23 +170,20 @@ def from_environment(timeout_s: float = DEFAULT_TIMEOUT_S) -> Processes:
     return Processes(rank, world, local, float(timeout_s))
 
 
+#: Whether this process is in a group :func:`start` made, and whether it ever was (see :func:`end_process`).
+_joined = _ever_joined = False
+
+
 def start(processes: Processes, device: torch.device) -> None:
     """Join the process group (NCCL on CUDA, gloo on the CPU) when the run has several processes."""
-    if not processes.parallel or torch.distributed.is_initialized():
+    if not processes.parallel or torch.distributed.is_initialized():  # one process, or the caller's own group
         return
     if device.type not in ("cuda", "cpu"):
         raise ConfigError(f"training in several processes runs on CUDA or the CPU, not on {device.type}")
-    if device.type == "cuda" and torch.cuda.device_count() <= processes.local_rank:
-        raise ConfigError(f"process {processes.rank} needs GPU {processes.local_rank}, but this machine has "
-                          f"{torch.cuda.device_count()}: start at most that many processes per node")
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=processes.timeout_s))
-    global _joined
-    _joined = True
-
-
-#: Whether this process joined a process group (see :func:`end_process`).
-_joined = False
+    global _joined, _ever_joined
+    _joined = _ever_joined = True
 
 
 def end_process(code: int) -> int:
@@ -188,7 +192,7 @@ def end_process(code: int) -> int:
     abort the process ("terminate called without an active exception", seen here in about 1 run in 5 on a busy
     CPU; pytorch/pytorch#179291) after every file was written, and torchrun then reports a finished run as
     failed. Everything is written and closed by then; the standard streams are flushed here."""
-    if not _joined:
+    if not _ever_joined:
         return code
     sys.stdout.flush()
     sys.stderr.flush()
@@ -196,7 +200,9 @@ def end_process(code: int) -> int:
 
 
 def stop() -> None:
-    """Leave the process group (safe to call when none was joined)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Leave the process group that :func:`start` made (none made, nothing done: a group the caller made stays)."""
+    global _joined
+    if _joined and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _joined = False
 

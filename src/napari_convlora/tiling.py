@@ -90,16 +90,82 @@ def axis_windows(starts: list[int], tile: int, margin: int, length: int) -> list
     ]
 
 
-def tile_probabilities(prob_fn: "ProbFn", batch: np.ndarray, num_classes: int) -> np.ndarray:
-    """``prob_fn`` on a batch of tiles (float32 ``N x T x T x 3``) -> float32 ``N x K x T x T`` on the CPU, its shape
-    checked."""
+def tile_probabilities(prob_fn: "ProbFn", batch: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``prob_fn`` on a batch of tiles (float32 ``N x T x T x 3`` on the host) -> float32 ``N x K x T x T`` on the
+    device ``prob_fn`` returned it on (no copy to the host), its shape checked."""
     batch_t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), np.float32))
     with torch.inference_mode():
         probs_t = prob_fn(batch_t)
     expected = (batch.shape[0], num_classes, batch.shape[1], batch.shape[2])
     if tuple(probs_t.shape) != expected:
         raise ValueError(f"prob_fn returned shape {tuple(probs_t.shape)}, expected {expected}")
-    return probs_t.detach().to("cpu", torch.float32).numpy()
+    return probs_t.detach().to(torch.float32)
+
+
+#: Device types whose tile probabilities are blended on the host with numpy rather than in torch where they are:
+#: on the CPU both give bitwise the same sums and numpy is as fast or faster (one thread, a 4096 x 4096 image in
+#: 1024 px tiles: 0.13 s against 0.17 s; 256 px tiles: equal; ``benchmarks/bench_blending.py``).
+HOST_BLENDED = frozenset({"cpu"})
+
+
+class BandSums:
+    """The weighted sums that blend tiles, over a band of ``tile`` rows starting at plane row ``top``: ``sums``
+    (``K x tile x width``, window x probability) and ``weight`` (``tile x width``, windows), float32.
+
+    They live where the tiles' probabilities are: in torch on the model's device (CUDA, MPS), so no tile
+    crosses to the host and each finished band is copied there once, or in numpy on the host (``device`` None,
+    the CPU: see ``HOST_BLENDED``). On a device they take ``(K + 1) x tile x width x 4`` bytes, as the host band
+    does (K = 2, 1024 px tiles, 4096 px wide: 48 MiB); while a band finishes, also its finished rows and a copy of
+    the rows that move up (at most ``2 x K x tile x width x 4`` bytes more). Never a whole ``K x Y x X`` plane.
+    """
+
+    def __init__(self, num_classes: int, tile: int, width: int, top: int, device: torch.device | None) -> None:
+        self.tile, self.top, self.device = tile, top, device
+        self.sums = self._zeros((num_classes, tile, width))
+        self.weight = self._zeros((tile, width))
+
+    @classmethod
+    def where(cls, probs: torch.Tensor, num_classes: int, tile: int, width: int, top: int = 0) -> BandSums:
+        """Sums on the device of ``probs`` (``tile_probabilities``' output), or on the host for ``HOST_BLENDED``."""
+        return cls(num_classes, tile, width, top, None if probs.device.type in HOST_BLENDED else probs.device)
+
+    def _zeros(self, shape: tuple[int, ...]):
+        if self.device is None:
+            return np.zeros(shape, dtype=np.float32)
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def windows(self, windows: list[np.ndarray]) -> list:
+        """``axis_windows`` (1-D float32 ``tile``) moved to where the sums are."""
+        return windows if self.device is None else [torch.from_numpy(w).to(self.device) for w in windows]
+
+    def batch(self, probs: torch.Tensor):
+        """``N x K x tile x tile`` probabilities (``tile_probabilities``) where the sums are."""
+        return probs.to("cpu").numpy() if self.device is None else probs.to(self.device)
+
+    def add(self, probs, x: int, y_window, x_window) -> None:
+        """Blend one tile's ``K x tile x tile`` probabilities in at band column ``x`` with the outer product of its
+        row and column windows (from ``windows``)."""
+        window = y_window[:, None] * x_window[None, :]  # tile x tile, as np.outer
+        self.sums[:, :, x : x + self.tile] += probs * window
+        self.weight[:, x : x + self.tile] += window
+
+    def finish(self, rows: int, first: int, last: int, cols: slice) -> np.ndarray | None:
+        """The band's top ``rows`` rows are complete (no later tile covers them): return plane rows
+        ``[first, last)`` of them (None if empty) at band columns ``cols``, normalised (``sum(w * p) / sum(w)``),
+        as ``K x (last - first) x columns`` float32 on the host (one copy from a device), then move the band down
+        by ``rows``."""
+        done = None
+        if last > first:
+            a, b = first - self.top, last - self.top
+            done = self.sums[:, a:b, cols] / self.weight[a:b, cols]
+            if self.device is not None:
+                done = done.cpu().numpy()
+        for sums in (self.sums, self.weight):
+            below = sums[..., rows:, :]
+            sums[..., : self.tile - rows, :] = below if self.device is None else below.clone()  # torch: no overlap
+            sums[..., self.tile - rows :, :] = 0.0
+        self.top += rows
+        return done
 
 
 def predict_tiled(
@@ -116,12 +182,14 @@ def predict_tiled(
     """Class probabilities of a whole image from overlapping, blended tiles.
 
     Tiles are predicted row of tiles by row of tiles; the rows of pixels that no later tile covers are finished
-    at once, so the blending holds one band of ``tile`` rows, not the whole image.
+    at once, so the blending holds one band of ``tile`` rows, not the whole image. The band lives where
+    ``prob_fn``'s probabilities are (:class:`BandSums`): on a CUDA or MPS device the tiles are blended there and
+    each finished band comes to the host in one copy; on the CPU numpy blends them.
 
     Args:
         prob_fn: maps a ``B x 3 x tile x tile`` float32 CPU tensor (values 0..255) to
             ``B x K x tile x tile`` class probabilities summing to 1 over K (any device or
-            float dtype; it moves the batch to its own device). Called under
+            float dtype; it moves the batch to its own device, and leaves its output there). Called under
             ``torch.inference_mode()`` with ``B <= batch_size``.
         image: ``Y x X x 3``, RGB in 0..255 (already normalised to that range): an array, or any object with
             that ``shape`` whose ``[rows, cols]`` slices are such arrays (``data.SamPlanes.input_view``: a plane
@@ -161,25 +229,18 @@ def predict_tiled(
     total = len(positions)
 
     out = None if sink is not None else np.empty((num_classes, height, width), dtype=np.float32)
-    band = np.zeros((num_classes, tile, pad_w), dtype=np.float32)  # rows band_top .. band_top + tile
-    band_weight = np.zeros((tile, pad_w), dtype=np.float32)
-    band_top = 0
+    band: BandSums | None = None  # rows band.top .. band.top + tile, where prob_fn's output is
 
     def finish(rows: int) -> None:
         """Hand over the band's top ``rows`` rows (no later tile covers them) and move the band down."""
-        nonlocal band_top
-        keep = min(rows, max(0, height - band_top))
-        if keep:
-            done = band[:, :keep, :width] / band_weight[:keep, :width]
-            if sink is not None:
-                sink(band_top, done)
-            else:
-                out[:, band_top : band_top + keep] = done
-        band[:, : tile - rows] = band[:, rows:]
-        band[:, tile - rows :] = 0.0
-        band_weight[: tile - rows] = band_weight[rows:]
-        band_weight[tile - rows :] = 0.0
-        band_top += rows
+        top = band.top
+        done = band.finish(rows, top, min(top + rows, height), slice(0, width))
+        if done is None:
+            return
+        if sink is not None:
+            sink(top, done)
+        else:
+            out[:, top : top + done.shape[1]] = done
 
     for first in range(0, total, batch_size):
         if should_stop is not None and should_stop():
@@ -187,16 +248,16 @@ def predict_tiled(
         chunk = positions[first : first + batch_size]
         batch = np.stack([image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk])
         probs = tile_probabilities(prob_fn, batch, num_classes)
-        for (iy, ix), tile_probs in zip(chunk, probs):
-            y0, x0 = ys[iy], xs[ix]
-            if y0 > band_top:  # a new row of tiles: the rows above it are complete
-                finish(y0 - band_top)
-            window = np.outer(y_windows[iy], x_windows[ix])
-            band[:, :, x0 : x0 + tile] += tile_probs * window
-            band_weight[:, x0 : x0 + tile] += window
+        if band is None:
+            band = BandSums.where(probs, num_classes, tile, pad_w)
+            y_windows, x_windows = band.windows(y_windows), band.windows(x_windows)
+        for (iy, ix), tile_probs in zip(chunk, band.batch(probs)):
+            if ys[iy] > band.top:  # a new row of tiles: the rows above it are complete
+                finish(ys[iy] - band.top)
+            band.add(tile_probs, xs[ix], y_windows[iy], x_windows[ix])
         if progress is not None:
             progress(first + len(chunk), total)
-    finish(pad_h - band_top)
+    finish(pad_h - band.top)
     return out
 
 

@@ -26,21 +26,22 @@ import torch
 from .adapters.dispatch import drop_unrouted_expert_grads
 from .atomic import copy_file, sha256_file, temporary_files
 from .config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
-from .constants import IGNORE_INDEX
 from .data import LabelEncoding, PreparedData
 from .data_parallel import Processes, micro_seed
 from .data_parallel import start as join_processes
 from .data_parallel import stop as leave_processes
-from .devices import apply_run_options, autocast_context
+from .devices import apply_run_options, autocast_context, resolve_device
 from .errors import ConfigError, TrainingError
 from .files import save_adapter
 from .losses import segmentation_loss
-from .metrics import ConfusionMatrix, class_labels, selection_score
-from .modeling import AdaptedSAM, SegmentationOutput
+from .metrics import ConfusionMatrix, selection_score
+from .modeling import AdaptedSAM
 from .run_start import (LENGTH_FIELDS, MODEL_FIELDS, check_recipe, init_recipe, load_initial_model,
                         load_resumed_model, resume_recipe, started_from)
 from .safety import check_outputs_are_not_inputs, check_writable, run_lock
 from .sam_loading import BaseSam, load_base
+from .train_notes import (check_finite, check_finite_output, data_notes, hq_note, hq_words,
+                          not_finite_message, which_file)
 from .training_state import (best_path, load_training_state, metrics_path, restore_rng, rng_snapshot,
                              save_training_state, state_path, write_metrics_csv)
 
@@ -106,86 +107,6 @@ def validate(
             pred = model.segment(images).cpu().numpy()
         matrix.update(pred, np.stack([c[1] for c in chunk]))
     return matrix.compute().to_dict()
-
-
-#: Fewer labelled validation pixels of a class than this make its IoU too noisy to choose a model on.
-MIN_VALIDATION_PIXELS = 1000
-
-
-#: In a binary task, a background class below this share of the labelled pixels is probably the thin structure.
-MINORITY_BACKGROUND = 0.25
-
-
-def _hq_words(hq: str) -> str:
-    return {"off": "", "sam+hq": " with HQ-SAM's fusion (SAM + HQ)", "hq": " with HQ-SAM's fusion (HQ only)"}[hq]
-
-
-def hq_note(base: BaseSam, recipe: TrainRecipe) -> str:
-    """What happens to HQ-SAM's parts: an HQ-SAM base's are used or left out, a plain SAM gets new ones."""
-    if base.hq is not None and recipe.hq == "off":
-        return ("the base is an HQ-SAM checkpoint, but its HQ parts are not used (HQ is off; choose 'SAM + HQ' or "
-                "'HQ only' to use them)")
-    if base.hq is None and recipe.hq != "off":
-        return "the base is a plain SAM: HQ-SAM's parts start new (untrained) and train with the run"
-    return ""
-
-
-def data_notes(data: PreparedData) -> list[str]:
-    """What the user should know about the data before trusting the run: a binary task whose background is the
-    thin class, and classes too thin in validation to choose the "best" model on."""
-    names = class_labels(data.recipe.class_names, data.encoding.num_classes)
-    notes = []
-    if data.encoding.num_classes == 2:
-        counts = np.zeros(2, dtype=np.int64)
-        for _, targets in data.train_planes:
-            counts += np.bincount(targets[targets != IGNORE_INDEX], minlength=2)
-        share = counts[0] / max(1, counts.sum())
-        if share < MINORITY_BACKGROUND:
-            notes.append(
-                f"the background class {names[0]} (label {data.encoding.class_values[0]}) is only {100 * share:.0f} % "
-                "of the labelled pixels: if it is the thin structure you want (membranes, boundaries), make it the "
-                "foreground: a binary head learns to find its foreground class"
-            )
-    if not data.validation:
-        return notes + ["no validation pixels: the best model cannot be chosen; the last one is saved"]
-    for name, value, count in zip(names, data.encoding.class_values, data.validation_pixels()):
-        if count == 0:
-            notes.append(f"{name} (label {value}) has no validation pixels: the best model is chosen without it")
-        elif count < MIN_VALIDATION_PIXELS:
-            notes.append(f"{name} (label {value}) has only {count} validation pixels: its IoU is noisy; raise "
-                         "the validation fraction or add validation images")
-    return notes
-
-
-def _which_file(best: float, best_step: int | None, out_path: Path) -> str:
-    if best_step is None:
-        return " (no validation: no best file)"
-    return (f"; the best on validation, {best_path(out_path).name}, is from step {best_step} (mean IoU over the classes "
-            f"in validation {100 * best:.1f}%)")
-
-
-def _not_finite_message(what: str, step: int, out_path: Path) -> str:
-    kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
-    return (f"{what} at step {step}; training stopped and nothing non-finite was saved ({kept}). "
-            "Try a lower learning rate, or fp32 instead of fp16.")
-
-
-def _check_finite(model: AdaptedSAM, step: int, out_path: Path) -> None:
-    """Stop (before the next forward, validation or save) when a trained weight is not finite: one check of all
-    of them (a single wait for the GPU), and their names only when something is wrong."""
-    params = model.trainable_parameters()
-    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        return
-    bad = [name for name, t in model.trainable_state_dict().items() if not bool(torch.isfinite(t).all())]
-    raise TrainingError(_not_finite_message(f"the weights became NaN or infinite ({bad[0]} and "
-                                            f"{len(bad) - 1} more)", step, out_path))
-
-
-def _check_finite_output(out: SegmentationOutput, step: int, out_path: Path) -> None:
-    """Non-finite outputs stop training before the loss (the matching of the multi-class loss fails on them)."""
-    for logits in (out.mask_logits, out.class_logits):
-        if logits is not None and not bool(torch.isfinite(logits).all()):
-            raise TrainingError(_not_finite_message("the model's outputs became NaN or infinite", step, out_path))
 
 
 def _restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
@@ -280,8 +201,9 @@ def _train(
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     check_recipe(data, recipe, resume_from, saved, init_from)
+    device = processes.device(resolve_device(run.device))  # cuda:<local rank> before precision asks CUDA
     resolved = apply_run_options(run)
-    device, dtype = processes.device(resolved.device), resolved.dtype
+    dtype = resolved.dtype
     join_processes(processes, device)
     main = processes.main
     torch.manual_seed(recipe.seed)
@@ -328,7 +250,7 @@ def _train(
                           steps_per_epoch)
 
     def save(kind: str, snapshot: dict[str, Any]) -> TrainingEvent:
-        _check_finite(model, step, out_path)
+        check_finite(model, step, out_path)
         save_adapter(model, out_path)
         save_training_state(state_path(out_path), {
             "step": step, "best": best, "best_step": best_step, "history": history, "rng": snapshot,
@@ -339,7 +261,7 @@ def _train(
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
-                        message=f"training {recipe.adapter.method}{_hq_words(recipe.hq)} on {device} "
+                        message=f"training {recipe.adapter.method}{hq_words(recipe.hq)} on {device} "
                                 f"({str(dtype).removeprefix('torch.')}"
                                 + (f", {resolved.threads_note}" if resolved.threads_note else "") + ")"
                                 + (f" in {processes.world_size} processes" if processes.parallel else "") + ", "
@@ -373,11 +295,11 @@ def _train(
             try:
                 with autocast_context(device, dtype):
                     out = model(images)
-                    _check_finite_output(out, step + 1, out_path)
+                    check_finite_output(out, step + 1, out_path)
                     losses = segmentation_loss(out, targets, model.num_classes)
                 loss = losses["total"]
                 if not torch.isfinite(loss):
-                    raise TrainingError(_not_finite_message(f"the loss became {float(loss.detach())}", step + 1,
+                    raise TrainingError(not_finite_message(f"the loss became {float(loss.detach())}", step + 1,
                                                             out_path))
             except TrainingError as e:
                 if not processes.parallel:
@@ -398,7 +320,7 @@ def _train(
         if failure is not None:
             raise failure
         if failed:
-            raise TrainingError(_not_finite_message("another process's loss or outputs became NaN or infinite",
+            raise TrainingError(not_finite_message("another process's loss or outputs became NaN or infinite",
                                                     step + 1, out_path))
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -406,7 +328,7 @@ def _train(
         scaler.update()
         scheduler.step()
         step += 1
-        _check_finite(model, step, out_path)
+        check_finite(model, step, out_path)
         history["loss"].append((step, parts["total"]))
         elapsed = time.perf_counter() - started
         rate = (step - done_at_start) / elapsed
@@ -437,7 +359,7 @@ def _train(
             yield save("saved", rng_snapshot(rng))
         processes.barrier(device)  # the others end once process 0 has written
         yield TrainingEvent("finished", step, total, step / steps_per_epoch, path=str(out_path),
-                            message=f"finished {total} steps; model saved to {out_path}" + _which_file(best, best_step,
+                            message=f"finished {total} steps; model saved to {out_path}" + which_file(best, best_step,
                                                                                                        out_path)
                             + f"; validation metrics in {metrics_path(out_path).name}")
     return model.eval()

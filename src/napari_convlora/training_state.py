@@ -119,8 +119,8 @@ def rng_snapshot(rng: np.random.Generator) -> dict[str, Any]:
 def restore_rng(rng: np.random.Generator, snap: dict[str, Any]) -> None:
     rng.bit_generator.state = snap["numpy"]
     torch.set_rng_state(snap["torch"])
-    if "cuda" in snap and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(snap["cuda"])
+    if "cuda" in snap and torch.cuda.is_available():  # a run saved where more GPUs were visible restores those seen
+        torch.cuda.set_rng_state_all(snap["cuda"][: torch.cuda.device_count()])
 
 
 #: What each kind of run saves as its recipe, and how to resume it (for messages).

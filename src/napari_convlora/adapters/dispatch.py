@@ -124,6 +124,7 @@ def set_expert_dispatch(model: nn.Module, mode: str) -> int:
     layers = conv_lora_layers(model)
     for layer in layers:
         layer.dispatch = mode
+        layer.routed_experts = None  # a record of another dispatch's forwards must not drop this one's gradients
     return len(layers)
 
 
@@ -149,4 +150,5 @@ def drop_unrouted_expert_grads(model: nn.Module) -> int:
                 for p in expert.parameters():
                     p.grad = None
         start += len(layer.experts)
+        layer.routed_experts = None  # used: the next step records afresh
     return dropped
