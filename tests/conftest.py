@@ -31,3 +31,15 @@ def other_tiny_checkpoint(tmp_path_factory) -> Path:
     from napari_convlora import tiny_sam_checkpoint
 
     return tiny_sam_checkpoint(tmp_path_factory.mktemp("sam2") / "other_sam.pth", image_size=256, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (ask with ``pytest.mark.usefixtures``): two OpenMP threads on two shared cores
+    are many times slower (BENCHMARKS.md, busy CPUs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,17 +23,7 @@ from napari_convlora.tiling import instances_from_labels  # noqa: E402
 from napari_convlora.zarr_io import open_lazy, require_large  # noqa: E402
 
 VALUES = (0, 2, 5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: two OpenMP threads on two shared cores are many times slower (BENCHMARKS.md, busy CPUs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +277,80 @@ def test_a_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "zarr", None)
     with pytest.raises(ValueError, match=r"pip install 'napari-convlora\[large\]'"):
         require_large("zarr")
+
+
+@pytest.mark.parametrize("shape, chunks, layout, dtype, budget, spatial_chunks", [
+    ((2, 1500, 1500), (1, 333, 250), ImageLayout(), np.uint16, 300_000, 60),  # a strided sample (step 2)
+    ((2, 1500, 1500), (1, 333, 251), ImageLayout(), np.uint16, 550_000, 60),  # 3 chunks a slab: odd offsets
+    ((700, 900, 3), (256, 300, 3), ImageLayout(rgb=True), np.uint8, 300_000, 9),
+    ((2, 300, 400), (1, 128, 128), ImageLayout(channel_axis=0), np.float32, 300_000, 12),
+])
+def test_intensity_ranges_read_in_slabs_equal_the_in_memory_ranges(monkeypatch, shape, chunks, layout, dtype, budget,
+                                                                   spatial_chunks):
+    """Review 3: read a few chunks at a time (Stop polled between), the ranges are those of the whole image in
+    memory, and progress counts chunks."""
+    da = pytest.importorskip("dask.array")
+    from napari_convlora import blockwise
+    from napari_convlora.array_image import open_array
+    from napari_convlora.config import InputSpec
+    from napari_convlora.data import SamPlanes
+
+    image = (np.random.default_rng(1).random(shape) * 4000).astype(dtype)
+    expected = SamPlanes(image, layout, InputSpec()).ranges
+    monkeypatch.setattr(blockwise, "RANGE_STEP_BYTES", budget)
+    seen, polls = [], []
+    ranges = blockwise.intensity_ranges(open_array(da.from_array(image, chunks=chunks)), layout, InputSpec(),
+                                        should_stop=lambda: polls.append(1) and False,
+                                        progress=lambda done, total: seen.append((done, total)))
+    assert list(ranges) == [tuple(r) for r in expected]
+    assert len(seen) == len(polls) > 1 and seen[-1] == (spatial_chunks, spatial_chunks)
+
+
+def test_stop_during_the_intensity_range_pass_and_the_instance_relabelling(tmp_path, model_file):
+    """Review 3: Stop is polled before any chunk is read for the ranges, and between blocks of the relabelling;
+    either way nothing is left under the output names."""
+    da = pytest.importorskip("dask.array")
+    from napari_convlora.array_image import open_array
+    from napari_convlora.tiling import PredictionCancelled
+    from napari_convlora.worker_model import LoadedModel
+
+    model = LoadedModel(load_model(*model_file))
+    image, reads = _image((2, 100, 110), seed=7), []
+
+    class Recording:  # a lazily read array (what dask reads chunk by chunk)
+        shape, dtype, ndim = image.shape, image.dtype, image.ndim
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return image[key]
+
+    lazy = open_array(da.from_array(Recording(), chunks=(1, 40, 40)))
+    with pytest.raises(PredictionCancelled):
+        predict_blockwise(model, lazy, tmp_path / "ranges.zarr", block_size=64, should_stop=lambda: True)
+    assert reads == [] and list(tmp_path.iterdir()) == []
+
+    blocks, passes = [], []
+    with pytest.raises(PredictionCancelled):
+        predict_blockwise(model, open_array(image), tmp_path / "ids.zarr", instances=tmp_path / "ids-i.zarr",
+                          block_size=64, progress=lambda done, total, _: blocks.append((done, total)),
+                          should_stop=lambda: bool(blocks) and blocks[-1][0] == blocks[-1][1],
+                          pass_progress=lambda name, done, total: passes.append((name, done, total)))
+    assert blocks[-1] == (8, 8) and passes == [("intensity range", 1, 1)]  # stopped before the first relabel
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chunks_much_larger_than_a_block_are_named_in_a_warning(tmp_path):
+    """Review 4: a chunk is read whole by every block touching it; over 4 blocks' pixels, say so in one line."""
+    da = pytest.importorskip("dask.array")
+    from napari_convlora.array_image import chunk_warning
+
+    image = np.zeros((3, 256, 256), np.uint8)
+    assert chunk_warning(image, 64) is None
+    assert chunk_warning(da.from_array(image, chunks=(1, 128, 128)), 64) is None  # 4 blocks: not more
+    text = chunk_warning(da.from_array(image, chunks=(1, 256, 256)), 64, "'img'")
+    assert text.startswith("'img' is stored in chunks of 1 x 256 x 256 pixels, 16 times a block of 64 x 64")
+    assert "rechunk" in text and "\n" not in text
+    stored = zarr.create_array(str(tmp_path / "a.zarr"), shape=image.shape, chunks=(1, 256, 256), dtype=np.uint8)
+    assert "1 x 256 x 256" in chunk_warning(stored, 64)
+    rgb = da.from_array(np.zeros((256, 256, 3), np.uint8), chunks=(128, 128, 3))
+    assert chunk_warning(rgb, 64, channel_axis=2) is None

@@ -97,6 +97,74 @@ def test_copy_prediction_refuses_other_shapes():
         copy_prediction(layer, viewer.add_labels(np.zeros((4, 5), np.uint8)))
 
 
+class PlaneReads:
+    """An array read as a Zarr store is (napari reads the planes it shows): records the planes read and refuses a
+    read of more than one plane."""
+
+    def __init__(self, array):
+        self.array, self.read = array, []
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0] if key else None
+        if isinstance(first, slice) and first.step in (None, 1) and first.stop == (first.start or 0) + 1:
+            first = first.start or 0  # napari reads the plane it shows as [i:i + 1]
+        if not isinstance(first, (int, np.integer)):
+            raise AssertionError(f"more than one plane read: {key}")
+        self.read.append(int(first))
+        return self.array[key]
+
+
+def test_copy_prediction_reads_only_the_predicted_planes_of_a_lazy_prediction(monkeypatch):
+    """Review 2: a Zarr-backed prediction is read plane by plane, the predicted planes only."""
+    from types import SimpleNamespace
+
+    viewer = ViewerModel()
+    target = viewer.add_labels(np.zeros((3, 5, 5), np.uint8), name="img labels")
+    target.data[1, 0, 0] = 2  # painted
+    predicted = np.zeros((3, 5, 5), np.uint8)
+    predicted[1], predicted[2] = 1, 2
+    data = PlaneReads(predicted)
+    prediction = SimpleNamespace(name="img prediction", data=data, metadata={"napari_convlora": {"planes": [1]}})
+    assert painted_pixels_to_replace(prediction, target) == 1 and data.read == [1]
+    assert copy_prediction(prediction, target) == 24 and data.read == [1, 1]
+    assert target.data[1, 0, 0] == 2 and (target.data[1].ravel()[1:] == 1).all() and not target.data[[0, 2]].any()
+    target.undo()
+    assert target.data.sum() == 2
+
+    monkeypatch.setattr("napari_convlora._napari.layers.LARGE_BYTES", 10)  # planes to read over the limit
+    with pytest.raises(ValueError, match="'img prediction' is held lazily .*whole stack off"):
+        copy_prediction(prediction, target)
+
+
+def test_a_layer_over_the_limit_is_refused_and_one_plane_is_read(monkeypatch):
+    """Review 2: whole copies refuse a layer over LARGE_BYTES in one line naming it; the Model Zoo's plane copy reads
+    only the centre crop of one plane, the same crop the export cuts from the whole image."""
+    from napari_convlora.bioimageio_export import TEST_SIDE, sample_crop
+    from napari_convlora.config import InputSpec
+    from napari_convlora.data import ImageLayout
+
+    from napari_convlora._napari.layers import copy_plane
+
+    viewer = ViewerModel()
+    stack = np.random.default_rng(0).integers(0, 255, (3, 701, 555), dtype=np.uint8)
+    data = PlaneReads(stack)
+    layer = viewer.add_image(data, name="big", contrast_limits=(0, 255))
+    monkeypatch.setattr("napari_convlora._napari.layers.LARGE_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"^layer 'big' \(\w+ array 3 x 701 x 555, .*crop a region"):
+        copy_image(layer)
+    data.read.clear()
+    plane = copy_plane(layer, 2, TEST_SIDE)
+    assert data.read == [2] and plane.image.shape == (TEST_SIDE, TEST_SIDE) and plane.name == "big"
+    spec = InputSpec()
+    assert np.array_equal(sample_crop(plane.image, ImageLayout(), spec), sample_crop(stack, ImageLayout(), spec, 2))
+    rgb = viewer.add_image(np.zeros((40, 30, 3), np.uint8), rgb=True)
+    assert copy_plane(rgb, None).image.shape == (40, 30, 3)
+    in_memory = viewer.add_image(stack, name="in memory")  # numpy: in memory already, copied whatever its size
+    assert np.array_equal(copy_image(in_memory).image, stack)
+
+
 def test_sparse_background_is_transparent():
     cmap = class_colormap((1, 2, 5), background=1)
     assert cmap.map(np.array([1]))[0][3] == 0 and cmap.map(np.array([5]))[0][3] == 1

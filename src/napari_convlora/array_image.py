@@ -16,6 +16,9 @@ import numpy as np
 
 from .zarr_io import LazyImage, require_large
 
+#: A stored chunk holding more pixels than this many blocks is warned about (see :func:`chunk_warning`).
+CHUNK_WARNING_BLOCKS = 4
+
 
 @dataclass(frozen=True, eq=False)
 class OpenArrayReader:
@@ -63,3 +66,24 @@ def open_array(array: Any, name: str = "the image") -> OpenArrayImage:
     require_large("dask.array")
     require_large("zarr", "predictions written into Zarr stores")
     return OpenArrayImage(OpenArrayReader(array, name))
+
+
+def chunk_warning(array: Any, block_size: int, name: str = "the image", channel_axis: int | None = None
+                  ) -> str | None:
+    """One line when ``array``'s chunks (dask or Zarr) hold more than ``CHUNK_WARNING_BLOCKS`` times the pixels of a
+    ``block_size`` x ``block_size`` block, else None. A block reads every chunk it touches whole (one dask compute
+    or Zarr read), so such chunks are read once per block that touches them: a dask-image ``imread`` stack, one
+    chunk per plane, is read whole about (plane / block) times. ``channel_axis`` is not counted as pixels."""
+    chunks = getattr(array, "chunks", None)
+    if isinstance(array, np.ndarray) or not chunks:
+        return None
+    sides = [max(c, default=0) if isinstance(c, tuple) else int(c) for c in chunks]  # dask: per-axis tuples
+    if channel_axis is not None:
+        del sides[channel_axis]
+    pixels = int(np.prod(sides, dtype=np.int64))
+    if pixels <= CHUNK_WARNING_BLOCKS * block_size**2:
+        return None
+    return (f"{name} is stored in chunks of {' x '.join(map(str, sides))} pixels, {pixels / block_size**2:.0f} times "
+            f"a block of {block_size} x {block_size}: each block reads every chunk it touches whole, so prediction "
+            "reads the image many times over; rechunk it (dask: data.rechunk) or save it to Zarr in chunks of about "
+            "1024 x 1024 and open that")

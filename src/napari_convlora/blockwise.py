@@ -23,6 +23,7 @@ a shared file system for a cluster.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ from .block_tiles import Block, BlockPlan, TileGrid, block_input_region, predict
 from .config import InputSpec
 from .dask_cluster import compute, run_tasks
 from .data import ImageLayout, SamPlanes, label_dtype, spatial_shape
-from .data.images import _channel_axis, _strided_sample, _used_channels, check_image_dtype
+from .data.images import _channel_axis, _sample_step, _used_channels, check_image_dtype
 from .errors import ConfigError
 from .worker_model import ModelSource, forget_models
 from .zarr_io import (ArrayReader, LazyImage, ZarrOutput, check_outputs, create_output, ome_axes_for, ome_scale_for,
@@ -155,10 +156,20 @@ def relabel_block(target: tuple[str, str], key: tuple[Any, ...], lookup: np.ndar
     write_region(target, key, lookup[read_region(target, key)])
 
 
-def intensity_ranges(image: LazyImage, layout: ImageLayout, spec: InputSpec, client: Any | None = None
-                     ) -> tuple[tuple[float, float], ...]:
+#: Without a client, the intensity-range pass reads about this many bytes (whole chunks) between two checks of
+#: ``should_stop``.
+RANGE_STEP_BYTES = 64 << 20
+
+
+def intensity_ranges(image: LazyImage, layout: ImageLayout, spec: InputSpec, client: Any | None = None,
+                     should_stop: Callable[[], bool] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[tuple[float, float], ...]:
     """Each used channel's (low, high), as ``data.intensity_range`` computes it on the whole image in memory
     (the same strided sample, the same min..max fallback), computed on dask chunk by chunk.
+
+    Without a client the image is read in slabs of whole chunks of about ``RANGE_STEP_BYTES``: ``should_stop`` is
+    polled before each (``tiling.PredictionCancelled`` when it returns True) and ``progress(chunks read, chunks)``
+    follows each. The slabs' strided samples together are the whole image's, so the ranges are the same.
 
     Raises:
         ValueError: NaN or infinite values in a float image (naming the file).
@@ -170,21 +181,65 @@ def intensity_ranges(image: LazyImage, layout: ImageLayout, spec: InputSpec, cli
     used = _used_channels(channels_last.shape[-1], layout, spec, axis)
     if lazy.dtype == bool:
         return ((0.0, 1.0),) * len(used)
-    jobs = []
-    for c in used:
-        channel = channels_last[..., c]
-        jobs += [_strided_sample(channel), channel.min(), channel.max()]
-    if lazy.dtype.kind == "f":
-        jobs += [lazy.min(), lazy.max()]
-    values = compute(client, jobs)
-    if lazy.dtype.kind == "f" and not np.isfinite(values[-2:]).all():
+    step = _sample_step(channels_last.shape[:-1])
+    regions = _range_regions(channels_last, RANGE_STEP_BYTES if client is None else None)
+    total, done = sum(count for _, count in regions), 0
+    parts: list[list[Any]] = []
+    for region, count in regions:
+        if should_stop is not None and should_stop():
+            from .tiling import PredictionCancelled
+
+            raise PredictionCancelled("stopped while reading the intensity range")
+        slab = channels_last[region]
+        every = tuple(slice(-(r.start or 0) % step, None, step) for r in region)
+        every += (slice(None, None, step),) * (slab.ndim - 1 - len(region))
+        jobs = [part for c in used for part in (slab[..., c][every], slab[..., c].min(), slab[..., c].max())]
+        if lazy.dtype.kind == "f":
+            jobs += [slab.min(), slab.max()]
+        parts.append(compute(client, jobs))
+        done += count
+        if progress is not None:
+            progress(done, total)
+    if lazy.dtype.kind == "f" and not all(np.isfinite(values[-2:]).all() for values in parts):
         raise ValueError(f"{image.reader.path}: the image contains NaN or infinite values; replace them first")
     ranges = []
     for index in range(len(used)):
-        sample, low_value, high_value = values[3 * index : 3 * index + 3]
-        low, high = (float(v) for v in np.percentile(np.asarray(sample), spec.percentiles))
+        sample = np.concatenate([np.ravel(values[3 * index]) for values in parts])
+        low_value = min(values[3 * index + 1] for values in parts)
+        high_value = max(values[3 * index + 2] for values in parts)
+        low, high = (float(v) for v in np.percentile(sample, spec.percentiles))
         ranges.append((low, high) if high > low else (float(low_value), float(high_value)))
     return tuple(ranges)
+
+
+def _range_regions(channels_last: Any, budget: int | None) -> list[tuple[tuple[slice, ...], int]]:
+    """Slabs of whole chunks of a dask array whose last axis holds the channels, in C order, each with the number
+    of spatial chunks it holds: the first ``k`` spatial axes cut, the other axes whole, with ``k`` the smallest that
+    keeps one chunk along the cut axes within ``budget`` bytes; along the last cut axis, as many chunks together
+    as the budget allows. None: one slab, the whole array. Each slab is a tuple of slices over the first ``k`` axes."""
+    spatial = channels_last.ndim - 1
+    chunks, shape, numblocks = channels_last.chunks, channels_last.shape, channels_last.numblocks
+    itemsize = channels_last.dtype.itemsize
+
+    def largest(k: int) -> int:
+        return math.prod(max(chunks[a]) for a in range(k)) * math.prod(shape[k:spatial]) * shape[-1] * itemsize
+
+    k = 0
+    while budget is not None and k < spatial and largest(k) > budget:
+        k += 1
+    if k == 0:
+        return [((), math.prod(numblocks[:spatial]))]
+    together = max(1, budget // largest(k))  # chunks along axis k - 1 in one slab
+    borders = [np.cumsum((0,) + chunks[a]) for a in range(k)]
+    inner = math.prod(numblocks[k:spatial])
+    regions = []
+    for index in np.ndindex(*numblocks[: k - 1]):
+        outer = tuple(slice(int(borders[a][i]), int(borders[a][i + 1])) for a, i in enumerate(index))
+        for first in range(0, numblocks[k - 1], together):
+            last = min(first + together, numblocks[k - 1])
+            cut = slice(int(borders[k - 1][first]), int(borders[k - 1][last]))
+            regions.append((outer + (cut,), (last - first) * inner))
+    return regions
 
 
 @dataclass
@@ -221,6 +276,7 @@ def predict_blockwise(
     ome: bool | None = None,
     planes: Sequence[int] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    pass_progress: Callable[[str, int, int], None] | None = None,
 ) -> BlockwiseResult:
     """Predict ``image`` (:func:`zarr_io.open_lazy`) with the model of ``model`` into Zarr stores, block by block
     on ``client``'s workers (``dask_cluster.dask_client``; None: in this process).
@@ -236,8 +292,11 @@ def predict_blockwise(
             named ``*.ome.zarr``).
         planes: for stacks, which planes to predict (leading axes flattened in C order, as ``predict_image``
             numbers them); the others stay 0. None: all.
-        should_stop: without a client only: polled before each batch of tiles; when it returns True,
+        should_stop: without a client only: polled before each batch of tiles, each slab of chunks of the
+            intensity-range pass and each block of the instance relabelling; when it returns True,
             ``tiling.PredictionCancelled`` is raised and nothing is left under the output names.
+        pass_progress: the whole-image passes' progress, ``pass_progress("intensity range", chunks read, chunks)``
+            (without a client) and ``pass_progress("instance ids", blocks relabelled, blocks)``.
 
     Raises:
         ConfigError / ValueError: one line naming the option or file; nothing is left under the output names.
@@ -259,7 +318,9 @@ def predict_blockwise(
     reader = image.reader
     check_image_dtype(np.empty(0, dtype=reader.dtype))
     shape = spatial_shape(reader, layout)
-    ranges = intensity_ranges(image, layout, config.input, client)
+    ranges = intensity_ranges(image, layout, config.input, client, should_stop,
+                              None if pass_progress is None else lambda done, total: pass_progress(
+                                  "intensity range", done, total))
     ranges_seconds = time.perf_counter() - start
     grid = TileGrid.of(shape[-2], shape[-1], config.input_size, overlap)
     leading = tuple(shape[:-2])
@@ -284,7 +345,7 @@ def predict_blockwise(
         outcomes = run_tasks(client, _BlockTask(job), blocks, progress)
         count = None
         if instances is not None:
-            count = _make_ids_global(client, job, blocks, outcomes)
+            count = _make_ids_global(client, job, blocks, outcomes, pass_progress)
         written = _commit_all(made)
     finally:
         for output in made.values():
@@ -347,13 +408,20 @@ class _BlockTask:
 @dataclass(frozen=True)
 class _RelabelTask:
     target: tuple[str, str]
+    should_stop: Callable[[], bool] | None = None  # in this process only (no client), as ``BlockJob.should_stop``
 
     def __call__(self, item: tuple[tuple[Any, ...], np.ndarray]) -> None:
+        if self.should_stop is not None and self.should_stop():
+            from .tiling import PredictionCancelled
+
+            raise PredictionCancelled("stopped while relabelling the instances")
         relabel_block(self.target, *item)
 
 
-def _make_ids_global(client: Any | None, job: BlockJob, blocks: list[Block], outcomes: list[BlockOutcome]) -> int:
-    """Offsets, border pairs and union-find (``block_instances``), then each block relabelled; returns N."""
+def _make_ids_global(client: Any | None, job: BlockJob, blocks: list[Block], outcomes: list[BlockOutcome],
+                     pass_progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Offsets, border pairs and union-find (``block_instances``), then each block relabelled (``should_stop``
+    polled before each); returns N."""
     counts = [o.edges.count for o in outcomes]
     offsets = id_offsets(counts)
     pairs = border_pairs(blocks, [o.edges for o in outcomes], offsets, job.class_values[0])
@@ -363,5 +431,6 @@ def _make_ids_global(client: Any | None, job: BlockJob, blocks: list[Block], out
         lookup = np.zeros(n + 1, dtype=np.uint32)
         lookup[1:] = table[offsets[block.index] + 1 : offsets[block.index] + n + 1]
         items.append((_output_key(job, block), lookup))
-    run_tasks(client, _RelabelTask(job.instances), items)
+    run_tasks(client, _RelabelTask(job.instances, job.should_stop), items,
+              None if pass_progress is None else lambda done, total, _: pass_progress("instance ids", done, total))
     return int(table.max(initial=0))

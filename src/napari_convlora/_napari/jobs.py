@@ -111,12 +111,17 @@ def batch_steps(
 
 @dataclass
 class TileProgress:
-    """Prediction progress in tiles, written by the compute thread and read by the dock when it redraws."""
+    """Prediction progress, written by the compute thread and read by the dock when it redraws: ``done`` of
+    ``total`` (tiles; blocks or chunks in block-wise prediction) and ``text``, the progress bar's format (``%v``
+    done, ``%m`` total), where the job says what it counts."""
 
     done: int = 0
     total: int = 0
+    text: str = ""
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, text: str | None = None) -> None:
+        if text is not None:
+            self.text = text
         self.done, self.total = done, total
 
 

@@ -6,7 +6,7 @@ Nothing here imports torch or Qt. Jobs never see a layer: they get the copies ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,9 @@ CLASS_COLOURS = (
     "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
 )
 METADATA_KEY = "napari_convlora"
+#: Layers larger than this (bytes, at full resolution) are never copied or read whole on the main thread: the dock
+#: predicts them block by block (``block_predict``) and refuses the actions that read a layer whole.
+LARGE_BYTES = 1 << 30
 
 
 @dataclass
@@ -33,18 +36,75 @@ class LayerCopy:
     labels_name: str | None = None
 
 
-def _array(layer) -> np.ndarray:
-    data = layer.data[0] if layer.multiscale else layer.data
-    return np.array(data, copy=True)
+def full_resolution(layer: Any) -> Any:
+    """A layer's full-resolution array: level 0 of a multiscale layer, else its data (numpy, dask, Zarr, ...)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def data_bytes(data: Any) -> int:
+    """Bytes of ``data`` once read (its shape and dtype; nothing is read)."""
+    return int(np.prod(data.shape, dtype=np.int64)) * np.dtype(data.dtype).itemsize
+
+
+def describe_data(data: Any) -> str:
+    """``"dask array 2 x 40000 x 40000"``: the array's library and shape, for messages."""
+    return f"{type(data).__module__.split('.')[0]} array {' x '.join(map(str, data.shape))}"
+
+
+def held_lazily(layer: Any) -> bool:
+    """True for layers that must not be copied whole: multiscale, data that is not a numpy array (dask, Zarr,
+    ...), or a numpy array over ``LARGE_BYTES``."""
+    data = layer.data
+    return bool(layer.multiscale) or not isinstance(data, np.ndarray) or data.nbytes > LARGE_BYTES
+
+
+def check_readable_whole(layer: Any) -> None:
+    """Refuse (ValueError, one line naming the layer) to read a lazily held layer (dask, Zarr, multiscale) whole
+    when its full resolution is over ``LARGE_BYTES``; a smaller one is read whole (computed here). A numpy layer is
+    in memory already and is copied whatever its size, as before."""
+    data = full_resolution(layer)
+    size = data_bytes(data)
+    if size > LARGE_BYTES and not isinstance(data, np.ndarray):
+        raise ValueError(f"layer '{layer.name}' ({describe_data(data)}, {size / 2**30:.1f} GiB) is too large to "
+                         f"read whole, as training, evaluation and prompts do (up to {LARGE_BYTES / 2**30:.1f} GiB): "
+                         "crop a region into a new layer first (Predict works on the whole layer, block by block)")
+
+
+def _array(layer: Any) -> np.ndarray:
+    check_readable_whole(layer)
+    return np.array(full_resolution(layer), copy=True)
 
 
 def copy_image(layer: Image) -> LayerCopy:
-    """Copy an Image layer's full-resolution data (call on the main thread, before a job starts)."""
+    """Copy an Image layer's full-resolution data (call on the main thread, before a job starts).
+
+    Raises:
+        ValueError: one line, when the layer is over ``LARGE_BYTES`` (:func:`check_readable_whole`).
+    """
     return LayerCopy(layer.name, _array(layer), bool(layer.rgb))
 
 
+def copy_plane(layer: Image, plane: int | None, side: int | None = None) -> LayerCopy:
+    """Copy one plane of an Image layer (``plane``: leading axes flattened in C order, as :func:`current_plane`;
+    None for a 2D image), or only its centre crop of at most ``side`` pixels a side: ``Y x X`` (``x 3/4`` for
+    RGB). Only that region is read, so a dask or Zarr layer of any size is fine."""
+    data = full_resolution(layer)
+    lead = spatial_shape(layer)[:-2]
+    index = tuple(int(i) for i in np.unravel_index(plane, lead)) if lead and plane is not None else (0,) * len(lead)
+    height, width = spatial_shape(layer)[-2:]
+    rows, cols = slice(None), slice(None)
+    if side is not None:
+        top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+        rows, cols = slice(top, top + side), slice(left, left + side)
+    return LayerCopy(layer.name, np.array(data[index + (rows, cols)], copy=True), bool(layer.rgb))
+
+
 def copy_pair(image: Image, labels: Labels) -> LayerCopy:
-    """Copy an annotated image: the Image layer and the Labels layer painted on it (and its class names)."""
+    """Copy an annotated image: the Image layer and the Labels layer painted on it (and its class names).
+
+    Raises:
+        ValueError: one line, when either layer is over ``LARGE_BYTES`` (:func:`check_readable_whole`).
+    """
     pair = copy_image(image)
     pair.labels = _array(labels)
     pair.class_names = feature_class_names(labels)
@@ -74,7 +134,7 @@ def feature_class_names(labels: Labels) -> dict[int, str] | None:
 
 def spatial_shape(layer: Image) -> tuple[int, ...]:
     """The image's shape without the colour axis of an RGB(A) layer."""
-    shape = tuple(layer.data[0].shape if layer.multiscale else layer.data.shape)
+    shape = tuple(full_resolution(layer).shape)
     return shape[:-1] if layer.rgb else shape
 
 
@@ -190,36 +250,47 @@ def _predicted_planes(layer: Labels) -> list[int] | None:
 COPY_MODES = ("unpainted", "all")
 
 
-def _copy_coords(prediction: Labels, target: Labels, mode: str) -> tuple[np.ndarray, ...]:
-    """Coordinates (one array per axis) of the target pixels a copy in ``mode`` would change."""
-    if prediction.data.shape != target.data.shape:
+def _plane_changes(prediction: Labels, target: Labels, mode: str
+                   ) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]]:
+    """For each predicted plane (all of a 2D layer, or of a stack predicted whole): its leading indices, the
+    coordinates ``(ys, xs)`` of the target pixels a copy in ``mode`` would change, and the values there before
+    and after. Only those planes are read, one at a time (a Zarr-backed prediction is never read whole).
+
+    Raises:
+        ValueError: one line: shapes differ, an unknown mode, or a layer held lazily whose predicted planes are
+            over ``LARGE_BYTES``.
+    """
+    shape = tuple(prediction.data.shape)
+    if shape != tuple(target.data.shape):
         raise ValueError(
-            f"the prediction '{prediction.name}' has shape {prediction.data.shape} but the Labels layer "
-            f"'{target.name}' has shape {target.data.shape}; copy into the Labels layer painted on the same image"
+            f"the prediction '{prediction.name}' has shape {shape} but the Labels layer '{target.name}' has shape "
+            f"{tuple(target.data.shape)}; copy into the Labels layer painted on the same image"
         )
     if mode not in COPY_MODES:
         raise ValueError(f"copy mode must be one of {COPY_MODES}, got {mode!r}")
-    source, current = np.asarray(prediction.data), np.asarray(target.data)
-
-    def changes(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        changed = dst != src
-        return changed & (dst == 0) if mode == "unpainted" else changed
-
-    planes = _predicted_planes(prediction)
-    if source.ndim == 2 or planes is None:
-        return np.nonzero(changes(source, current))
-    lead, parts = source.shape[:-2], []
-    for plane in planes:
-        ys, xs = np.nonzero(changes(_plane_view(source, plane), _plane_view(current, plane)))
-        index = np.unravel_index(plane, lead)
-        parts.append(tuple(np.full(ys.size, i) for i in index) + (ys, xs))
-    return tuple(np.concatenate(axis) for axis in zip(*parts)) if parts else tuple(np.empty(0, int) for _ in source.shape)
+    lead = shape[:-2]
+    planes = _predicted_planes(prediction) if lead else None
+    chosen = range(int(np.prod(lead, dtype=np.int64))) if planes is None else planes
+    for layer in (prediction, target):
+        size = len(chosen) * int(np.prod(shape[-2:], dtype=np.int64)) * np.dtype(layer.data.dtype).itemsize
+        if not isinstance(layer.data, np.ndarray) and size > LARGE_BYTES:
+            raise ValueError(f"'{layer.name}' is held lazily ({describe_data(layer.data)}): Copy to training labels "
+                             f"reads its predicted planes, {size / 2**30:.1f} GiB here, over the "
+                             f"{LARGE_BYTES / 2**30:.1f} GiB it reads at once; predict and copy the plane shown "
+                             "(whole stack off), or crop a region into a new layer")
+    for plane in chosen:
+        index = tuple(int(i) for i in np.unravel_index(plane, lead)) if lead else ()
+        source, current = np.asarray(prediction.data[index]), np.asarray(target.data[index])
+        changed = current != source
+        if mode == "unpainted":
+            changed &= current == 0
+        ys, xs = np.nonzero(changed)
+        yield index, (ys, xs), current[ys, xs], source[ys, xs]
 
 
 def painted_pixels_to_replace(prediction: Labels, target: Labels) -> int:
     """How many painted (non-zero) pixels of ``target`` a copy of every predicted pixel would change."""
-    coords = _copy_coords(prediction, target, "all")
-    return int(np.count_nonzero(np.asarray(target.data)[coords])) if coords[0].size else 0
+    return sum(int(np.count_nonzero(before)) for _, _, before, _ in _plane_changes(prediction, target, "all"))
 
 
 def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted") -> int:
@@ -229,12 +300,17 @@ def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted")
         ``"all"`` makes the predicted planes equal to the prediction.
     Returns the number of pixels changed.
     """
-    coords = _copy_coords(prediction, target, mode)
-    if coords[0].size == 0:
+    coords: list[tuple[np.ndarray, ...]] = []
+    values = []
+    for index, (ys, xs), _, after in _plane_changes(prediction, target, mode):
+        coords.append(tuple(np.full(ys.size, i) for i in index) + (ys, xs))
+        values.append(after)
+    count = sum(v.size for v in values)
+    if count == 0:
         return 0
-    source = np.asarray(prediction.data)
-    target.data_setitem(coords, source[coords].astype(np.asarray(target.data).dtype))
-    return int(coords[0].size)
+    where = tuple(np.concatenate(axis) for axis in zip(*coords))
+    target.data_setitem(where, np.concatenate(values).astype(target.data.dtype))
+    return count
 
 
 def training_colours(labels: Labels | None, class_values: Sequence[int], background: int) -> dict[int, str] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari.layers import Labels
+from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from .._napari import block_predict, jobs
@@ -14,9 +14,11 @@ from .._napari.layers import (
     class_colours,
     copy_image,
     copy_pair,
+    copy_plane,
     copy_prediction,
     current_plane,
     find_labels_for,
+    held_lazily,
     instances_name,
     painted_pixels_to_replace,
     prediction_name,
@@ -29,6 +31,9 @@ from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker
 from .fields import settings
 from .forms import MODEL_FILTER
+
+#: A prediction written back: in memory (``jobs.predict_job``) or block by block (``block_predict``).
+AnyPrediction = jobs.PredictResult | block_predict.BlockPredictResult
 
 
 class PredictActions:
@@ -45,7 +50,7 @@ class PredictActions:
         layer = self.viewer.layers[name]
         whole = self.whole_stack.isChecked() if whole_stack is None else whole_stack
         plane = None if whole else current_plane(self.viewer, layer)
-        if block_predict.held_lazily(layer):
+        if held_lazily(layer):
             return self._predict_blockwise(layer, plane)
         progress = self.view.start_prediction()
         self._set_busy("predict")
@@ -73,13 +78,14 @@ class PredictActions:
                                               else "")
         self._report(result, layer.name, counts, colours, written)
 
-    def _class_colours(self, result) -> dict[int, str]:
+    def _class_colours(self, result: AnyPrediction) -> dict[int, str]:
         """The colours of the classes of a prediction: those of the training labels of its image, if any."""
         paired = find_labels_for(self.viewer, result.image_name, self.data_form.pairs()) or self._training_labels()
         return class_colours(result.class_values, result.background_value,
                              training_colours(paired, result.class_values, result.background_value))
 
-    def _report(self, result, layer_name: str, counts: dict[int, int], colours: dict[int, str], written: str) -> None:
+    def _report(self, result: AnyPrediction, layer_name: str, counts: dict[int, int], colours: dict[int, str],
+                written: str) -> None:
         """The legend and the log line of a prediction written; a warning when classes are absent."""
         names = class_labels(result.class_names, len(result.class_values))
         self.panel.show_counts(layer_name, counts, names, colours, result.background_value)
@@ -90,14 +96,16 @@ class PredictActions:
                          "longer, annotate more of " + ("it" if len(absent) == 1 else "them") + ", or check "
                          "the class's labels")
 
-    def _predict_blockwise(self, layer, plane: int | None) -> JobWorker | None:
-        """Predict a layer held lazily block by block into a Zarr store (chosen, else temporary), never whole."""
+    def _predict_blockwise(self, layer: Image, plane: int | None) -> JobWorker | None:
+        """Predict a layer held lazily block by block into a Zarr store (chosen, else temporary), never whole; into
+        the store of its prediction layer when one exists (the other planes, and what was painted, stay)."""
         try:
             outputs = block_predict.block_outputs(self.panel.store.path(), layer.name,
-                                                  self.panel.instances.isChecked())
+                                                  self.panel.instances.isChecked(),
+                                                  block_predict.existing_stores(self.viewer, layer))
         except ValueError as e:
             return self._refuse(str(e))
-        progress = self.view.start_prediction("block %v / %m")
+        progress = self.view.start_prediction(block_predict.BLOCKS_TEXT)
         self._set_busy("predict")
         return self._run(block_predict.predict_blockwise_job, self.model, block_predict.lazy_layer(layer),
                          None if plane is None else [plane], self.model_form.device_name(), progress, outputs,
@@ -108,16 +116,22 @@ class PredictActions:
             self.say("prediction stopped: nothing was written")
             return
         if result.image_name not in self.viewer.layers:
-            self.say(f"'{result.image_name}' was removed; its prediction is in {result.outputs.labels}")
+            into = result.added.get("labels")
+            self.say(f"'{result.image_name}' was removed; its prediction is in "
+                     f"{into.store if into else result.outputs.labels}")
             return
         colours = self._class_colours(result)
-        layer, instances = block_predict.write_lazy_prediction(self.viewer, self.viewer.layers[result.image_name],
-                                                               result, colours)
-        written = (f"wrote '{layer.name}'" + (f" and '{instances.name}' ({result.instances:,} objects)"
-                                               if instances is not None else "")
-                   + f" ({result.blocks} blocks, {result.seconds:.0f} s)")
-        self._report(result, layer.name, result.pixel_counts, colours, written)
-        self.say(f"'{layer.name}' is {block_predict.stores_note(result)}")
+        written = block_predict.write_lazy_prediction(self.viewer, self.viewer.layers[result.image_name], result,
+                                                      colours)
+        layer, instances = written.labels, written.instances
+        where = "the whole image" if result.planes is None else f"plane {result.planes[0]}"
+        text = (f"{'added ' + where + ' to' if result.added else 'wrote'} '{layer.name}'"
+                + (f" and '{instances.name}' ({result.instances:,} objects)" if instances is not None else "")
+                + f" ({result.blocks} blocks, {result.seconds:.0f} s)")
+        self._report(result, layer.name, result.pixel_counts, colours, text)
+        for line in written.notes + [f"'{one.name}' is {block_predict.stores_note(one)}"
+                                     for one in (layer, instances) if one is not None]:
+            self.say(line)
 
     def _training_labels(self) -> Labels | None:
         """The first Labels layer under Training data (its colours are the classes' colours)."""
@@ -230,12 +244,14 @@ class PredictActions:
                                                   "BioImage Model Zoo packages (*.zip)")
             if not path:
                 return None
+        from ..bioimageio_export import TEST_SIDE  # torch is loaded already: a model exists
+
         name = self.predict_image.current()
         layer = self.viewer.layers[name] if name else None
-        image = copy_image(layer) if layer is not None else None
-        plane = current_plane(self.viewer, layer) if layer is not None else None
+        # the test input is a centre crop of the plane shown: only that crop is read (a lazy layer stays lazy)
+        image = copy_plane(layer, current_plane(self.viewer, layer), TEST_SIDE) if layer is not None else None
         self._set_busy("save")
-        return self._run(jobs.model_zoo_job, self.model, path, image, plane,
+        return self._run(jobs.model_zoo_job, self.model, path, image, None,
                          on_returned=self._exported)
 
     def _exported(self, path: str) -> None:

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 from qtpy.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QPushButton, QVBoxLayout, QWidget)
 
-from .._napari.block_predict import LARGE_BYTES
+from .._napari.layers import LARGE_BYTES
 from .._napari.layers import COPY_MODES
 from .fields import LayerCombo, settings
 

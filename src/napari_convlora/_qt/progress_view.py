@@ -91,7 +91,7 @@ class ProgressView(QWidget):
 
     def start_prediction(self, text: str = "predicting · %p%") -> jobs.TileProgress:
         """Returns the progress record for the prediction job to fill in; ``text``: the bar's format."""
-        self.tile_progress = jobs.TileProgress()
+        self.tile_progress = jobs.TileProgress(text=text)
         self.progress.setFormat(text)
         return self.tile_progress
 
@@ -163,6 +163,8 @@ class ProgressView(QWidget):
             parts = ["step %v / %m", rate_text(self.steps_per_s(event)), f"loss {event.loss:.4f}", eta_text(event.eta_s)]
             self.progress.setFormat(" · ".join(p for p in parts if p))
         elif self.tile_progress.total:  # prediction
+            if self.tile_progress.text and self.progress.format() != self.tile_progress.text:
+                self.progress.setFormat(self.tile_progress.text)
             self.progress.setRange(0, self.tile_progress.total)
             self.progress.setValue(self.tile_progress.done)
         self.progress.setUpdatesEnabled(True)  # schedules the repaint

@@ -170,8 +170,11 @@ class WeakActions:
         if planes is not None and not weak.weak.on_plane(planes[0]):
             return self._refuse(f"no prompt on the plane shown ({flat}) of '{name}': go to a plane with prompts, "
                                 "or tick whole stack")
+        try:
+            cached, key, copy = self._cache_for(image)
+        except ValueError as e:  # a layer too large to copy
+            return self._refuse(str(e))
         self._show_read(name, weak.weak)
-        cached, key, copy = self._cache_for(image)
         self._set_busy("segment")
         return self._run(weak_jobs.segment_job, self.prompt_model, cached, key, copy, name, weak.weak, planes,
                          self.model_form.device_name(), compare=self.weak_form.compare.isChecked(),

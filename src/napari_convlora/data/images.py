@@ -158,12 +158,16 @@ def validate_image(image: np.ndarray, layout: ImageLayout, spec: InputSpec | Non
     return shape
 
 
+def _sample_step(shape: tuple[int, ...]) -> int:
+    """The stride of :func:`_strided_sample` along every axis of a channel of ``shape`` (1: every element)."""
+    size = math.prod(shape)
+    return 1 if size <= PERCENTILE_SAMPLE_SIZE else math.ceil((size / PERCENTILE_SAMPLE_SIZE) ** (1.0 / len(shape)))
+
+
 def _strided_sample(channel: np.ndarray) -> np.ndarray:
     """A regular strided subsample of ``channel`` (any ndim) with <= ~PERCENTILE_SAMPLE_SIZE elements."""
-    if channel.size <= PERCENTILE_SAMPLE_SIZE:
-        return channel
-    step = math.ceil((channel.size / PERCENTILE_SAMPLE_SIZE) ** (1.0 / channel.ndim))
-    return channel[(slice(None, None, step),) * channel.ndim]
+    step = _sample_step(tuple(channel.shape))
+    return channel if step == 1 else channel[(slice(None, None, step),) * channel.ndim]
 
 
 def intensity_range(channel: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
