@@ -26,12 +26,17 @@ end ``gpu_table.py`` writes ``suite.md`` there: the goals of issue 14 and every 
 12. ``worker_thread``: ``bench_thread_step.py``: the training generator driven on the main thread against a
     plain ``threading.Thread`` (the dock's compute thread without Qt; napari and Qt are not on the GPU
     machines): steps per second, and the main thread's longest wait for the GIL.
+13. ``fast_attention_vit_b``: ``bench_fast_attention.py`` on vit_b at 1024 px, bf16, batch 1 and 4, LoRA and
+    Conv-LoRA: the encoder's attention through ``scaled_dot_product_attention`` (relative positions as a bias)
+    against SAM's own, steps paired in alternation: time, peak memory, MFU (whether ``"auto"`` should use SDPA
+    on CUDA: ``AUTO_FAST_ATTENTION`` in ``modeling/fast_attention.py``).
 
 Run on a CUDA machine (about 10 minutes on one H100/H200, parts 9-12 about 3 of them)::
 
     python benchmarks/gpu_suite.py --out gpu_results
     python benchmarks/gpu_suite.py --out gpu_results_2 --budget 230 --parts checkpointing_vit_h mfu_vit_b \
         checkpointing_vit_b checkpointing_vit_l worker_thread
+    python benchmarks/gpu_suite.py --out gpu_results_3 --parts fast_attention_vit_b mfu_vit_b  # about 2 minutes
 
 ``--parts`` runs only the parts named (in the order above), ``--skip`` leaves the parts named out, ``--budget``
 cuts every part's limit to the seconds left. ``--smoke`` runs every part on the CPU with the tiny SAM in about a
@@ -115,6 +120,9 @@ def smoke_parts(py: str, out: Path) -> list[tuple[str, list[str], float]]:
             ("checkpointing_vit_l", ["--checkpointing", "on", "--methods", "conv_lora", "--fit-gib", "12"]))],
         ("worker_thread", [py, str(HERE / "bench_thread_step.py"), "--model-type", "tiny", *cpu, "--input-size", "64",
                            "--steps", "4", "--skip", "1", "--rounds", "1", "--json", str(out / "worker_thread.json")], 120),
+        ("fast_attention_vit_b", [py, str(HERE / "bench_fast_attention.py"), "--model-type", "tiny", *cpu, "--sizes",
+                                  "64", "--steps", "1", "--warmup", "0", "--flops", "--no-rss",
+                                  "--json", str(out / "fast_attention_vit_b.json")], 120),
     ]
 
 
@@ -152,6 +160,10 @@ def gpu_parts(py: str, out: Path) -> list[tuple[str, list[str], float]]:
         ("worker_thread", [py, str(HERE / "bench_thread_step.py"), "--model-type", "vit_b", "--device", "cuda",
                            "--input-size", "1024", "--steps", "12", "--skip", "2", "--rounds", "2",
                            "--json", str(out / "worker_thread.json")], 100),
+        ("fast_attention_vit_b", [py, str(HERE / "bench_fast_attention.py"), "--model-type", "vit_b", "--device", "cuda",
+                                  "--sizes", "1024", "--precision", "bf16", "--batch", "1", "4", "--methods", "lora",
+                                  "conv_lora", "--steps", "5", "--warmup", "2", "--flops",
+                                  "--json", str(out / "fast_attention_vit_b.json")], 90),
     ]
 
 

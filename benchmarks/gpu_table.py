@@ -197,6 +197,22 @@ def thread_table(records: list[dict[str, Any]]) -> list[str]:
             *_table(["card", "model", "px", "mode", "steps/s", "vs main ratio", "max gap ms"], body)]
 
 
+def fast_attention_table(records: list[dict[str, Any]]) -> list[str]:
+    """``bench_fast_attention.py``: steps with the encoder's attention through SDPA against SAM's own, paired."""
+    body = [[rec["_card"] if r.get("device") != "cpu" else "CPU", str(r.get("model_type")), str(r.get("size")),
+             str(r.get("batch")), r.get("method", "–"), str(r.get("precision")), _fmt(r.get("off_median_s")),
+             _fmt(r.get("on_median_s")), _fmt(r.get("paired_ratio"), ".3f"), _fmt(r.get("off_peak_mib"), ".0f"),
+             _fmt(r.get("on_peak_mib"), ".0f"), _fmt(r.get("off_mfu"), ".1%"), _fmt(r.get("on_mfu"), ".1%")]
+            for rec in sorted(records, key=lambda rec: rec["_card"]) if rec.get("benchmark") == "fast_attention"
+            for r in rec.get("rows", [])]
+    return ["## Encoder attention through SDPA (`fast_attention`)", "",
+            "SAM's attention (off) and `scaled_dot_product_attention` with the relative positions as a bias (on), "
+            "steps paired in alternation; on/off: median of the paired ratios; MiB: peak beyond the step's start; "
+            "MFU from SAM's attention's FLOP count for both.", "",
+            *_table(["card", "model", "px", "batch", "method", "precision", "off s", "on s", "on/off ratio",
+                     "off MiB", "on MiB", "off MFU", "on MFU"], body)]
+
+
 def other_tables(records: list[dict[str, Any]]) -> list[str]:
     out = []
     by_part = {}
@@ -250,7 +266,8 @@ def write_table(folders: list[Path], out: Path | None = None) -> Path:
              f"Written by `benchmarks/gpu_table.py` on {datetime.date.today()} from "
              + ", ".join(f"`{f}`" for f in folders) + ". Random-weight SAMs; each row names its card.", "",
              *[f"- {m}" for m in machines.values()], "",
-             *goals(records), *train_tables(records), *thread_table(records), *other_tables(records)]
+             *goals(records), *train_tables(records), *fast_attention_table(records), *thread_table(records),
+             *other_tables(records)]
     out = out or folders[0] / "suite.md"
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out

@@ -12,7 +12,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SUITE = BENCHMARKS / "gpu_suite.py"
 PARTS = {"train_step_vit_b", "expert_variants", "e2e", "hq_step_vit_l", "tiled_vit_b", "prompt_latency",
-         "checkpointing_vit_h", "mfu_vit_b", "checkpointing_vit_b", "checkpointing_vit_l", "worker_thread"}
+         "checkpointing_vit_h", "mfu_vit_b", "checkpointing_vit_b", "checkpointing_vit_l", "worker_thread",
+         "fast_attention_vit_b"}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,8 @@ def test_every_part_of_the_gpu_suite_runs_in_smoke_mode(smoke):
     rows = json.loads((out / "checkpointing_vit_b.json").read_text())["rows"]
     assert {r["checkpointing"] for r in rows} == {False, True}
     assert all(r["flops_step"] > r["flops_forward"] > 0 for r in json.loads((out / "mfu_vit_b.json").read_text())["rows"])
+    fast = json.loads((out / "fast_attention_vit_b.json").read_text())["rows"]
+    assert fast and all(r["on_median_s"] > 0 and r["off_flops_step"] > 0 for r in fast)
     modes = json.loads((out / "worker_thread.json").read_text())["results"]
     assert set(modes) == {"main", "thread", "thread+ticks"} and all(m["median_steps_per_s"] > 0 for m in modes.values())
 
@@ -45,6 +48,8 @@ def test_the_suite_writes_suite_md_with_the_goals_and_the_new_tables(smoke):
         assert goal in text
     assert "| CPU | tiny | 64 | 1 | decoder | float32 | on |" in text  # a checkpointed row, naming its card
     assert "| CPU | tiny conv_lora | 64 | thread+ticks |" in text
+    fast_table = text.split("## Encoder attention through SDPA")[1].split("\n## ")[0]
+    assert "| CPU | tiny | 64 | 1 | conv_lora | float32 |" in fast_table
 
 
 def test_a_spent_budget_skips_the_remaining_parts_and_says_so(tmp_path):

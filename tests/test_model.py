@@ -10,7 +10,7 @@ from napari_convlora import load_base, load_sam, random_base
 from napari_convlora.adapters.inject import adapter_layers, inject_adapters, remove_adapters
 from napari_convlora.adapters.layers import ConvLoRALinear, LoRALinear
 from napari_convlora.config import AdapterConfig
-from napari_convlora.modeling import Prompts, SegmentationOutput, resize_sam_input
+from napari_convlora.modeling import Prompts, SegmentationOutput, resize_sam_input, set_fast_attention
 from napari_convlora.modeling.resize import RESIZED_ATTRIBUTES
 
 METHODS = ["conv_lora", "lora", "decoder"]
@@ -21,6 +21,7 @@ METHODS = ["conv_lora", "lora", "decoder"]
 def test_encoder_equals_plain_sam_right_after_adapters(tiny_checkpoint, method, size):
     plain = load_sam(tiny_checkpoint)
     resize_sam_input(plain, size)
+    set_fast_attention(plain, "auto")  # the attention the model computes with (the same numbers either way)
     model = make_model(tiny_checkpoint, num_classes=3, method=method, input_size=size).eval()
     x = images(2, size)
     with torch.no_grad():
@@ -41,15 +42,18 @@ def _walk(sam: torch.nn.Module) -> dict[str, tuple]:
 @pytest.mark.parametrize("method", METHODS)
 def test_sam_stays_sam(tiny_checkpoint, method):
     """Building the model changes no attribute, parameter or buffer of SAM's modules except what
-    ``resize_sam_input`` must change, and adapters only wrap the target Linear layers (kept as base_layer)."""
+    ``resize_sam_input`` must change, and adapters only wrap the target Linear layers (kept as base_layer); the
+    runtime switches (checkpointing, fast attention, the early-feature hook) leave nothing once off."""
     base = load_base(tiny_checkpoint)
     before = _walk(base.sam)
     model = make_model(base, num_classes=4, method=method, input_size=128)
     model.set_activation_checkpointing(True)
     model.set_activation_checkpointing(False)
+    model.set_fast_attention("on")  # a forward bound on SAM's Attention modules while on
     model.capture_early_feature(True)
     model(images(1, 128))
     model.capture_early_feature(False)
+    model.set_fast_attention("off")  # "off" takes it away again
     assert model.sam is base.sam
     allowed = {(f"{path}", attribute) for path, attribute in RESIZED_ATTRIBUTES}
     wrapped = {f"image_encoder.{name}" for name in model.adapted_layers}
@@ -225,25 +229,26 @@ def test_wrong_input_shape_is_explained(tiny_checkpoint):
 
 def test_disable_remove_and_merge(tiny_checkpoint):
     x = images(1, 128)
-    for method in ("lora", "conv_lora"):
-        model = make_model(tiny_checkpoint, method=method, input_size=128).eval()
-        plain = model.encode(x).embedding.detach()
-        perturb_trainable(model)
-        adapted = model.encode(x).embedding.detach()
-        assert not torch.allclose(adapted, plain)
-        model.set_adapters_enabled(False)
-        assert torch.equal(model.encode(x).embedding, plain)
-        model.set_adapters_enabled(True)
-        if method == "lora":
-            assert remove_adapters(model.sam, merge=True) == 2
-            assert not adapter_layers(model.sam)
-            torch.testing.assert_close(model.encode(x).embedding, adapted, atol=1e-4, rtol=1e-4)
-        else:
-            with pytest.raises(NotImplementedError, match="cannot be merged"):
-                remove_adapters(model.sam, merge=True)
-            assert len(adapter_layers(model.sam)) == 2  # nothing changed by the refused merge
-            assert remove_adapters(model.sam) == 2
+    with torch.no_grad():  # predictions (the attention computes alike with and without adapters there)
+        for method in ("lora", "conv_lora"):
+            model = make_model(tiny_checkpoint, method=method, input_size=128).eval()
+            plain = model.encode(x).embedding.detach()
+            perturb_trainable(model)
+            adapted = model.encode(x).embedding.detach()
+            assert not torch.allclose(adapted, plain)
+            model.set_adapters_enabled(False)
             assert torch.equal(model.encode(x).embedding, plain)
+            model.set_adapters_enabled(True)
+            if method == "lora":
+                assert remove_adapters(model.sam, merge=True) == 2
+                assert not adapter_layers(model.sam)
+                torch.testing.assert_close(model.encode(x).embedding, adapted, atol=1e-4, rtol=1e-4)
+            else:
+                with pytest.raises(NotImplementedError, match="cannot be merged"):
+                    remove_adapters(model.sam, merge=True)
+                assert len(adapter_layers(model.sam)) == 2  # nothing changed by the refused merge
+                assert remove_adapters(model.sam) == 2
+                assert torch.equal(model.encode(x).embedding, plain)
 
 
 def test_balance_loss_is_summed_over_blocks(tiny_checkpoint):

@@ -84,11 +84,13 @@ def test_the_anchor_is_the_loaded_sam(tiny_checkpoint):
     from helpers import make_model, perturb_trainable
 
     from napari_convlora.config import wesam_adapter
+    from napari_convlora.modeling import set_fast_attention
 
     model = make_model(tiny_checkpoint, input_size=256, **{k: v for k, v in vars(wesam_adapter()).items()
                                                            if k in ("method", "rank", "alpha", "qkv_slices")})
     perturb_trainable(model, scale=0.5)  # adapters now change the encoder
     sam = load_sam(tiny_checkpoint)
+    set_fast_attention(sam, "auto")  # the attention the model computes with
     x = torch.rand(1, 3, 256, 256) * 255
     with torch.no_grad():
         plain = sam.image_encoder((x - sam.pixel_mean) / sam.pixel_std)

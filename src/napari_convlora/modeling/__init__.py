@@ -1,6 +1,7 @@
 """The adapted model and its parts (torch): ``AdaptedSAM`` composes SAM, encoder adapters and heads."""
 
 from .adapted_sam import AdaptedSAM
+from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead, Prompts
 from .outputs import SegmentationOutput
@@ -15,4 +16,5 @@ __all__ = [
     "Prompts",
     "SegmentationOutput",
     "resize_sam_input",
+    "set_fast_attention",
 ]

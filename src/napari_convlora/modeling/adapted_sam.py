@@ -13,7 +13,9 @@ Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_de
 
 Images go in as RGB in 0..255; the pixel normalisation belongs to the model (its own buffers, from the
 config). Activation checkpointing is a wrapper around the encoder blocks (``checkpointing.py``); an early
-encoder feature, for a decoder-side fusion (HQ-SAM), is taken with a forward hook (``features.py``).
+encoder feature, for a decoder-side fusion (HQ-SAM), is taken with a forward hook (``features.py``); the encoder's
+attention can run through PyTorch's fused attention, a forward bound on SAM's ``Attention`` instances
+(``fast_attention.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..adapters.inject import adapter_layers, inject_adapters, set_adapters_enab
 from ..config import ModelConfig
 from ..sam_build import infer_architecture
 from .checkpointing import set_activation_checkpointing, unwrapped
+from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
 from .hq import HQParts
@@ -70,6 +73,7 @@ class AdaptedSAM(nn.Module):
         _SAMS_IN_MODELS.add(sam)
         sam.requires_grad_(False)
         resize_sam_input(sam, config.input_size)
+        set_fast_attention(sam.image_encoder, "auto")  # a runtime choice (not saved): SDPA where it pays
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(-1, 1, 1), persistent=False)
         self.hq: HQParts | None = None
@@ -128,6 +132,11 @@ class AdaptedSAM(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute encoder blocks in the backward pass instead of storing their activations (less memory)."""
         set_activation_checkpointing(self.sam.image_encoder.blocks, enabled)
+
+    def set_fast_attention(self, mode: str | bool) -> None:
+        """Encoder attention through PyTorch's fused ``scaled_dot_product_attention`` (``"on"``), SAM's own forward
+        (``"off"``) or by device type (``"auto"``, the default); the same result (``fast_attention.py``)."""
+        set_fast_attention(self.sam.image_encoder, mode)
 
     def capture_early_feature(self, enabled: bool = True) -> None:
         """Make :meth:`encode` also return the output of the first global-attention block (HQ-SAM's early
