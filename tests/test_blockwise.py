@@ -297,7 +297,7 @@ def test_intensity_ranges_read_in_slabs_equal_the_in_memory_ranges(monkeypatch, 
 
     image = (np.random.default_rng(1).random(shape) * 4000).astype(dtype)
     expected = SamPlanes(image, layout, InputSpec()).ranges
-    monkeypatch.setattr(blockwise, "RANGE_STEP_BYTES", budget)
+    monkeypatch.setattr("napari_convlora.block_ranges.RANGE_STEP_BYTES", budget)
     seen, polls = [], []
     ranges = blockwise.intensity_ranges(open_array(da.from_array(image, chunks=chunks)), layout, InputSpec(),
                                         should_stop=lambda: polls.append(1) and False,

@@ -250,7 +250,7 @@ def test_stop_during_a_whole_image_pass(lazy_dock, viewer, qtbot, tmp_path, monk
     """Review 3: the intensity-range pass and the instance relabelling poll Stop, and say what they do."""
     from napari_convlora._napari.jobs import TileProgress
 
-    monkeypatch.setattr("napari_convlora.blockwise.RANGE_STEP_BYTES", 1)  # a chunk at a time
+    monkeypatch.setattr("napari_convlora.block_ranges.RANGE_STEP_BYTES", 1)  # a chunk at a time
     dock = lazy_dock
     viewer.add_image(da.from_array(_stack(), chunks=(1, 64, 64)), name="big")
     dock.predict_image.refresh("big")

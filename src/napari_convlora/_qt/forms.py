@@ -7,10 +7,8 @@ Forms hold choices and hand them out as the core's configuration objects (``Adap
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -25,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..config import AdapterConfig, RunOptions, TrainRecipe
+from ..config import AdapterConfig, TrainRecipe
 from ..builtin_model import OFFICIAL_CHECKPOINTS
 from ..config.suggestions import suggested_input_size
 from ..config.choices import (
@@ -46,11 +44,11 @@ from ..config.choices import (
     UNPAINTED_PLANE_LABELS,
     UNPAINTED_PLANES,
 )
-from .fields import LayerCombo, PathField, set_item_enabled, settings
+from .advanced_options import AdvancedOptions
+from .fields import LayerCombo, PathField, set_item_enabled
 
 SAM_FILTER = f"SAM checkpoints ({' '.join('*' + s for s in SAM_SUFFIXES)});;All files (*)"
 MODEL_FILTER = f"napari-convlora models (*{MODEL_SUFFIX});;All files (*)"
-DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
 
 
 def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
@@ -370,37 +368,3 @@ class DataForm(QWidget):
                     val_fraction=self.val_fraction.value(),
                     lr=options.lr.value, batch_size=options.batch_size.value, grad_accum=options.grad_accum.value,
                     **length)
-
-
-class AdvancedOptions(Container):
-    """Optimisation details, CPU threads and where runs are saved: a plain form, built with magicgui."""
-
-    def __init__(self) -> None:
-        defaults = TrainRecipe()
-        self.lr = FloatSpinBox(value=defaults.lr, min=1e-6, max=1.0, step=1e-4, label="learning rate",
-                               tooltip="AdamW learning rate (decays linearly to 0 over the run)")
-        self.lr.native.setDecimals(6)
-        self.batch_size = SpinBox(value=defaults.batch_size, min=1, max=64, label="batch size",
-                                  tooltip="patches per forward pass")
-        self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
-                                  tooltip="forward passes per optimizer step")
-        self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
-                               tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
-                                       "processes keep the CPUs busy, which would slow training down many times)")
-        self.low_memory = CheckBox(value=False, label="less GPU memory",
-                                   tooltip="activation checkpointing: the encoder's blocks are recomputed in the "
-                                           "backward pass instead of kept, about a third of the memory for 1.6-2x "
-                                           "the step time, same result (vit_h at 1024 px then fits a 12 GB card; "
-                                           "BENCHMARKS.md). Supervised training; self-training ignores it")
-        folder = str(settings().value("run_folder", "") or DEFAULT_RUN_FOLDER)
-        self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
-                                   tooltip="folder where training runs are saved (remembered)")
-        self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
-        self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
-        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.low_memory,
-                                  self.run_folder])
-        self.margins = (0, 0, 0, 0)
-
-    def run_options(self, device: str, precision: str) -> RunOptions:
-        return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None,
-                          activation_checkpointing=bool(self.low_memory.value))

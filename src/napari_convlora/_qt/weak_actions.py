@@ -23,7 +23,7 @@ from .._napari.weak_layers import (
 from ..weak import WeakLabelError, WeakLabels
 from ..weak.classes import object_class
 from .compute import JobWorker
-from .forms import DEFAULT_RUN_FOLDER
+from .advanced_options import DEFAULT_RUN_FOLDER
 from .weak_form import WeakForm
 
 

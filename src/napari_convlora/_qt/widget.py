@@ -31,7 +31,8 @@ from ..config import TrainRecipe
 from ..config.choices import HQ_MODE_LABELS, SAM_CHECKPOINT_FORMAT
 from ..errors import describe_error
 from .compute import JobWorker, compute_thread
-from .forms import DEFAULT_RUN_FOLDER, DataForm, ModelForm
+from .advanced_options import DEFAULT_RUN_FOLDER
+from .forms import DataForm, ModelForm
 from .predict_actions import PredictActions
 from .predict_panel import PredictPanel
 from .progress_view import ProgressView, eta_text

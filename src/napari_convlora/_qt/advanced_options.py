@@ -1,0 +1,48 @@
+"""The dock's Advanced tab: optimisation details, CPU threads, the low-memory switch and where runs are saved, a
+plain form built with magicgui."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
+
+from ..config import RunOptions, TrainRecipe
+from .fields import settings
+
+#: Where training runs are saved unless the user chose a folder (remembered in the settings).
+DEFAULT_RUN_FOLDER = Path.home() / "napari-convlora-runs"
+
+
+class AdvancedOptions(Container):
+    """Optimisation details, CPU threads and where runs are saved: a plain form, built with magicgui."""
+
+    def __init__(self) -> None:
+        defaults = TrainRecipe()
+        self.lr = FloatSpinBox(value=defaults.lr, min=1e-6, max=1.0, step=1e-4, label="learning rate",
+                               tooltip="AdamW learning rate (decays linearly to 0 over the run)")
+        self.lr.native.setDecimals(6)
+        self.batch_size = SpinBox(value=defaults.batch_size, min=1, max=64, label="batch size",
+                                  tooltip="patches per forward pass")
+        self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
+                                  tooltip="forward passes per optimizer step")
+        self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
+                               tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
+                                       "processes keep the CPUs busy, which would slow training down many times)")
+        self.low_memory = CheckBox(value=False, label="less GPU memory",
+                                   tooltip="activation checkpointing: the encoder's blocks are recomputed in the "
+                                           "backward pass instead of kept, about a third of the memory for 1.6-2x "
+                                           "the step time, same result (vit_h at 1024 px then fits a 12 GB card; "
+                                           "BENCHMARKS.md). Supervised training; self-training ignores it")
+        folder = str(settings().value("run_folder", "") or DEFAULT_RUN_FOLDER)
+        self.run_folder = FileEdit(mode="d", value=folder, label="runs in",
+                                   tooltip="folder where training runs are saved (remembered)")
+        self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
+        self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
+        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.low_memory,
+                                  self.run_folder])
+        self.margins = (0, 0, 0, 0)
+
+    def run_options(self, device: str, precision: str) -> RunOptions:
+        return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None,
+                          activation_checkpointing=bool(self.low_memory.value))
