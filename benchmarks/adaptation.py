@@ -3,7 +3,7 @@
 From a base SAM (default: the built-in small SAM, ``src/napari_convlora/models/small_sam_256.pth``, 256 px), each
 row adapts to each target family (``adaptation_data.py``: real nuclei, sparse cells, sparse EM membranes, and
 synthetic scenes under five shifts that pretraining never showed) with the project's own API
-(``prepare_training_data``, ``train.train``, ``predict_image``, ``metrics.ConfusionMatrix``), then the held-out part
+(``prepare_training_data``, ``training.loop.train``, ``predict_image``, ``metrics.ConfusionMatrix``), then the held-out part
 is predicted and scored. Every (family, row, seed) is an independent run, deterministic given its seed: the seed is
 the recipe's (adapter initialisation, patch sampling, augmentation, Conv-LoRA's gate noise), and for the
 ``random_*`` rows also the random base's weights (``random_sam(<the base's geometry>, RANDOM_BASE_SEED + seed)``).
@@ -39,6 +39,10 @@ Scores (pooled over the family's held-out images, only on held-out annotated pix
 - s/step: median wall time of an optimizer step (steps after the first two), with the thread count;
 - params: trainable parameters (adapters and head).
 
+``--mask-loss hq_points`` trains every row with HQ-SAM's point-sampled BCE + dice instead of the structure loss
+(``TrainRecipe.mask_loss``); each run records the loss terms the loop reported, and a run whose loop did not use the
+asked loss stops the benchmark.
+
 Full run (CPU, 2 cores)::
 
     python benchmarks/adaptation.py --threads 2 --json adaptation.json --markdown adaptation.md
@@ -70,14 +74,15 @@ from skimage.segmentation import find_boundaries
 
 from napari_convlora.boundary import DILATION_RATIO
 from napari_convlora.config import AdapterConfig, InputSpec, RunOptions, TrainRecipe
+from napari_convlora.config.choices import MASK_LOSSES
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import ImageLayout, LabelEncoding, TrainingPair, prepare_training_data, to_sam_planes
 from napari_convlora.metrics import ConfusionMatrix
-from napari_convlora.predict import predict_image
+from napari_convlora.prediction.planes import predict_image
 from napari_convlora.pretraining.promptable import Prompted, decode, preprocess
-from napari_convlora.pretraining.prompts import mask_box
-from napari_convlora.sam_loading import checkpoint_identity, load_base, random_sam, save_sam_checkpoint
-from napari_convlora.train import train
+from napari_convlora.data.prompts import mask_box
+from napari_convlora.checkpoints.sam_files import checkpoint_identity, load_base, random_sam, save_sam_checkpoint
+from napari_convlora.training.loop import train
 
 from adaptation_data import SPARSE_BACKGROUND, SPARSE_FOREGROUND, Family, FamilyUnavailable, HeldOut, family_loaders
 
@@ -221,11 +226,11 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
     """Train ``row`` on ``family`` from ``base`` with ``seed``, predict and score the held-out part."""
     recipe = TrainRecipe(adapter=AdapterConfig(**row.adapter), input_size=args.input_size, label_mode=family.label_mode,
                          val_fraction=0.0, steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
-                         val_every=args.steps, seed=seed, hq=row.hq)
+                         val_every=args.steps, seed=seed, hq=row.hq, mask_loss=args.mask_loss)
     data = prepare_training_data([TrainingPair(im, lab, ImageLayout(rgb=rgb)) for im, lab, rgb in family.train], recipe)
     run = RunOptions(device=args.device, num_threads=args.threads)
     out_path = work / f"{family.name}-{seed}.safetensors"
-    intervals, started = [], time.perf_counter()
+    intervals, terms, started = [], set(), time.perf_counter()
     gen = train(base, data, out_path, recipe, run)
     try:
         tick = time.perf_counter()
@@ -234,11 +239,14 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
             now = time.perf_counter()
             if event.kind == "step":
                 intervals.append(now - tick)
+                terms |= set(event.parts)
             if event.kind in ("start", "step"):
                 tick = now
     except StopIteration as done:
         model = done.value
     train_s = time.perf_counter() - started
+    if ({"hq_points": "dice", "structure": "structure"}[args.mask_loss]) not in terms:
+        raise SystemExit(f"mask loss {args.mask_loss} asked but the loop reported the terms {sorted(terms)}")
     started, scorer = time.perf_counter(), Scorer()
     foreground = model.config.head.class_values[1]
     for held in family.held_out:
@@ -246,7 +254,7 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
         scorer.add(labels == foreground, _targets(family, held), held.truth_foreground)
     timed = intervals[2:] or intervals
     return {**scorer.result(), "step_s": float(np.median(timed)), "train_s": train_s,
-            "predict_s": time.perf_counter() - started,
+            "predict_s": time.perf_counter() - started, "mask_loss": args.mask_loss, "loss_terms": sorted(terms),
             "trainable_params": int(sum(p.numel() for p in model.trainable_parameters()))}
 
 
@@ -343,6 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every row")
     parser.add_argument("--batch", type=int, default=1, help="patches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--mask-loss", default="structure", choices=MASK_LOSSES, help="the binary loss of every row")
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
@@ -365,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "adaptation (benchmarks/adaptation.py)",
         "config": {"base": str(base_path), "base_sha256": checkpoint_identity(base_path).sha256,
                    "steps": args.steps, "batch": args.batch, "lr": args.lr, "input_size": args.input_size,
+                   "mask_loss": args.mask_loss,
                    "threads": args.threads, "device": args.device, "seeds": args.seeds, "rows": rows,
                    "boundary_tolerance_px": BOUNDARY_TOLERANCE, "boundary_dilation_ratio": DILATION_RATIO,
                    "torch": torch.__version__,

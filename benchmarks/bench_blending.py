@@ -5,7 +5,7 @@ the device, so no model time), and ``predict_tiled`` blends them over an ``--ima
 timed is therefore cutting the tiles, the weighted sums and the copies of finished bands to the host. Each
 repeat times every path once, in turn (the order alternates), in one process; the table gives medians:
 
-- ``host``: the numpy sums on the host (``tiling.HOST_BLENDED``, the CPU's path);
+- ``host``: the numpy sums on the host (``prediction.tiling.HOST_BLENDED``, the CPU's path);
 - ``torch cpu``: the torch sums forced on the CPU (``HOST_BLENDED`` emptied): why the CPU keeps numpy;
 - ``torch cuda``: probabilities left on CUDA and summed there (when CUDA is available), against ``host cuda``:
   the same probabilities copied to the host batch by batch and summed by numpy, as before issue 14's fix.
@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from napari_convlora import tiling
+from napari_convlora.prediction import tiling
 
 
 def time_path(path: str, image: np.ndarray, tile: int, probs: torch.Tensor, overlap: float, batch: int) -> float:

@@ -8,14 +8,14 @@ tiny random SAM, about 5 ms a tile on one core) or ``--model small`` (the built-
 
 Runs, each timed on its own:
 
-- ``blockwise``: ``blockwise.predict_blockwise`` on a ``LocalCluster`` of ``--workers`` worker processes, one
+- ``blockwise``: ``prediction.blockwise.run.predict_blockwise`` on a ``LocalCluster`` of ``--workers`` worker processes, one
   thread each, torch on one thread per worker, blocks of ``--block-size``, batches of 4. Timed from the call to
   its return: the intensity-range pass over the image, the workers loading the model, every block read,
   predicted and written, the rename; starting the cluster is timed apart. Peak memory per worker: the worker
   process's ``ru_maxrss`` (everything it ever held: torch, the model, a block's input, labels and band).
 - ``blockwise-1``: the same with one worker (``--one-worker``): the same compute as the in-memory run.
 - ``in-memory``: in a fresh child process with torch on one thread: the whole image read into memory, then
-  ``predict.predict_image`` (the same tile grid, batches of 4) timed; its peak memory (``ru_maxrss``); its labels
+  ``prediction.planes.predict_image`` (the same tile grid, batches of 4) timed; its peak memory (``ru_maxrss``); its labels
   compared pixel by pixel with the blockwise labels.
 
 Throughput is the tile grid's tiles (``unique_tiles``) over the time: blocks predict about one extra row and column
@@ -78,7 +78,7 @@ def write_model(folder: Path, which: str) -> tuple[Path, Path]:
     import torch
 
     from napari_convlora import AdaptedSAM, load_base, save_adapter, tiny_sam_checkpoint
-    from napari_convlora.builtin_model import builtin_checkpoint
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint
     from napari_convlora.config import AdapterConfig, HeadConfig, ModelConfig
 
     checkpoint = tiny_sam_checkpoint(folder / "tiny_sam.pth", image_size=256, seed=0) if which == "tiny" \
@@ -96,9 +96,9 @@ def write_model(folder: Path, which: str) -> tuple[Path, Path]:
 
 
 def run_blockwise(image: Path, out: Path, model: Path, checkpoint: Path, workers: int, block: int) -> dict[str, Any]:
-    from napari_convlora.blockwise import ModelSource, predict_blockwise
-    from napari_convlora.dask_cluster import dask_client
-    from napari_convlora.zarr_io import open_lazy
+    from napari_convlora.prediction.blockwise.run import ModelSource, predict_blockwise
+    from napari_convlora.prediction.blockwise.cluster import dask_client
+    from napari_convlora.io.zarr_stores import open_lazy
 
     start = time.perf_counter()
     with dask_client(workers=workers, memory_limit="auto") as client:
@@ -121,8 +121,8 @@ def run_blockwise(image: Path, out: Path, model: Path, checkpoint: Path, workers
 
 def _rss_after_imports() -> int:
     """A worker's resident memory once torch and the package are imported, before any block (bytes)."""
-    import napari_convlora.blockwise  # noqa: F401
-    import napari_convlora.predict  # noqa: F401
+    import napari_convlora.prediction.blockwise.run  # noqa: F401
+    import napari_convlora.prediction.planes  # noqa: F401
 
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -134,8 +134,8 @@ def child_in_memory(spec: dict[str, Any]) -> dict[str, Any]:
     import zarr
 
     from napari_convlora import load_model
-    from napari_convlora.block_tiles import TileGrid
-    from napari_convlora.predict import predict_image
+    from napari_convlora.prediction.blockwise.tiles import TileGrid
+    from napari_convlora.prediction.planes import predict_image
 
     torch.set_num_threads(1)
     model = load_model(spec["model"], spec["checkpoint"])

@@ -4,7 +4,7 @@ choice (``devices.cpu_threads``), measured in the same run under the same artifi
 ``--load N`` busy processes (each a Python loop) run in the background for the whole benchmark. After
 ``--settle`` seconds (the automatic choice reads the 1-minute load average, which takes about a minute to rise),
 each mode trains the tiny SAM (random weights, Conv-LoRA, 256 px, batch 1) for ``--steps`` optimizer steps in a
-fresh process, through ``train.train`` as the dock and the command line do; the modes alternate over ``--rounds``
+fresh process, through ``training.loop.train`` as the dock and the command line do; the modes alternate over ``--rounds``
 rounds, in reversed order every other round. Reported: steps per second (the loop's own clock, after the first step), median over rounds, and the
 threads each mode used.
 
@@ -38,8 +38,8 @@ def run_mode(spec: dict[str, Any]) -> dict[str, Any]:
     from napari_convlora import tiny_sam_checkpoint
     from napari_convlora.config import RunOptions, TrainRecipe
     from napari_convlora.data import TrainingPair, prepare_training_data
-    from napari_convlora.sample_data import synthetic_cells
-    from napari_convlora.train import train
+    from napari_convlora.data.samples import synthetic_cells
+    from napari_convlora.training.loop import train
 
     work = Path(tempfile.mkdtemp())
     checkpoint = tiny_sam_checkpoint(work / "tiny.pth")

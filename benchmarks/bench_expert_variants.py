@@ -78,10 +78,7 @@ def _bottleneck_variant(variant: str):
 def _use_variant(variant: str, model, optimizer):
     """Run ``model``'s Conv-LoRA layers as ``variant`` says; masked also drops unrouted experts' gradients
     before each AdamW step (one host copy per step), so that it trains as the indexed dispatch does."""
-    from napari_convlora.adapters.dispatch import (
-        drop_unrouted_expert_grads,
-        set_expert_dispatch,
-    )
+    from napari_convlora.adapters.routing import drop_unrouted_expert_grads, set_expert_dispatch
     from napari_convlora.adapters.layers import ConvLoRALinear
 
     original = ConvLoRALinear.bottleneck

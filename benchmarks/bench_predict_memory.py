@@ -86,7 +86,7 @@ def measure_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak-RSS delta and wall time of one ``predict_image`` call, in this (fresh) process."""
     import torch
 
-    from napari_convlora.predict import predict_image
+    from napari_convlora.prediction.planes import predict_image
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -1,6 +1,6 @@
 """Interactive prompting: how long one prompt takes once its plane's embedding is cached, and the first one.
 
-``prompting.segment_prompt`` on an ``--image-size`` square plane (uint16 noise with bright discs): the first prompt of a
+``self_training.prompting.segment_prompt`` on an ``--image-size`` square plane (uint16 noise with bright discs): the first prompt of a
 window computes and caches its image embedding (cold); every further prompt in that window decodes only (warm).
 Reported per configuration: the cold time, and the median, min and max of ``--prompts`` warm box prompts and of as
 many warm single-point prompts, each including the upsampling to the window and the plane-sized mask.
@@ -37,7 +37,7 @@ def _plane(size: int, seed: int = 0) -> np.ndarray:
 
 def _model(name: str, size: int):
     from napari_convlora import AdaptedSAM, load_base, random_base
-    from napari_convlora.builtin_model import builtin_checkpoint
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint
     from napari_convlora.config import HeadConfig, ModelConfig, wesam_adapter
     from napari_convlora.config.model import PromptableAdaptation
 
@@ -50,7 +50,7 @@ def _model(name: str, size: int):
 def measure(name: str, size: int, image_size: int, prompts: int, device: str) -> dict:
     import torch
 
-    from napari_convlora.prompting import EmbeddingCache, segment_prompt
+    from napari_convlora.self_training.prompting import EmbeddingCache, segment_prompt
     from napari_convlora.self_training.crops import CropPrompt
 
     model = _model(name, size).to(device)

@@ -1,6 +1,6 @@
 """Training driven from a plain Python thread vs the main thread: the dock's compute thread, without Qt.
 
-The dock trains by driving ``napari_convlora.train.train`` (a generator) on one long-lived compute thread
+The dock trains by driving ``napari_convlora.training.loop.train`` (a generator) on one long-lived compute thread
 (``_qt/compute.py``: a single-thread ``QThreadPool``) while napari's event loop runs on the main thread.
 ``bench_worker.py`` measures the real dock, but it needs napari, Qt and a display (Xvfb), and the GPU machines
 here have none of them. This script drives the same generator, with the same recipe, three ways in one process:
@@ -53,7 +53,7 @@ def _data(input_size: int, steps: int):
 
     from napari_convlora.config import AdapterConfig, TrainRecipe
     from napari_convlora.data import TrainingPair, prepare_training_data
-    from napari_convlora.sample_data import synthetic_cells
+    from napari_convlora.data.samples import synthetic_cells
 
     image, labels = synthetic_cells(384, seed=0)
     reps = max(1, math.ceil(1.1 * input_size / 384))
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_convlora import random_sam, save_sam_checkpoint
     from napari_convlora.config import RunOptions
-    from napari_convlora.train import train
+    from napari_convlora.training.loop import train
 
     run_options = RunOptions(device=args.device, precision=args.precision)
     recipe, data = _data(args.input_size, args.steps)

@@ -14,7 +14,7 @@ hooks on ``model.sam.image_encoder``) and each ``prob_fn`` call: ``ratio_in_pass
 encoder time in that pass``, ``decode`` = (``prob_fn`` - encoder) / encoder (decoder, upsampling,
 probabilities) and ``blend`` = (tiled - ``prob_fn``) / encoder (cutting tiles, blending windows,
 accumulation, normalisation, the copy of finished bands to the host) are immune to load that changes between
-passes. On CUDA or MPS the tiles are blended on the device (``tiling.BandSums``; ``blending`` in the record says
+passes. On CUDA or MPS the tiles are blended on the device (``prediction.tiling.BandSums``; ``blending`` in the record says
 where): ``prob_fn`` returns its probabilities there and is timed up to a device sync, not a copy to the host.
 Those syncs and the encoder hooks keep the host from cutting the next batch while the device computes, so each
 repeat also times a plain pass (no hooks, no syncs but the one copy per finished band): ``plain_s`` and
@@ -56,8 +56,8 @@ from napari_convlora import AdaptedSAM, random_base  # noqa: E402
 from napari_convlora.adapters.layers import ConvLoRALinear  # noqa: E402
 from napari_convlora.config import AdapterConfig, HeadConfig, ModelConfig  # noqa: E402
 from napari_convlora.devices import resolve_device  # noqa: E402
-from napari_convlora.predict import make_prob_fn  # noqa: E402
-from napari_convlora.tiling import HOST_BLENDED, predict_tiled, tile_starts  # noqa: E402
+from napari_convlora.prediction.planes import make_prob_fn  # noqa: E402
+from napari_convlora.prediction.tiling import HOST_BLENDED, predict_tiled, tile_starts  # noqa: E402
 
 RATIO_GOAL = 1.1
 OVERLAPS = (0.0, 0.25)

@@ -1,7 +1,9 @@
 """Training-step time and peak memory of the decoder-only, LoRA and Conv-LoRA methods.
 
-One step is what ``train.train`` does per optimizer step at batch 1 (``--batch``): forward, ``segmentation_loss``,
-backward, AdamW step on the trainable parameters (``zero_grad(set_to_none=True)`` first). The model is
+One step is what ``training.loop.train`` does per optimizer step at batch 1 (``--batch``), through the same
+``training.step.TrainingStep``: forward, ``segmentation_loss``, backward through the fp16 scaler, clipping at the
+recipe's default norm, AdamW step on the trainable parameters, finite check of the weights
+(``zero_grad(set_to_none=True)`` first; until 2026-12 the benchmark's own copy had no clipping and no finite check). The model is
 SAM with random weights (``random_base``, vit_b geometry by default) adapted by ``AdaptedSAM`` at each
 input size, binary head; the optimizer takes ``model.trainable_parameters()``.
 
@@ -153,13 +155,19 @@ def _batch(size: int, device, seed: int = 0, batch: int = 1):
 
 
 def _make_step(model, optimizer, images, targets, device, dtype):
-    """A function running one training step and returning its wall time in seconds."""
+    """A function running one training step, the one the training loop takes (``training.step.TrainingStep``: fp16
+    scaler, clipping at the recipe's default norm, finite checks), and returning its wall time in seconds."""
+    from pathlib import Path
+
     import torch
 
-    from napari_convlora.devices import autocast_context
-    from napari_convlora.losses import segmentation_loss
+    from napari_convlora.config import TrainRecipe
+    from napari_convlora.training.losses import segmentation_loss
+    from napari_convlora.training.step import TrainingStep
 
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    stepper = TrainingStep(model, optimizer, scheduler, device=device, dtype=dtype,
+                           grad_clip=TrainRecipe().grad_clip, out_path=Path("benchmark"))
 
     def sync() -> None:
         if device.type == "cuda":
@@ -168,12 +176,9 @@ def _make_step(model, optimizer, images, targets, device, dtype):
     def step() -> float:
         sync()
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, dtype):
-            loss = segmentation_loss(model(images), targets, model.num_classes)["total"]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        stepper.start()
+        stepper.micro_batch(lambda: segmentation_loss(model(images), targets, model.num_classes), 1)
+        stepper.finish(1)
         sync()
         return time.perf_counter() - start
 

@@ -2,7 +2,7 @@
 
 Each mode runs in a fresh process (OpenMP thread pools are per process and per thread):
 
-- ``direct``: ``train.train`` on the main thread of a process without Qt (like the CLI).
+- ``direct``: ``training.loop.train`` on the main thread of a process without Qt (like the CLI).
 - ``dock``: the real dock widget in a shown napari viewer presses Train; torch runs on the compute thread.
 - ``dock-after-main-torch``: as ``dock``, but the main thread trained a few steps first (so it owns an
   OpenMP pool, as after using torch in napari's console); the dock releases that pool before starting.
@@ -47,7 +47,7 @@ MODES = ("direct", "dock", "dock-after-main-torch", "naive-worker")
 def _recipe(args) -> TrainRecipe:
     """The training recipe of every mode (the dock is set to the same values)."""
     from napari_convlora.config import AdapterConfig, TrainRecipe
-    from napari_convlora.sample_data import CLASS_NAMES
+    from napari_convlora.data.samples import CLASS_NAMES
 
     return TrainRecipe(adapter=AdapterConfig(method="conv_lora"), input_size=args.input_size, label_mode="dense",
                        val_fraction=0.1, steps=args.steps, batch_size=1, grad_accum=1, lr=1e-3,
@@ -63,7 +63,7 @@ def _run_options(args) -> RunOptions:
 
 def _data(args):
     from napari_convlora.data import TrainingPair, prepare_training_data
-    from napari_convlora.sample_data import synthetic_cells
+    from napari_convlora.data.samples import synthetic_cells
 
     image, labels = synthetic_cells(384, seed=0)
     return image, labels, prepare_training_data([TrainingPair(image, labels)], _recipe(args))
@@ -74,7 +74,7 @@ def _steps_per_s(event, recipe: TrainRecipe) -> float:
 
 
 def run_direct(args, checkpoint: Path, out: Path) -> dict:
-    from napari_convlora.train import train
+    from napari_convlora.training.loop import train
 
     recipe = _recipe(args)
     _, _, data = _data(args)
@@ -141,7 +141,7 @@ def run_gui(args, mode: str, checkpoint: Path, out: Path) -> dict:
     recipe, run = _recipe(args), _run_options(args)
     if mode != "dock":  # the main thread uses torch first: it now owns an OpenMP pool
         isolate_triton()  # napari's OpenGL context is up: see native_libs
-        from napari_convlora.train import train
+        from napari_convlora.training.loop import train
 
         for _ in train(checkpoint, data, out / "main.safetensors", dataclasses.replace(recipe, steps=5), run):
             pass
@@ -160,7 +160,7 @@ def run_gui(args, mode: str, checkpoint: Path, out: Path) -> dict:
 
     if mode == "naive-worker":
         from napari.qt.threading import thread_worker
-        from napari_convlora.train import train
+        from napari_convlora.training.loop import train
 
         worker = thread_worker(train, start_thread=False)(checkpoint, data, out / "naive.safetensors", recipe, run)
         done = []

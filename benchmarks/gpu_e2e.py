@@ -28,9 +28,9 @@ from safetensors.torch import load_file
 from napari_convlora import load_model, random_sam, save_sam_checkpoint
 from napari_convlora.config import AdapterConfig, RunOptions, TrainRecipe
 from napari_convlora.data import TrainingPair, prepare_training_data
-from napari_convlora.predict import predict_image
-from napari_convlora.sample_data import synthetic_cells
-from napari_convlora.train import train
+from napari_convlora.prediction.planes import predict_image
+from napari_convlora.data.samples import synthetic_cells
+from napari_convlora.training.loop import train
 
 
 def _drive(gen, stop: threading.Event | None = None, stop_at: int | None = None):

@@ -192,7 +192,7 @@ def thread_table(records: list[dict[str, Any]]) -> list[str]:
                          str(rec.get("input_size")), mode, _fmt(r.get("median_steps_per_s"), ".2f"),
                          _fmt(r.get("median_ratio_to_main"), ".3f"), _fmt(r.get("worst_max_gap_ms"), ".0f")])
     return ["## Training on a thread (the dock's compute thread, without Qt)", "",
-            "`train.train` driven on the main thread, on a `threading.Thread`, and on one while the main thread "
+            "`training.loop.train` driven on the main thread, on a `threading.Thread`, and on one while the main thread "
             "ticks every 10 ms (max gap: the longest the main thread waited for the GIL during the steps).", "",
             *_table(["card", "model", "px", "mode", "steps/s", "vs main ratio", "max gap ms"], body)]
 

@@ -7,8 +7,8 @@ only some objects and are skipped), the rows are:
 - ``zero_shot``: the base SAM before adaptation (one deterministic run);
 - ``wesam_box`` / ``wesam_points`` / ``wesam_coarse``: ``self_training.self_train`` (WeSAM: LoRA rank 4 on q and v,
   decoder frozen, anchor + teacher + student) on the TRAIN images' weak labels, made from their ground truth:
-  box: the tight box of every object (``pretraining.prompts.mask_box``);
-  points: one positive point per object at its interior-most pixel (``pretraining.prompts.central_point``), no
+  box: the tight box of every object (``data.prompts.mask_box``);
+  points: one positive point per object at its interior-most pixel (``data.prompts.central_point``), no
   negative point (a user's click; WeSAM's 5 + 5 random points per step come with the coarse kind below);
   coarse: every object's mask degraded as WeSAM's "poly" labels are (``coarse_mask``): the longest outline of the
   mask simplified by Douglas-Peucker with a tolerance of 5 % of its length (at least 3 px) and filled; tiny
@@ -25,7 +25,7 @@ only some objects and are skipped), the rows are:
 Every model is scored on the HELD-OUT images with prompts from their ground truth: a tight box per object
 (box mIoU), one positive point at its interior-most pixel with SAM's single-mask output (point mIoU, what the
 plugin's prompting returns) and with SAM's three masks, the one with the highest predicted IoU (best-of-3, as the
-built-in model's own record scores it). Each object is prompted in the window of ``prompting.grid_window`` (the
+built-in model's own record scores it). Each object is prompted in the window of ``self_training.prompting.grid_window`` (the
 256-px scenes are one window); the upsampled logits are thresholded at 0 and compared with the object's mask
 inside the window; mIoU = mean over objects. s/step: median optimizer-step time (after the first two steps).
 
@@ -63,12 +63,15 @@ from napari_convlora.data import ImageLayout
 from napari_convlora.data.images import SamPlanes
 from napari_convlora.modeling import AdaptedSAM, Prompts
 from napari_convlora.pretraining import promptable
-from napari_convlora.pretraining.prompts import central_point, mask_box, random_points
-from napari_convlora.prompting import grid_window
-from napari_convlora.sam_loading import checkpoint_identity, load_base
+from napari_convlora.data.prompts import central_point, mask_box, random_points
+from napari_convlora.self_training.prompting import grid_window
+from napari_convlora.checkpoints.sam_files import checkpoint_identity, load_base
 from napari_convlora.self_training import WeakPair, prepare_weak_data, self_train
 from napari_convlora.self_training.crops import CropPrompt, CropSampler, crop_plane
-from napari_convlora.self_training.loop import decode_prompts, model_config_for
+from napari_convlora.self_training.decoding import decode_prompts
+from napari_convlora.self_training.loop import model_config_for
+from napari_convlora.training.mask_terms import mask_iou, sigmoid_focal_loss, soft_dice_loss
+from napari_convlora.training.step import TrainingStep
 from napari_convlora.self_training.views import random_flips
 from napari_convlora.weak import WeakLabels, WeakObject
 
@@ -213,7 +216,7 @@ class Window:
 
 
 def held_out_windows(images: list[Scored], recipe: SelfTrainingRecipe) -> list[Window]:
-    """Every object of ``images`` in its ``prompting.grid_window``, with its prompts (the same for every row)."""
+    """Every object of ``images`` in its ``self_training.prompting.grid_window``, with its prompts (the same for every row)."""
     size, out = recipe.input_size, []
     for item in images:
         plane = SamPlanes(item.image, ImageLayout(rgb=item.rgb), recipe.input).normalised(0)
@@ -261,7 +264,7 @@ def score_prompts(model: AdaptedSAM, windows: list[Window], device: torch.device
 
 def recipe_for(args: argparse.Namespace, seed: int) -> SelfTrainingRecipe:
     return SelfTrainingRecipe(input_size=args.input_size, steps=args.steps, lr=args.lr, warmup_steps=args.warmup,
-                              max_objects=args.max_objects, seed=seed, val_every=args.steps)
+                              max_objects=args.max_objects, seed=seed, val_every=args.steps, grad_clip=args.grad_clip)
 
 
 def wesam_model(base: Path, train: list[Scored], recipe: SelfTrainingRecipe) -> AdaptedSAM:
@@ -303,9 +306,9 @@ def supervised_loss(model: AdaptedSAM, image: np.ndarray, masks: np.ndarray, rng
     low, iou_pred = decode_prompts(model, embedding, None, prompts)
     logits = F.interpolate(low[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
     truth = torch.from_numpy(np.concatenate([masks, masks])[:, None].astype(np.float32)).to(device)
-    mask_loss = (promptable.FOCAL_WEIGHT * promptable.sigmoid_focal_loss(logits, truth)
-                 + promptable.DICE_WEIGHT * promptable.dice_loss(logits, truth))[:, 0]
-    iou_loss = F.mse_loss(iou_pred.float(), promptable.mask_iou(logits, truth)[:, 0])
+    mask_loss = (promptable.FOCAL_WEIGHT * sigmoid_focal_loss(logits, truth)
+                 + promptable.DICE_WEIGHT * soft_dice_loss(logits, truth, trailing=2))[:, 0]
+    iou_loss = F.mse_loss(iou_pred.float(), mask_iou(logits, truth)[:, 0])
     return mask_loss.mean() + promptable.IOU_WEIGHT * iou_loss
 
 
@@ -318,15 +321,15 @@ def run_supervised(base: Path, train: list[Scored], seed: int, args: argparse.Na
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = wesam_model(base, train, recipe).to(device)
-    params = model.trainable_parameters()
-    optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
+    stepper = TrainingStep(model, optimizer, scheduler, device=device, dtype=None, grad_clip=recipe.grad_clip,
+                           out_path=Path("supervised upper bound"))  # the step self_train takes
     sampler = CropSampler(data.planes, data.objects, recipe.input_size, recipe.max_objects)
     boxes = [{i: mask_box(item.instances == i) for i in np.unique(item.instances) if i > 0} for item in train]
-    size, intervals, loss = recipe.input_size, [], torch.zeros(())
-    for _ in range(recipe.steps):
+    size, intervals, parts = recipe.input_size, [], {"total": 0.0}
+    for step in range(1, recipe.steps + 1):
         tick = time.perf_counter()
-        model.train()
         crop = sampler.sample(rng)  # a window around a random object, as WeSAM's crops
         instances = crop_plane(train[crop.plane_index].instances[..., None].astype(np.float32), crop.top, crop.left,
                                size)[0][..., 0].astype(np.int64)
@@ -337,14 +340,11 @@ def run_supervised(base: Path, train: list[Scored], seed: int, args: argparse.Na
             ids = [ids[i] for i in sorted(rng.choice(len(ids), recipe.max_objects, replace=False))]
         flips = random_flips(rng)
         masks = np.stack([flips.image(instances == i) for i in ids])
-        optimizer.zero_grad(set_to_none=True)
-        loss = supervised_loss(model, flips.image(crop.image), masks, rng, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        stepper.start()
+        stepper.micro_batch(lambda: {"total": supervised_loss(model, flips.image(crop.image), masks, rng, device)}, step)
+        parts = stepper.finish(step)
         intervals.append(time.perf_counter() - tick)
-    return model.eval(), intervals, {"loss": float(loss.detach())}
+    return model.eval(), intervals, {"loss": parts["total"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,6 +437,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=None, help="score only the first N held-out images "
                         "(default: all; for quick checks)")
     parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip gradient norms (default: none, as WeSAM; "
+                        "the stored results of 2026-11 were measured with 1.0, which reproduces them)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write every per-seed number and the summary here")

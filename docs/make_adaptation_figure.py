@@ -37,7 +37,7 @@ def _zero_shot(sam, image: np.ndarray, instances: np.ndarray) -> np.ndarray:
     from napari_convlora.config import InputSpec
     from napari_convlora.data import ImageLayout, to_sam_planes
     from napari_convlora.pretraining.promptable import Prompted, decode, preprocess
-    from napari_convlora.pretraining.prompts import mask_box
+    from napari_convlora.data.prompts import mask_box
 
     size = sam.image_encoder.img_size
     planes = to_sam_planes(image, ImageLayout(), InputSpec())[0]
@@ -63,8 +63,8 @@ def _fine_tuned(base: Path, train_image: np.ndarray, train_mask: np.ndarray, tes
                 work: Path) -> np.ndarray:
     from napari_convlora.config import RunOptions, TrainRecipe
     from napari_convlora.data import TrainingPair, prepare_training_data
-    from napari_convlora.predict import predict_image
-    from napari_convlora.train import train
+    from napari_convlora.prediction.planes import predict_image
+    from napari_convlora.training.loop import train
 
     recipe = TrainRecipe(input_size=256, label_mode="instances", val_fraction=0.15, seed=0, steps=150, batch_size=2,
                          grad_accum=1, lr=1e-3, val_every=75)
@@ -91,10 +91,10 @@ def _panel(gray: np.ndarray, truth: np.ndarray, predicted: np.ndarray | None) ->
 def main() -> int:
     from imageio.v3 import imwrite
 
-    from napari_convlora.builtin_model import builtin_checkpoint
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint
     from napari_convlora.config import SMALL
-    from napari_convlora.sam_loading import load_sam, random_sam, save_sam_checkpoint
-    from napari_convlora.sample_data import stardist_nuclei
+    from napari_convlora.checkpoints.sam_files import load_sam, random_sam, save_sam_checkpoint
+    from napari_convlora.data.samples import stardist_nuclei
 
     found = stardist_nuclei()
     if found is None:

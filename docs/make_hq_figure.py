@@ -32,11 +32,11 @@ CROP, ZOOM = 64, 4
 def _fine_tuned(family, hq: str, work: Path, threads: int) -> np.ndarray:
     """Train the benchmark's row (Conv-LoRA, with ``hq``) on ``family`` with seed 0; the first held-out image's
     predicted foreground."""
-    from napari_convlora.builtin_model import builtin_checkpoint
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint
     from napari_convlora.config import AdapterConfig, RunOptions, TrainRecipe
     from napari_convlora.data import ImageLayout, TrainingPair, prepare_training_data
-    from napari_convlora.predict import predict_image
-    from napari_convlora.train import train
+    from napari_convlora.prediction.planes import predict_image
+    from napari_convlora.training.loop import train
 
     recipe = TrainRecipe(adapter=AdapterConfig(method="conv_lora"), input_size=256, label_mode=family.label_mode,
                          val_fraction=0.0, steps=150, batch_size=1, grad_accum=1, lr=1e-3, val_every=150, seed=0, hq=hq)

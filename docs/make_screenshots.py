@@ -47,7 +47,7 @@ def main() -> None:
     import napari
     from qtpy.QtCore import QCoreApplication, QSettings
 
-    from napari_convlora.sample_data import CLASS_NAMES, synthetic_cells
+    from napari_convlora.data.samples import CLASS_NAMES, synthetic_cells
 
     tmp = Path(tempfile.mkdtemp(prefix="convlora-shots-"))
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp / "settings"))

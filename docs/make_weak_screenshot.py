@@ -32,8 +32,8 @@ def _box(mask: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    from napari_convlora.builtin_model import builtin_checkpoint  # torch first (see _napari/native_libs.py)
-    from napari_convlora.sample_data import stardist_nuclei
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint  # torch first (see _napari/native_libs.py)
+    from napari_convlora.data.samples import stardist_nuclei
 
     import napari
     from qtpy.QtCore import QCoreApplication, QSettings

@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_convlora.atomic import sha256_file
+    from napari_convlora.io.atomic import sha256_file
     from napari_convlora.config import SMALL
     from napari_convlora.pretraining.promptable import focal_weight_at, image_loss, preprocess, prompt_mious
     from napari_convlora.pretraining.synthetic import random_scene
-    from napari_convlora.sam_build import build_sam
-    from napari_convlora.sam_loading import save_sam_checkpoint
+    from napari_convlora.modeling.sam_build import build_sam
+    from napari_convlora.checkpoints.sam_files import save_sam_checkpoint
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

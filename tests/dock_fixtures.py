@@ -8,7 +8,7 @@ import pytest
 # The main thread of a test process builds tiny SAMs: load torch, torchvision and triton before any OpenGL
 # context exists (see _napari/native_libs.py). The plugin itself never imports torch there.
 import segment_anything  # noqa: F401
-from napari_convlora.sample_data import CLASS_NAMES, synthetic_cells
+from napari_convlora.data.samples import CLASS_NAMES, synthetic_cells
 
 STEPS = 6
 

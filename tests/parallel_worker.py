@@ -22,9 +22,9 @@ import torch
 
 from napari_convlora.config import RunOptions, TrainRecipe
 from napari_convlora.data import TrainingPair, prepare_training_data
-from napari_convlora.data_parallel import from_environment
+from napari_convlora.training.data_parallel import from_environment
 from napari_convlora.errors import TrainingError
-from napari_convlora.train import train
+from napari_convlora.training.loop import train
 
 
 def main(path: str) -> int:
@@ -59,7 +59,7 @@ def main(path: str) -> int:
 
 def poison_loss(at_call: int) -> None:
     """From the ``at_call``-th micro-batch of this process on, the training loss is NaN."""
-    import napari_convlora.train as loop
+    import napari_convlora.training.loop as loop
 
     real, calls = loop.segmentation_loss, [0]
 
@@ -91,6 +91,6 @@ def reduce_gradients(log: str) -> int:
 
 
 if __name__ == "__main__":
-    from napari_convlora.data_parallel import end_process
+    from napari_convlora.training.data_parallel import end_process
 
     sys.exit(end_process(main(sys.argv[1])))

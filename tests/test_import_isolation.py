@@ -28,8 +28,8 @@ def _loaded_after(statement: str) -> list[str]:
 
 def test_every_core_module_is_found():
     modules = core_modules()
-    for expected in ("napari_convlora.train", "napari_convlora.modeling.heads", "napari_convlora.config.training",
-                     "napari_convlora.data.rescale", "napari_convlora.cli", "napari_convlora.files_v1"):
+    for expected in ("napari_convlora.training.loop", "napari_convlora.modeling.heads", "napari_convlora.config.training",
+                     "napari_convlora.data.rescale", "napari_convlora.cli.main", "napari_convlora.checkpoints.format_v1"):
         assert expected in modules
     assert not any(m.startswith(SHELL) for m in modules)
 

@@ -13,14 +13,14 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "load_sam": "sam_loading",
-    "load_base": "sam_loading",
-    "BaseSam": "sam_loading",
-    "tiny_sam_checkpoint": "sam_loading",
-    "tiny_hq_checkpoint": "sam_loading",
-    "random_sam": "sam_loading",
-    "random_base": "sam_loading",
-    "save_sam_checkpoint": "sam_loading",
+    "load_sam": "checkpoints.sam_files",
+    "load_base": "checkpoints.sam_files",
+    "BaseSam": "modeling",
+    "tiny_sam_checkpoint": "checkpoints.sam_files",
+    "tiny_hq_checkpoint": "checkpoints.sam_files",
+    "random_sam": "checkpoints.sam_files",
+    "random_base": "checkpoints.sam_files",
+    "save_sam_checkpoint": "checkpoints.sam_files",
     "AdaptedSAM": "modeling",
     "SamArchitecture": "config",
     "ModelConfig": "config",
@@ -32,10 +32,10 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "ConfigError": "errors",
     "TrainingError": "errors",
-    "save_adapter": "files",
-    "save_bundle": "files",
-    "load_model": "files",
-    "describe": "files",
+    "save_adapter": "checkpoints.model_files",
+    "save_bundle": "checkpoints.model_files",
+    "load_model": "checkpoints.model_files",
+    "describe": "checkpoints.model_files",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,5 +1,5 @@
 """Image layers held lazily (dask or Zarr data, a multiscale layer, or a numpy array over ``layers.LARGE_BYTES``),
-predicted block by block without loading them whole: the core's ``blockwise.predict_blockwise`` on the compute
+predicted block by block without loading them whole: the core's ``prediction.blockwise.run.predict_blockwise`` on the compute
 thread (no dask cluster: one block after another in that thread), into a Zarr store that a Labels layer then
 reads lazily.
 
@@ -35,7 +35,7 @@ import numpy as np
 from napari.components import ViewerModel
 from napari.layers import Image, Labels
 
-from ..zarr_io import check_outputs
+from ..io.zarr_stores import check_outputs
 from .jobs import Message, TileProgress
 from .layers import (METADATA_KEY, class_colormap, describe_data, full_resolution, instances_name, prediction_name,
                      spatial_shape)
@@ -127,7 +127,7 @@ def block_outputs(chosen: str, image_name: str, instances: bool, existing: dict[
     Raises:
         ConfigError: one line: not ``*.zarr``, exists, or not writable.
     """
-    from ..safety import check_writable
+    from ..io.safety import check_writable
 
     existing = existing or {}
     if "labels" in existing and (not chosen or _same_path(chosen, existing["labels"].store)):
@@ -182,12 +182,12 @@ def predict_blockwise_job(
     the planes predicted into ``outputs.add_to``'s stores; None when stopped (nothing is written then).
     ``progress`` counts blocks, and chunks and blocks in the whole-image passes (its text says which)."""
     isolate_triton()  # before torch: see native_libs
-    from ..array_image import chunk_warning, open_array
-    from ..block_tiles import BlockPlan, TileGrid
-    from ..blockwise import predict_blockwise
+    from ..io.arrays import chunk_warning, open_array
+    from ..prediction.blockwise.tiles import BlockPlan, TileGrid
+    from ..prediction.blockwise.run import predict_blockwise
     from ..data import ImageLayout, spatial_shape
-    from ..tiling import PredictionCancelled
-    from ..worker_model import LoadedModel
+    from ..prediction.tiling import PredictionCancelled
+    from ..prediction.blockwise.worker_model import LoadedModel
 
     stop = stop or threading.Event()
     image, layout = open_array(layer.data, f"'{layer.name}'"), ImageLayout(rgb=layer.rgb)

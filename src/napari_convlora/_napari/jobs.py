@@ -35,7 +35,7 @@ class Message:
 
 @dataclass
 class LoadedFile:
-    """What a model file is: ``info`` from ``files.describe``, and the model for fine-tuned files."""
+    """What a model file is: ``info`` from ``checkpoints.model_files.describe``, and the model for fine-tuned files."""
 
     path: str
     info: dict[str, Any]
@@ -49,7 +49,7 @@ class TrainResult:
     path: str
     stopped: bool
     resumable: bool
-    config: dict[str, Any] | None = None  # the model's configuration record (what ``files.describe`` shows)
+    config: dict[str, Any] | None = None  # the model's configuration record (what ``checkpoints.model_files.describe`` shows)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def probe_devices() -> Generator[Message, None, dict[str, bool]]:
 
 def builtin_checkpoint() -> Generator[Message, None, str]:
     """The built-in small SAM shipped with the package (pretrained here on generated scenes; nothing is downloaded)."""
-    from ..builtin_model import builtin_checkpoint as path, describe_builtin
+    from ..checkpoints.builtin import builtin_checkpoint as path, describe_builtin
 
     yield Message(f"using {describe_builtin()}")
     return str(path())
@@ -146,8 +146,8 @@ def load_file(path: str, base: str | None = None) -> Generator[Message, None, Lo
     """Describe a SAM checkpoint, or load a fine-tuned file (an adapter needs its ``base`` SAM)."""
     yield Message(f"reading {path}")
     isolate_triton()  # before torch: see native_libs
-    from ..files import describe, load_model
-    from ..training_state import state_path
+    from ..checkpoints.model_files import describe, load_model
+    from ..checkpoints.training_state import state_path
 
     info = describe(path)
     if info["format"] == SAM_CHECKPOINT_FORMAT:
@@ -201,12 +201,12 @@ def train_job(
     stop: threading.Event | None = None,
 ) -> Generator[Any, None, TrainResult | None]:
     """Resolve the recipe (a resumed run keeps its saved one; a run that continues a model takes what the model
-    decides), check and prepare the data with it, then drive ``train.train``; yields Messages and TrainingEvents."""
+    decides), check and prepare the data with it, then drive ``training.loop.train``; yields Messages and TrainingEvents."""
     isolate_triton()  # before torch: see native_libs
     from ..config import to_record
     from ..data import ImageLayout, TrainingPair, prepare_training_data
-    from ..train import init_recipe, resume_recipe, train
-    from ..training_state import state_path
+    from ..training.loop import init_recipe, resume_recipe, train
+    from ..checkpoints.training_state import state_path
 
     stop = stop or threading.Event()
     if resume_from:
@@ -250,8 +250,8 @@ def predict_job(
     class, plane by plane); None when stopped."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
-    from ..predict import predict_image
-    from ..tiling import PredictionCancelled
+    from ..prediction.planes import predict_image
+    from ..prediction.tiling import PredictionCancelled
 
     stop = stop or threading.Event()
     where = "the whole image" if planes is None else f"plane {planes[0]}"
@@ -278,7 +278,7 @@ def predict_files_job(
     """Predict image files into ``out_dir``, one log line per file (a file that fails is skipped, the others go
     on); returns the summary line. Stopping ends it between tile batches; finished files are kept."""
     isolate_triton()  # before torch: see native_libs
-    from ..batch_predict import expand_inputs, predict_files, summary
+    from ..prediction.batch import expand_inputs, predict_files, summary
 
     stop = stop or threading.Event()
     images = expand_inputs(paths)
@@ -296,7 +296,7 @@ def evaluate_job(model: Any, pair: LayerCopy, labels_name: str, device: str) -> 
     """Predict a copied image and score it against its copied Labels (read with the model's label mode)."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
-    from ..predict import evaluate_image
+    from ..prediction.planes import evaluate_image
 
     yield Message(f"evaluating the model on '{pair.name}' against '{labels_name}'")
     metrics = evaluate_image(model, pair.image, pair.labels, ImageLayout(rgb=pair.rgb), device=device)
@@ -307,7 +307,7 @@ def save_job(model: Any, path: str, bundle: bool) -> Generator[Message, None, st
     """Write the adapter (it names its base SAM checkpoint) or a one-file bundle."""
     yield Message(f"saving {path}")
     isolate_triton()  # before torch: see native_libs
-    from ..files import save_adapter, save_bundle
+    from ..checkpoints.model_files import save_adapter, save_bundle
 
     (save_bundle if bundle else save_adapter)(model, path)
     return path
@@ -318,7 +318,7 @@ def model_zoo_job(model: Any, path: str, image: LayerCopy | None, plane: int | N
     sample); bioimageio.spec checks the package before it is moved into place."""
     yield Message(f"exporting a BioImage Model Zoo package to {path}")
     isolate_triton()  # before torch: see native_libs
-    from ..bioimageio_export import export_bioimageio  # refuses a bad path before any work
+    from ..bioimageio.export import export_bioimageio  # refuses a bad path before any work
     from ..data import ImageLayout
 
     sample = None if image is None else image.image

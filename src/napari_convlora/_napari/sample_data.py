@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..sample_data import CLASS_NAMES, stardist_nuclei, synthetic_cells
+from ..data.samples import CLASS_NAMES, stardist_nuclei, synthetic_cells
 
 LayerData = list[tuple[Any, dict[str, Any], str]]
 

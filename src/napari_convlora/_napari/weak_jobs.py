@@ -103,14 +103,14 @@ def adapt_job(
 def embedding_cache(model: Any, cached: tuple[Any, Any] | None, key: Any, image: LayerCopy | None,
                     device: str) -> tuple[Any, Any]:
     """``(key, cache)``: ``cached`` when it was made for ``key`` (image, model, device), else a new
-    ``prompting.EmbeddingCache`` of ``image`` for ``model`` on ``device``."""
+    ``self_training.prompting.EmbeddingCache`` of ``image`` for ``model`` on ``device``."""
     if cached is not None and cached[0] == key:
         return cached
     if image is None:
         raise ValueError("the image was not copied for a new embedding cache")
     from ..data import ImageLayout
     from ..devices import resolve_device
-    from ..prompting import EmbeddingCache
+    from ..self_training.prompting import EmbeddingCache
 
     where = resolve_device(device)
     return key, EmbeddingCache(model.to(where), image.image, ImageLayout(rgb=image.rgb), device=where)
@@ -131,7 +131,7 @@ def segment_job(
     """Every box, point group and coarse object of ``planes`` (default all) as one instance, with the adapted
     model and (``compare``) with the SAM that was loaded (its adapters off)."""
     isolate_triton()  # before torch: see native_libs
-    from ..prompting import segment_weak_labels
+    from ..self_training.prompting import segment_weak_labels
 
     count = sum(len(weak.on_plane(p)) for p in (planes if planes is not None else weak.planes()))
     also = " (and with the unadapted SAM)" if compare else ""
@@ -156,7 +156,7 @@ def prompt_job(
 ) -> Generator[Message, None, PromptResult]:
     """One interactive prompt (a box, or points) on ``target``'s plane -> its mask, from the cached embedding."""
     isolate_triton()  # before torch: see native_libs
-    from ..prompting import segment_prompt
+    from ..self_training.prompting import segment_prompt
     from ..self_training.crops import CropPrompt
 
     keyed = embedding_cache(model, cached, key, image, device)

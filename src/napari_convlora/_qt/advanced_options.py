@@ -1,13 +1,14 @@
-"""The dock's Advanced tab: optimisation details, CPU threads, the low-memory switch and where runs are saved, a
-plain form built with magicgui."""
+"""The dock's Advanced tab: optimisation details, the binary models' loss, CPU threads, the low-memory switch and
+where runs are saved, a plain form built with magicgui."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, Container, FileEdit, FloatSpinBox, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, SpinBox
 
 from ..config import RunOptions, TrainRecipe
+from ..config.choices import MASK_LOSS_LABELS, MASK_LOSSES
 from .fields import settings
 
 #: Where training runs are saved unless the user chose a folder (remembered in the settings).
@@ -26,6 +27,11 @@ class AdvancedOptions(Container):
                                   tooltip="patches per forward pass")
         self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
                                   tooltip="forward passes per optimizer step")
+        self.mask_loss = ComboBox(value=defaults.mask_loss, label="loss (binary)",
+                                  choices=[(MASK_LOSS_LABELS[name], name) for name in MASK_LOSSES],
+                                  tooltip="binary models: PraNet's structure loss over every pixel, or HQ-SAM's "
+                                          "BCE + dice on 12,544 points (75 % where the model is least sure); "
+                                          "multi-class models use their own loss")
         self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
                                tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
                                        "processes keep the CPUs busy, which would slow training down many times)")
@@ -39,8 +45,8 @@ class AdvancedOptions(Container):
                                    tooltip="folder where training runs are saved (remembered)")
         self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
         self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
-        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.threads, self.low_memory,
-                                  self.run_folder])
+        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.mask_loss, self.threads,
+                                  self.low_memory, self.run_folder])
         self.margins = (0, 0, 0, 0)
 
     def run_options(self, device: str, precision: str) -> RunOptions:

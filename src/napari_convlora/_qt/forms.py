@@ -10,40 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                            QSpinBox, QVBoxLayout, QWidget)
 
+from ..checkpoints.builtin import OFFICIAL_CHECKPOINTS
 from ..config import AdapterConfig, TrainRecipe
-from ..builtin_model import OFFICIAL_CHECKPOINTS
+from ..config.choices import (DEVICE_LABELS, DEVICES, HQ_MODE_LABELS, HQ_MODES, LABEL_MODE_LABELS, LABEL_MODES,
+                              LENGTH_UNITS, METHOD_LABELS, METHODS, MIXED_PRECISIONS, NO_ENCODER_ADAPTER, MODEL_SUFFIX,
+                              PRECISIONS, SAM_SUFFIXES, UNPAINTED_PLANE_LABELS, UNPAINTED_PLANES)
 from ..config.suggestions import suggested_input_size
-from ..config.choices import (
-    DEVICE_LABELS,
-    DEVICES,
-    HQ_MODE_LABELS,
-    HQ_MODES,
-    LABEL_MODE_LABELS,
-    LABEL_MODES,
-    LENGTH_UNITS,
-    METHOD_LABELS,
-    METHODS,
-    MIXED_PRECISIONS,
-    NO_ENCODER_ADAPTER,
-    MODEL_SUFFIX,
-    PRECISIONS,
-    SAM_SUFFIXES,
-    UNPAINTED_PLANE_LABELS,
-    UNPAINTED_PLANES,
-)
 from .advanced_options import AdvancedOptions
 from .fields import LayerCombo, PathField, set_item_enabled
 

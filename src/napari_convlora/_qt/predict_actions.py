@@ -10,24 +10,11 @@ from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from .._napari import block_predict, jobs
-from .._napari.layers import (
-    class_colours,
-    copy_image,
-    copy_pair,
-    copy_plane,
-    copy_prediction,
-    current_plane,
-    find_labels_for,
-    held_lazily,
-    instances_name,
-    painted_pixels_to_replace,
-    prediction_name,
-    training_colours,
-    write_instances,
-    write_prediction,
-)
+from .._napari.layers import (class_colours, copy_image, copy_pair, copy_plane, copy_prediction, current_plane,
+                              find_labels_for, held_lazily, instances_name, painted_pixels_to_replace, prediction_name,
+                              training_colours, write_instances, write_prediction)
+from ..io.safety import check_outputs_are_not_inputs
 from ..metrics import class_labels, class_pixel_counts, format_line
-from ..safety import check_outputs_are_not_inputs
 from .compute import JobWorker
 from .fields import settings
 from .forms import MODEL_FILTER
@@ -244,7 +231,7 @@ class PredictActions:
                                                   "BioImage Model Zoo packages (*.zip)")
             if not path:
                 return None
-        from ..bioimageio_export import TEST_SIDE  # torch is loaded already: a model exists
+        from ..bioimageio.export import TEST_SIDE  # torch is loaded already: a model exists
 
         name = self.predict_image.current()
         layer = self.viewer.layers[name] if name else None

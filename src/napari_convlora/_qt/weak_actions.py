@@ -12,18 +12,13 @@ from napari.layers import Image, Labels, Points, Shapes
 
 from .._napari import jobs, weak_jobs
 from .._napari.layers import copy_image, current_plane, instances_name
-from .._napari.weak_layers import (
-    WeakInput,
-    plane_tuple,
-    read_weak_input,
-    unadapted_name,
-    write_class_labels,
-    write_prompted_instances,
-)
+from .._napari.weak_layers import (WeakInput, plane_tuple, read_weak_input, unadapted_name, write_class_labels,
+                                   write_prompted_instances)
+from ..io.safety import new_run_path
 from ..weak import WeakLabelError, WeakLabels
 from ..weak.classes import object_class
-from .compute import JobWorker
 from .advanced_options import DEFAULT_RUN_FOLDER
+from .compute import JobWorker
 from .weak_form import WeakForm
 
 
@@ -82,8 +77,6 @@ class WeakActions:
     def adapt(self, resume: bool = False) -> JobWorker | None:
         """Adapt SAM's encoder to the chosen image from its weak labels (WeSAM self-training) on the compute thread;
         ``resume``: continue the last run exactly (its file, its recipe; the weak labels must be read as before)."""
-        from .widget import new_run_path
-
         base = self.model_form.sam.path()
         if not base:
             return self._refuse("choose a SAM checkpoint first (or the built-in model)")

@@ -6,48 +6,28 @@ and writes predictions back as Labels on the main thread. Nothing here imports t
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QEvent
-from qtpy.QtWidgets import (
-    QGroupBox,
-    QHBoxLayout,
-    QPushButton,
-    QScrollArea,
-    QTabWidget,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QPushButton, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from .._napari import jobs
-from .._napari.layers import (
-    copy_pair,
-)
+from .._napari.layers import copy_pair
 from ..config import TrainRecipe
 from ..config.choices import HQ_MODE_LABELS, SAM_CHECKPOINT_FORMAT
 from ..errors import describe_error
-from .compute import JobWorker, compute_thread
+from ..io.safety import new_run_path
 from .advanced_options import DEFAULT_RUN_FOLDER
+from .compute import JobWorker, compute_thread
 from .forms import DataForm, ModelForm
 from .predict_actions import PredictActions
 from .predict_panel import PredictPanel
 from .progress_view import ProgressView, eta_text
 from .prompt_actions import PromptActions
 from .weak_actions import WeakActions
-
-
-def new_run_path(folder: Path) -> str:
-    """A new model file in ``folder`` named by the time, never one that exists (two runs in one second)."""
-    stem = f"convlora-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = folder / f"{stem}.safetensors", 1
-    while path.exists() or path.with_suffix(".training.pt").exists():
-        n += 1
-        path = folder / f"{stem}-{n}.safetensors"
-    return str(path)
 
 
 class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):

@@ -19,7 +19,7 @@ rounding: its weight gradient sums over all rows, the unchosen rows adding exact
 the same gradients. An expert that no row chose gets an all-zero gradient instead of ``None``; AdamW does not
 skip a zero gradient (its moments decay, its step count and weight decay apply), so one more step would
 change that expert. Whether a gradient is ``None`` is host state, so making it ``None`` needs the host to
-know which experts were chosen: a device-to-host copy that cannot be avoided. :func:`drop_unrouted_expert_grads`
+know which experts were chosen: a device-to-host copy that cannot be avoided. :func:`~.routing.drop_unrouted_expert_grads`
 makes it ONE copy per optimizer step for all layers together (instead of one per layer and forward), after
 ``backward``: call it before ``optimizer.step()`` (or register it with ``optimizer.register_step_pre_hook``)
 and training is the same as with indexed dispatch.
@@ -103,52 +103,3 @@ def masked_mix(experts: nn.ModuleList, zc: torch.Tensor, gates: torch.Tensor, we
             out = out * gates.to(dtype)[:, :, None, None, None]
         kept = torch.where(chosen, out, 0.0).to(zc.dtype)  # rounded as indexed_mix rounds each expert's rows
     return kept.sum(dim=1)  # top-1: the one kept result plus exact zeros
-
-
-def conv_lora_layers(model: nn.Module) -> list[nn.Module]:
-    """The Conv-LoRA layers (:class:`~napari_convlora.adapters.layers.ConvLoRALinear`) under ``model``."""
-    from .layers import ConvLoRALinear  # layers imports this module
-
-    return [m for m in model.modules() if isinstance(m, ConvLoRALinear)]
-
-
-def set_expert_dispatch(model: nn.Module, mode: str) -> int:
-    """Set the dispatch (``"auto"``, ``"indexed"`` or ``"masked"``) of every Conv-LoRA layer under ``model``.
-
-    A runtime choice, like ``model.train()``: not part of the model's configuration or saved files.
-
-    Returns:
-        The number of layers set.
-    """
-    resolve_dispatch(mode, "cpu")  # validates
-    layers = conv_lora_layers(model)
-    for layer in layers:
-        layer.dispatch = mode
-        layer.routed_experts = None  # a record of another dispatch's forwards must not drop this one's gradients
-    return len(layers)
-
-
-def drop_unrouted_expert_grads(model: nn.Module) -> int:
-    """Set to ``None`` the gradients of experts that no row was routed to since gradients were last cleared.
-
-    After ``backward`` and before ``optimizer.step()``, this makes masked dispatch train exactly like indexed
-    dispatch (where such experts never ran, so AdamW skips them). One device-to-host copy of M booleans per
-    Conv-LoRA layer, all layers in one copy; nothing to do for layers that ran indexed.
-
-    Returns:
-        The number of experts whose gradients were dropped.
-    """
-    layers = [m for m in conv_lora_layers(model) if m.routed_experts is not None]
-    if not layers:
-        return 0
-    routed = torch.cat([m.routed_experts for m in layers]).cpu().tolist()  # the one host copy
-    dropped, start = 0, 0
-    for layer in layers:
-        for expert, was_routed in zip(layer.experts, routed[start : start + len(layer.experts)]):
-            if not was_routed:
-                dropped += 1
-                for p in expert.parameters():
-                    p.grad = None
-        start += len(layer.experts)
-        layer.routed_experts = None  # used: the next step records afresh
-    return dropped

@@ -20,6 +20,12 @@ QKV_SLICES = ("q", "k", "v")
 HQ_MODES = ("off", "sam+hq", "hq")
 HQ_MODE_LABELS = {"off": "off", "sam+hq": "SAM + HQ", "hq": "HQ only"}
 
+#: The supervised loss of a binary model: PraNet's structure loss (weighted BCE + weighted IoU over every pixel;
+#: Conv-LoRA's) or HQ-SAM's point-sampled BCE + dice (12,544 points, 75 % chosen by uncertainty). Multi-class
+#: models always use the Mask2Former-style mask-classification loss, which is point-sampled already.
+MASK_LOSSES = ("structure", "hq_points")
+MASK_LOSS_LABELS = {"structure": "structure (PraNet)", "hq_points": "HQ-SAM points"}
+
 #: Where to compute; "auto" takes CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DEVICE_LABELS = {"auto": "auto", "cuda": "CUDA", "mps": "MPS", "cpu": "CPU"}

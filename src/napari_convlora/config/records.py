@@ -6,7 +6,7 @@
   from (a file) and the key's full path (``config.adapter.rank``). Nested dataclass fields are read
   recursively; values are checked by each dataclass's own ``__post_init__``, whose message is kept.
 
-Files from an older format version are first converted to the current shape (``files.py``), so that the
+Files from an older format version are first converted to the current shape (``checkpoints/model_files.py``), so that the
 reader here can stay strict. The one exception: a field declared with ``metadata=ADDED_LATER`` (a setting
 introduced after format version 2 whose default reproduces what older files meant, like ``hq="off"``) takes its
 default when a record lacks it, so that adapters, bundles and training states written before stay readable.

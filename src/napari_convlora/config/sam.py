@@ -1,6 +1,6 @@
 """SAM's geometry as data: the dataclass every SAM is rebuilt from, the official presets and a tiny SAM.
 
-No torch here: ``sam_build.py`` turns a :class:`SamArchitecture` into ``segment_anything``'s modules and
+No torch here: ``modeling/sam_build.py`` turns a :class:`SamArchitecture` into ``segment_anything``'s modules and
 reads one off a checkpoint's tensors.
 """
 

@@ -23,7 +23,10 @@ class SelfTrainingRecipe:
     input_size: SAM's input side; training crops are this large (objects keep their pixel size).
     input: how images are normalised (the plugin's percentiles; WeSAM feeds unnormalised 0..1 images to a SAM
         trained on normalised ones, which the plugin does not copy).
-    reference_quirks: reproduce the released code's loss quirk (``wesam_losses``); False: the intended formulas.
+    reference_quirks: reproduce the released code's loss quirk (``self_training.losses``); False: the intended
+        formulas.
+    grad_clip: the largest gradient norm, or None (default) for no clipping, as WeSAM's released code trains (runs
+        saved before napari-convlora 0.3 clipped at 1.0, and resume with it).
     """
 
     adapter: AdapterConfig = field(default_factory=wesam_adapter)
@@ -33,7 +36,7 @@ class SelfTrainingRecipe:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 250
-    grad_clip: float = 1.0
+    grad_clip: float | None = None
     max_objects: int = 40
     positive_points: int = 5
     negative_points: int = 5
@@ -51,9 +54,10 @@ class SelfTrainingRecipe:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.negative_points < 0 or self.warmup_steps < 0:
             raise ConfigError("negative_points and warmup_steps must be >= 0")
-        if not self.lr > 0 or not math.isfinite(self.lr) or self.weight_decay < 0 or not self.grad_clip > 0:
-            raise ConfigError(f"need lr > 0, weight_decay >= 0 and grad_clip > 0; got {self.lr}, {self.weight_decay}, "
-                              f"{self.grad_clip}")
+        if not self.lr > 0 or not math.isfinite(self.lr) or self.weight_decay < 0:
+            raise ConfigError(f"need lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 (or None: no clipping), got {self.grad_clip}")
         if self.val_every is not None and self.val_every < 1:
             raise ConfigError(f"val_every must be >= 1, got {self.val_every}")
 

@@ -2,8 +2,8 @@
 (:class:`RunOptions`, always the caller's, never saved). No torch.
 
 The dock and the command line build these objects directly. Resolve first, then prepare the data: when a
-run is resumed its saved recipe is read before any data are cut (``train.resume_recipe``), and when a run
-starts from a trained model the model's settings are (``train.init_recipe``), because the recipe decides the
+run is resumed its saved recipe is read before any data are cut (``training.loop.resume_recipe``), and when a run
+starts from a trained model the model's settings are (``training.loop.init_recipe``), because the recipe decides the
 patch size, the normalisation, the label encoding and the validation split.
 """
 
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .choices import DEVICES, HQ_MODES, LABEL_MODES, PRECISIONS, UNPAINTED_PLANES
+from .choices import DEVICES, HQ_MODES, LABEL_MODES, MASK_LOSSES, PRECISIONS, UNPAINTED_PLANES
 from .model import AdapterConfig, InputSpec, check_input_size
 from .records import ADDED_LATER
 
@@ -40,6 +40,10 @@ class TrainRecipe:
     num_mask_tokens: multi-class heads: tokens that compete for the classes (default 2 x classes).
     hq: HQ-SAM's fusion on the head (``HeadConfig.hq``): ``"off"``, ``"sam+hq"`` or ``"hq"``; method ``"hq"``
         with ``"off"`` means ``"sam+hq"`` (the paper's default output).
+    mask_loss: the loss of a binary model: ``"structure"`` (PraNet's structure loss, Conv-LoRA's) or
+        ``"hq_points"`` (HQ-SAM's point-sampled BCE + dice, ``training/hq_mask_loss.py``). Multi-class models
+        always use the mask-classification loss and refuse ``"hq_points"`` (here when ``class_names`` names more
+        than two classes, else when training starts: :meth:`check_mask_loss`).
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
     batch_size x grad_accum: patches per optimizer step.
@@ -55,6 +59,7 @@ class TrainRecipe:
     class_names: tuple[str, ...] | None = None
     num_mask_tokens: int | None = None
     hq: str = field(default="off", metadata=ADDED_LATER)
+    mask_loss: str = field(default="structure", metadata=ADDED_LATER)
     val_fraction: float = 0.1
     augment: bool = True
     steps: int | None = None
@@ -73,12 +78,16 @@ class TrainRecipe:
             raise ConfigError(f"unknown HQ mode {self.hq!r}; expected one of {HQ_MODES}")
         if self.adapter.method == "hq" and self.hq == "off":
             self.hq = "sam+hq"
+        if self.mask_loss not in MASK_LOSSES:
+            raise ConfigError(f"unknown mask loss {self.mask_loss!r}; expected one of {MASK_LOSSES}")
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
         if self.unpainted_planes not in UNPAINTED_PLANES:
             raise ConfigError(f"unpainted_planes must be one of {UNPAINTED_PLANES}, got {self.unpainted_planes!r}")
         if self.class_names is not None:
             self.class_names = tuple(str(n) for n in self.class_names)
+        if self.class_names is not None and len(self.class_names) > 2:
+            self.check_mask_loss(len(self.class_names))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"the validation fraction must be in [0, 1), got {self.val_fraction}")
         if self.steps is not None and self.epochs is not None:
@@ -96,6 +105,13 @@ class TrainRecipe:
             raise ConfigError(f"the learning rate must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or not self.grad_clip > 0:
             raise ConfigError(f"weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay}, {self.grad_clip}")
+
+    def check_mask_loss(self, num_classes: int) -> None:
+        """Refuse a binary-only mask loss for labels with ``num_classes`` classes (background included)."""
+        if self.mask_loss == "hq_points" and num_classes != 2:
+            raise ConfigError(f"mask loss 'hq_points' (--mask-loss) is for binary models, but the labels hold "
+                              f"{num_classes} classes; multi-class models use their mask-classification loss "
+                              f"(point-sampled already): choose mask loss 'structure'")
 
     @property
     def patches_per_step(self) -> int:

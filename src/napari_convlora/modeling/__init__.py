@@ -1,6 +1,7 @@
 """The adapted model and its parts (torch): ``AdaptedSAM`` composes SAM, encoder adapters and heads."""
 
 from .adapted_sam import AdaptedSAM
+from .base_sam import BaseSam
 from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead, Prompts
@@ -9,6 +10,7 @@ from .resize import resize_sam_input
 
 __all__ = [
     "AdaptedSAM",
+    "BaseSam",
     "BlockOutputCapture",
     "ImageFeatures",
     "PromptFreeHead",

@@ -21,7 +21,6 @@ attention can run through PyTorch's fused attention, a forward bound on SAM's ``
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..adapters.inject import adapter_layers, inject_adapters, set_adapters_enabled
 from ..config import ModelConfig
-from ..sam_build import infer_architecture
+from .base_sam import BaseSam
 from .checkpointing import set_activation_checkpointing, unwrapped
 from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
@@ -37,9 +36,7 @@ from .heads import PromptableHead, PromptFreeHead
 from .hq import HQParts
 from .outputs import SegmentationOutput
 from .resize import resize_sam_input
-
-if TYPE_CHECKING:
-    from ..sam_loading import BaseSam
+from .sam_build import infer_architecture
 
 #: The SAMs that are part of a model: a SAM serves one model (kept outside SAM's objects, weakly).
 _SAMS_IN_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -95,7 +92,7 @@ class AdaptedSAM(nn.Module):
 
     @classmethod
     def from_base(cls, base: BaseSam, config: ModelConfig) -> AdaptedSAM:
-        """The model of ``config`` on a loaded base (``sam_loading.load_base``), with the base's HQ parts when it
+        """The model of ``config`` on a loaded base (``checkpoints.sam_files.load_base``), with the base's HQ parts when it
         is an HQ-SAM checkpoint and the head uses HQ."""
         return cls(base.sam, config, hq=base.hq)
 

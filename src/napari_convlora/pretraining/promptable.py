@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prompts import central_point, correction_point, mask_box, noisy_box, random_points
+from ..data.prompts import central_point, correction_point, mask_box, noisy_box, random_points
+from ..training.mask_terms import mask_iou, sigmoid_focal_loss, soft_dice_loss
 
 #: Objects prompted per image and step, drawn without replacement with probability proportional to the square
 #: root of their area (OBJECT_WEIGHTING): crowded scenes are mostly objects of a few dozen pixels, which a
@@ -55,33 +56,6 @@ def focal_weight_at(step: int, ramp_steps: int) -> float:
     return FOCAL_WEIGHT * min(1.0, step / ramp_steps) if ramp_steps > 0 else FOCAL_WEIGHT
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
-                       ) -> torch.Tensor:
-    """Per mask: the focal loss averaged over pixels. logits, targets: K x M x H x W -> K x M."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(dim=(-2, -1))
-
-
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per mask: 1 - soft Dice. logits, targets: K x M x H x W -> K x M."""
-    prob = logits.sigmoid().flatten(-2)
-    targets = targets.flatten(-2)
-    return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
-
-
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """IoU of the thresholded masks (logit > 0) with the targets. K x M x H x W -> K x M (no gradient)."""
-    pred = logits.detach() > 0
-    truth = targets > 0.5
-    inter = (pred & truth).flatten(-2).sum(-1).float()
-    union = (pred | truth).flatten(-2).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def decode(sam, embedding: torch.Tensor, prompted: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's prompt encoder and mask decoder for the K objects of one image (prompts moved to its device).
 
@@ -105,7 +79,8 @@ def _mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.T
     K x 1 x h x w, IoU of the chosen masks K)."""
     logits = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
     truth = targets[:, None].expand_as(logits)
-    mask_loss = focal_weight * sigmoid_focal_loss(logits, truth) + DICE_WEIGHT * dice_loss(logits, truth)
+    mask_loss = (focal_weight * sigmoid_focal_loss(logits, truth)
+                 + DICE_WEIGHT * soft_dice_loss(logits, truth, trailing=2))
     ious = mask_iou(logits, truth)
     best = mask_loss.detach().argmin(dim=1)
     rows = torch.arange(len(best), device=best.device)

@@ -21,6 +21,7 @@ from ..devices import autocast_context
 from ..modeling import AdaptedSAM
 from ..weak import WeakObject
 from .crops import CropPrompt, crop_plane, object_centre, prompt_in_crop, window_around
+from .decoding import decode_prompts
 
 #: Seed of the points drawn in coarse masks for evaluation (the same prompts at every evaluation).
 EVALUATION_SEED = 12345
@@ -47,8 +48,6 @@ def target_id(obj: WeakObject, truth: np.ndarray) -> int:
 @torch.no_grad()
 def evaluate_prompts(model: AdaptedSAM, data: Any, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Prompt mIoU of ``model`` on the planes of ``data`` (a ``WeakData``) that have evaluation labels."""
-    from .loop import decode_prompts
-
     was_training = model.training
     model.eval()
     size = model.config.input_size

@@ -8,7 +8,7 @@ One network, three forwards per step (``self_train``):
 
 Every prompted object of the crop is decoded by SAM's own prompt encoder and mask decoder (``model.prompt_head``,
 single-mask output, decoder frozen); low-resolution logits are upsampled to the crop (``S x S``), and
-``wesam_losses.wesam_loss`` gives the five terms. Only the adapter weights train (``ModelConfig.promptable``).
+``self_training.losses.wesam_loss`` gives the five terms. Only the adapter weights train (``ModelConfig.promptable``).
 
 Yields the same :class:`~..train.TrainingEvent` as supervised training (start, step with the loss terms in
 ``parts``, validation with prompt mIoU when evaluation labels exist, saved, stopped, finished); Stop saves at the
@@ -29,21 +29,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints.model_files import load_model, save_adapter
+from ..checkpoints.sam_files import load_base
+from ..checkpoints.training_state import load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
 from ..config import HeadConfig, ModelConfig, RunOptions
 from ..config.model import PromptableAdaptation
 from ..config.self_training import SelfTrainingRecipe
-from ..devices import apply_run_options, autocast_context
+from ..devices import apply_run_options
 from ..errors import ConfigError, TrainingError
-from ..files import load_model, save_adapter
-from ..modeling import AdaptedSAM, Prompts
-from ..safety import check_outputs_are_not_inputs, check_writable, run_lock
-from ..sam_loading import load_base
-from ..train import TrainingEvent
-from ..training_state import load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
-from ..wesam_losses import BranchOutputs, wesam_loss
-from .crops import CropPrompt, CropSampler, PromptedCrop, prompt_groups
+from ..io.safety import check_outputs_are_not_inputs, check_writable, run_lock
+from ..modeling import AdaptedSAM, BaseSam
+from ..training.events import TrainingEvent
+from ..training.step import TrainingStep
+from .crops import CropPrompt, CropSampler, PromptedCrop
 from .data import WeakData
+from .decoding import decode_prompts
 from .evaluation import evaluate_prompts
+from .losses import BranchOutputs, wesam_loss
 from .views import Flips, random_flips, strong_view
 
 
@@ -55,25 +57,6 @@ def _flip_prompts(prompts: Sequence[CropPrompt], flips: Flips, size: int) -> lis
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """S x S x 3 float32 -> 1 x 3 x S x S on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
-
-
-def decode_prompts(model: AdaptedSAM, embedding: torch.Tensor, early: torch.Tensor | None,
-                   prompts: Sequence[CropPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's single-mask decoding of every prompt of one crop, in prompt order.
-
-    Returns (low-resolution logits N x 4g x 4g, predicted IoU N)."""
-    device = embedding.device
-    low, iou = [None] * len(prompts), [None] * len(prompts)
-    for indices, arrays in prompt_groups(prompts):
-        def on(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-            value = arrays[name]
-            return None if value is None else torch.from_numpy(value).to(device=device, dtype=dtype)
-
-        masks, ious = model.prompt_head(embedding, Prompts(points=on("points"), point_labels=on("labels", torch.int64),
-                                                           boxes=on("boxes")), multimask_output=False, early=early)
-        for row, i in enumerate(indices):
-            low[i], iou[i] = masks[row, 0], ious[row, 0]
-    return torch.stack(low), torch.stack(iou)
 
 
 def _branch(model: AdaptedSAM, image: torch.Tensor, prompts: Sequence[CropPrompt], size: int) -> BranchOutputs:
@@ -104,7 +87,7 @@ def step_loss(model: AdaptedSAM, crop: PromptedCrop, recipe: SelfTrainingRecipe,
     return wesam_loss(student, teacher, anchor, reference_quirks=recipe.reference_quirks)
 
 
-def model_config_for(base, recipe: SelfTrainingRecipe, data: WeakData) -> ModelConfig:
+def model_config_for(base: BaseSam, recipe: SelfTrainingRecipe, data: WeakData) -> ModelConfig:
     """The model a WeSAM run adapts: ``base`` with the recipe's adapter, SAM's own decoder, no trained head."""
     return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=HeadConfig(num_classes=2),
                        input_size=recipe.input_size, input=dataclasses.replace(recipe.input),
@@ -118,7 +101,7 @@ def resume_self_training_recipe(resume_from: str | Path) -> SelfTrainingRecipe:
 
 
 def self_train(
-    base_checkpoint: str | Path,
+    base_checkpoint: str | Path | BaseSam,
     data: WeakData,
     out_path: str | Path,
     recipe: SelfTrainingRecipe | None = None,
@@ -126,7 +109,8 @@ def self_train(
     stop: threading.Event | None = None,
     resume_from: str | Path | None = None,
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
-    """Adapt ``base_checkpoint`` to ``data``'s images from their weak labels; yields events, returns the model.
+    """Adapt ``base_checkpoint`` (a SAM checkpoint file, or a ``BaseSam`` already loaded) to ``data``'s images from
+    their weak labels; yields events, returns the model.
 
     Args:
         data: planes and weak labels (``prepare_weak_data``), with evaluation labels or not.
@@ -140,23 +124,25 @@ def self_train(
         ConfigError: an output that is an input, or data prepared for another recipe.
         TrainingError: a resume with another recipe.
     """
-    out_path, base_checkpoint = Path(out_path), Path(base_checkpoint)
+    out_path = Path(out_path)
+    base_checkpoint = base_checkpoint if isinstance(base_checkpoint, BaseSam) else Path(base_checkpoint)
+    base_file = None if isinstance(base_checkpoint, BaseSam) else base_checkpoint
     recipe = recipe or data.recipe
     if (recipe.input_size, recipe.input) != (data.recipe.input_size, data.recipe.input):
         raise ConfigError("the data were prepared for another input size or input spec than the recipe's")
     run = run or RunOptions()
     check_outputs_are_not_inputs({"the output": out_path, "its training state": state_path(out_path)},
-                                 {"the base checkpoint": base_checkpoint})
+                                 {"the base checkpoint": base_file})
     check_writable(out_path, "the output")
     with run_lock(out_path) as note:
         return (yield from _self_train(base_checkpoint, data, out_path, recipe, run, stop or threading.Event(), note,
                                        Path(resume_from) if resume_from is not None else None))
 
 
-def _start_model(base_checkpoint: Path, recipe: SelfTrainingRecipe, data: WeakData, resume_from: Path | None
+def _start_model(base_checkpoint: Path | BaseSam, recipe: SelfTrainingRecipe, data: WeakData, resume_from: Path | None
                  ) -> tuple[AdaptedSAM, dict[str, Any] | None]:
     """A new model on the base, or the saved run's model and state (checked against the recipe)."""
-    base = load_base(base_checkpoint)
+    base = base_checkpoint if isinstance(base_checkpoint, BaseSam) else load_base(base_checkpoint)
     if resume_from is None:
         return AdaptedSAM.from_base(base, model_config_for(base, recipe, data)), None
     state, saved = load_training_state(state_path(resume_from), SelfTrainingRecipe)
@@ -173,7 +159,8 @@ def _start_model(base_checkpoint: Path, recipe: SelfTrainingRecipe, data: WeakDa
     return model, state
 
 
-def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: SelfTrainingRecipe, run: RunOptions,
+def _self_train(base_checkpoint: Path | BaseSam, data: WeakData, out_path: Path, recipe: SelfTrainingRecipe,
+                run: RunOptions,
                 stop: threading.Event, note: str, resume_from: Path | None) -> Generator[TrainingEvent, None, AdaptedSAM]:
     resolved = apply_run_options(run)
     device, dtype = resolved.device, resolved.dtype
@@ -181,9 +168,10 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
     rng = np.random.default_rng(recipe.seed)
     model, state = _start_model(base_checkpoint, recipe, data, resume_from)
     model.to(device)
-    params = model.trainable_parameters()
-    optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)  # coupled L2, as WeSAM
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)  # coupled L2, as WeSAM
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor)
+    stepper = TrainingStep(model, optimizer, scheduler, device=device, dtype=dtype, grad_clip=recipe.grad_clip,
+                           out_path=out_path)
     sampler = CropSampler(data.planes, data.objects, recipe.input_size, recipe.max_objects, recipe.positive_points,
                           recipe.negative_points)
     total, val_every = recipe.steps, recipe.val_every or max(1, recipe.steps // 5)
@@ -192,6 +180,7 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        stepper.restore_scaler(state.get("scaler"))
         step, history = state["step"], state["history"]
         restore_rng(rng, state["rng"])
 
@@ -212,7 +201,7 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
         best = adaptation.after["prompt_miou"] if adaptation.after else math.nan
         save_training_state(state_path(out_path), {
             "step": step, "best": best, "history": history, "rng": snapshot, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict()}, recipe)
+            "scheduler": scheduler.state_dict(), "scaler": stepper.scaler.state_dict()}, recipe)
         return TrainingEvent(kind, step, total, path=str(out_path), message=f"saved {out_path}")
 
     yield TrainingEvent("start", step, total, message=(
@@ -228,26 +217,16 @@ def _self_train(base_checkpoint: Path, data: WeakData, out_path: Path, recipe: S
         if stop.is_set():
             yield save("stopped", step, rng_snapshot(rng))
             return model.eval()
-        model.train()
         crop = sampler.sample(rng)
         while not crop.prompts:  # every object was cut off at the crop's edge
             crop = sampler.sample(rng)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, dtype):
-            losses = step_loss(model, crop, recipe, rng, device)
-        loss = losses["total"]
-        if not bool(torch.isfinite(loss)):
-            kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
-            raise TrainingError(f"the loss became NaN or infinite at step {step + 1}; training stopped and nothing "
-                                f"non-finite was saved ({kept}). Try a lower learning rate.")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        stepper.start()
+        stepper.micro_batch(lambda: step_loss(model, crop, recipe, rng, device), step + 1)
+        parts = stepper.finish(step + 1)
         step += 1
         elapsed = time.perf_counter() - started
-        yield TrainingEvent("step", step, total, loss=float(loss.detach()), lr=scheduler.get_last_lr()[0],
-                            parts={k: float(v.detach()) for k, v in losses.items() if k != "total"},
+        yield TrainingEvent("step", step, total, loss=parts["total"], lr=scheduler.get_last_lr()[0],
+                            parts={k: v for k, v in parts.items() if k != "total"},
                             images_per_s=(step - first) / max(elapsed, 1e-9),
                             eta_s=elapsed / (step - first) * (total - step))
         if step % val_every == 0 or step == total:

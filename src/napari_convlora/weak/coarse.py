@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..pretraining.prompts import mask_box, random_points
+from ..data.prompts import mask_box, random_points
 from .objects import WeakLabelError, WeakLabels, WeakObject
 
 #: WeSAM's points per object and step (``cfg.num_points = 5``): positive, negative.

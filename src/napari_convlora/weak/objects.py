@@ -3,7 +3,7 @@
 Coordinates are SAM's, in pixels of one 2-D plane of the image: ``x`` = column, ``y`` = row, on **pixel
 edges**. Pixel ``(row r, column c)`` covers ``[c, c + 1) x [r, r + 1)``; its centre is ``(c + 0.5, r + 0.5)``.
 A box ``x0, y0, x1, y1`` therefore encloses whole pixels: the box of a mask is ``(min col, min row,
-max col + 1, max row + 1)`` (the ``mask_box`` of ``pretraining.prompts``), and a box covering the whole plane is
+max col + 1, max row + 1)`` (the ``mask_box`` of ``data.prompts``), and a box covering the whole plane is
 ``0, 0, W, H``. napari puts pixel centres on integers, so a napari coordinate converts with ``+ 0.5``
 (see ``coordinates.py``).
 """

@@ -1,0 +1,97 @@
+"""What the training loop tells the user (notes on the data and the HQ parts, which file is which) and its
+checks that stop a run going NaN before anything non-finite is saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints.training_state import best_path
+from ..config import TrainRecipe
+from ..constants import IGNORE_INDEX
+from ..data import PreparedData
+from ..errors import TrainingError
+from ..metrics import class_labels
+from ..modeling import AdaptedSAM, BaseSam, SegmentationOutput
+
+
+#: Fewer labelled validation pixels of a class than this make its IoU too noisy to choose a model on.
+MIN_VALIDATION_PIXELS = 1000
+
+
+#: In a binary task, a background class below this share of the labelled pixels is probably the thin structure.
+MINORITY_BACKGROUND = 0.25
+
+
+def hq_words(hq: str) -> str:
+    return {"off": "", "sam+hq": " with HQ-SAM's fusion (SAM + HQ)", "hq": " with HQ-SAM's fusion (HQ only)"}[hq]
+
+
+def hq_note(base: BaseSam, recipe: TrainRecipe) -> str:
+    """What happens to HQ-SAM's parts: an HQ-SAM base's are used or left out, a plain SAM gets new ones."""
+    if base.hq is not None and recipe.hq == "off":
+        return ("the base is an HQ-SAM checkpoint, but its HQ parts are not used (HQ is off; choose 'SAM + HQ' or "
+                "'HQ only' to use them)")
+    if base.hq is None and recipe.hq != "off":
+        return "the base is a plain SAM: HQ-SAM's parts start new (untrained) and train with the run"
+    return ""
+
+
+def data_notes(data: PreparedData) -> list[str]:
+    """What the user should know about the data before trusting the run: a binary task whose background is the
+    thin class, and classes too thin in validation to choose the "best" model on."""
+    names = class_labels(data.recipe.class_names, data.encoding.num_classes)
+    notes = []
+    if data.encoding.num_classes == 2:
+        counts = np.zeros(2, dtype=np.int64)
+        for _, targets in data.train_planes:
+            counts += np.bincount(targets[targets != IGNORE_INDEX], minlength=2)
+        share = counts[0] / max(1, counts.sum())
+        if share < MINORITY_BACKGROUND:
+            notes.append(
+                f"the background class {names[0]} (label {data.encoding.class_values[0]}) is only {100 * share:.0f} % "
+                "of the labelled pixels: if it is the thin structure you want (membranes, boundaries), make it the "
+                "foreground: a binary head learns to find its foreground class"
+            )
+    if not data.validation:
+        return notes + ["no validation pixels: the best model cannot be chosen; the last one is saved"]
+    for name, value, count in zip(names, data.encoding.class_values, data.validation_pixels()):
+        if count == 0:
+            notes.append(f"{name} (label {value}) has no validation pixels: the best model is chosen without it")
+        elif count < MIN_VALIDATION_PIXELS:
+            notes.append(f"{name} (label {value}) has only {count} validation pixels: its IoU is noisy; raise "
+                         "the validation fraction or add validation images")
+    return notes
+
+
+def which_file(best: float, best_step: int | None, out_path: Path) -> str:
+    if best_step is None:
+        return " (no validation: no best file)"
+    return (f"; the best on validation, {best_path(out_path).name}, is from step {best_step} (mean IoU over the classes "
+            f"in validation {100 * best:.1f}%)")
+
+
+def not_finite_message(what: str, step: int, out_path: Path) -> str:
+    kept = f"the last good model is {out_path}" if out_path.exists() else "nothing was saved yet"
+    return (f"{what} at step {step}; training stopped and nothing non-finite was saved ({kept}). "
+            "Try a lower learning rate, or fp32 instead of fp16.")
+
+
+def check_finite(model: AdaptedSAM, step: int, out_path: Path) -> None:
+    """Stop (before the next forward, validation or save) when a trained weight is not finite: one check of all
+    of them (a single wait for the GPU), and their names only when something is wrong."""
+    params = model.trainable_parameters()
+    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    bad = [name for name, t in model.trainable_state_dict().items() if not bool(torch.isfinite(t).all())]
+    raise TrainingError(not_finite_message(f"the weights became NaN or infinite ({bad[0]} and "
+                                            f"{len(bad) - 1} more)", step, out_path))
+
+
+def check_finite_output(out: SegmentationOutput, step: int, out_path: Path) -> None:
+    """Non-finite outputs stop training before the loss (the matching of the multi-class loss fails on them)."""
+    for logits in (out.mask_logits, out.class_logits):
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise TrainingError(not_finite_message("the model's outputs became NaN or infinite", step, out_path))
