@@ -54,8 +54,6 @@ with every per-seed number (rewritten after every run, so an interrupted run kee
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import json
 import math
 import os
 import platform
@@ -84,6 +82,7 @@ from napari_convlora.data.prompts import mask_box
 from napari_convlora.checkpoints.sam_files import checkpoint_identity, load_base, random_sam, save_sam_checkpoint
 from napari_convlora.training.loop import train
 
+from bench_report import choose, summarise, write_json
 from adaptation_data import SPARSE_BACKGROUND, SPARSE_FOREGROUND, Family, FamilyUnavailable, HeldOut, family_loaders
 
 BOUNDARY_TOLERANCE = 2.0
@@ -262,26 +261,6 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
 # Reporting
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """family -> row -> metric -> {mean, median, std (sample, None for one run), min, max, n} over seeds."""
-    summary: dict = {}
-    for run in runs:
-        summary.setdefault(run["family"], {}).setdefault(run["row"], []).append(run)
-    for rows in summary.values():
-        for row, group in rows.items():
-            stats = {}
-            for metric in METRICS:
-                values = np.array([r[metric] for r in group if r.get(metric) is not None], float)
-                values = values[np.isfinite(values)]
-                if values.size:
-                    stats[metric] = {"mean": float(values.mean()), "median": float(np.median(values)),
-                                     "min": float(values.min()),
-                                     "max": float(values.max()), "n": int(values.size),
-                                     "std": float(values.std(ddof=1)) if values.size > 1 else None}
-            rows[row] = stats
-    return summary
-
-
 def _cell(stats: dict[str, Any] | None, digits: int = 3, spread: bool = True, key: str = "mean") -> str:
     if not stats:
         return "n/a"
@@ -311,34 +290,8 @@ def markdown(summary: dict, threads: int, seeds: int) -> str:
     return "\n".join(lines) + "\n" + legend
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line
-
-
-def _choose(asked: list[str], known: list[str], what: str) -> list[str]:
-    chosen = [name for pattern in asked for name in known if fnmatch.fnmatchcase(name, pattern)]
-    unknown = [p for p in asked if not any(fnmatch.fnmatchcase(name, p) for name in known)]
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; choose from {', '.join(known)} (shell patterns allowed)")
-    return list(dict.fromkeys(chosen))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -368,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no base checkpoint at {base_path}: pretrain it (scripts/pretrain_small_sam.py) or give --base")
     base = load_base(base_path)
     loaders = family_loaders()
-    families = _choose(args.families, list(loaders), "families")
-    rows = _choose(args.rows, list(ROWS), "rows")
+    families = choose(args.families, list(loaders), "families")
+    rows = choose(args.rows, list(ROWS), "rows")
     record: dict[str, Any] = {
         "benchmark": "adaptation (benchmarks/adaptation.py)",
         "config": {"base": str(base_path), "base_sha256": checkpoint_identity(base_path).sha256,
@@ -416,13 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                              f" {result['step_s']:.3f} s/step") + f"; {elapsed:.0f} s, about "
                           f"{elapsed / done * (total - done):.0f} s left", flush=True)
                     if args.json:
-                        _write_json(Path(args.json), record)
-    record["summary"] = summarise(record["runs"])
+                        write_json(Path(args.json), record)
+    record["summary"] = summarise(record["runs"], METRICS)
     record["seconds"] = time.perf_counter() - started
     table = markdown(record["summary"], args.threads, len(args.seeds))
     print(table)
     if args.json:
-        _write_json(Path(args.json), record)
+        write_json(Path(args.json), record)
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0

@@ -75,7 +75,7 @@ from napari_convlora.training.step import TrainingStep
 from napari_convlora.self_training.views import random_flips
 from napari_convlora.weak import WeakLabels, WeakObject
 
-from adaptation import _choose, _write_json
+from bench_report import choose, summarise, write_json
 from adaptation_data import SHIFT_SEED, SHIFT_TRAIN_SCENES, Family, FamilyUnavailable, family_loaders
 
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "src" / "napari_convlora" / "models" / "small_sam_256.pth"
@@ -351,24 +351,6 @@ def run_supervised(base: Path, train: list[Scored], seed: int, args: argparse.Na
 # Reporting
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """family -> row -> metric -> {mean, std (sample; None for one run), n} over seeds."""
-    grouped: dict = {}
-    for run in runs:
-        grouped.setdefault(run["family"], {}).setdefault(run["row"], []).append(run)
-    summary: dict = {}
-    for family, rows in grouped.items():
-        for row, group in rows.items():
-            stats = {}
-            for metric in METRICS:
-                values = np.array([r[metric] for r in group if r.get(metric) is not None], float)
-                if values.size:
-                    stats[metric] = {"mean": float(values.mean()), "n": int(values.size),
-                                     "std": float(values.std(ddof=1)) if values.size > 1 else None}
-            summary.setdefault(family, {})[row] = stats
-    return summary
-
-
 def gap_closed(summary: dict, family: str, row: str, metric: str) -> float | None:
     """(row - zero-shot) / (supervised - zero-shot) of the means; None without a gap of at least 0.01."""
     rows = summary.get(family, {})
@@ -453,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if not base.is_file():
         raise SystemExit(f"no base checkpoint at {base}: give --base")
     loaders = {k: v for k, v in family_loaders().items() if not k.startswith("sparse_")}
-    families = _choose(args.families, list(loaders), "families")
-    rows = _choose(args.rows, list(ROWS), "rows")
+    families = choose(args.families, list(loaders), "families")
+    rows = choose(args.rows, list(ROWS), "rows")
     record: dict[str, Any] = {
         "benchmark": "WeSAM adaptation (benchmarks/wesam_adaptation.py)",
         "config": {"base": str(base), "base_sha256": checkpoint_identity(base).sha256, "steps": args.steps,
@@ -503,15 +485,15 @@ def main(argv: list[str] | None = None) -> int:
                           + (f", {result['step_s']:.3f} s/step" if timed else "")
                           + f"; {time.perf_counter() - started:.0f} s", flush=True)
                     if args.json:
-                        _write_json(Path(args.json), record)
-    record["summary"] = summarise(record["runs"])
+                        write_json(Path(args.json), record)
+    record["summary"] = summarise(record["runs"], METRICS)
     record["gap_closed"] = {f: {r: {m: gap_closed(record["summary"], f, r, m) for m in ("box_miou", "point_miou")}
                                 for r in WEAK_KIND} for f in record["summary"]}
     record["seconds"] = time.perf_counter() - started
     table = markdown(record["summary"], args.threads, len(args.seeds))
     print(table)
     if args.json:
-        _write_json(Path(args.json), record)
+        write_json(Path(args.json), record)
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0

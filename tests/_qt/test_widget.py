@@ -211,6 +211,13 @@ def test_forms_build_the_core_config_objects(dock, tmp_path):
     assert dock.recipe() == TrainRecipe(adapter=AdapterConfig(method="lora", rank=5), input_size=128,
                                         label_mode="sparse", unpainted_planes="background", class_names=CLASS_NAMES,
                                         val_fraction=0.1, steps=STEPS, lr=1e-3, batch_size=2, grad_accum=1)
+    data.options.mask_loss.value = "hq_points"  # HQ-SAM's loss is for binary models: refused for three classes
+    with pytest.raises(ValueError, match="mask loss 'hq_points'"):
+        dock.recipe()
+    data.class_names.setText("background, cell")  # two classes: taken
+    assert dock.recipe().mask_loss == "hq_points"
+    data.class_names.setText(", ".join(CLASS_NAMES))
+    data.options.mask_loss.value = "structure"
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
     data.options.low_memory.value = True  # the dock's switch for small GPUs
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions(

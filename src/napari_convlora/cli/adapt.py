@@ -45,7 +45,7 @@ def _weak_labels(image_shape: tuple[int, ...], boxes: str | None, points: str | 
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .options import check_outputs as _check_outputs, image_layout as _layout, load_model_from_args
+    from .options import check_outputs as _check_outputs, image_layout as _layout
     from .options import numbered as _numbered, run_options as _run_options
     from ..config import AdapterConfig, InputSpec
     from ..config.self_training import SelfTrainingRecipe

@@ -147,7 +147,7 @@ def hq_mask_loss(
     bce = F.binary_cross_entropy_with_logits(point_logits, truth, reduction="none")
     num_counted = weight.sum(dim=1)
     per_image_bce = (weight * bce).sum(dim=1) / num_counted.clamp_min(1.0)
-    prob = point_logits.sigmoid()
+    prob = point_logits.sigmoid()  # training.mask_terms.soft_dice_loss, weighted by which points are labelled
     numerator = 2.0 * (weight * prob * truth).sum(dim=1) + 1.0
     denominator = (weight * prob).sum(dim=1) + (weight * truth).sum(dim=1) + 1.0
     per_image_dice = 1.0 - numerator / denominator

@@ -91,12 +91,13 @@ def validate(
 
 
 def _batch_loss(model: AdaptedSAM, images: np.ndarray, targets: np.ndarray, device: torch.device, step: int,
-                out_path: Path) -> LossFn:
+                out_path: Path, mask_loss: str) -> LossFn:
     """The forward of one micro-batch (B x 3 x S x S float32 images, B x S x S int64 targets) for the step."""
     def loss() -> dict[str, torch.Tensor]:
         out = model(torch.from_numpy(images).to(device, non_blocking=True))
         check_finite_output(out, step, out_path)
-        return segmentation_loss(out, torch.from_numpy(targets).to(device, non_blocking=True), model.num_classes)
+        return segmentation_loss(out, torch.from_numpy(targets).to(device, non_blocking=True), model.num_classes,
+                                 mask_loss=mask_loss)
 
     return loss
 
@@ -193,6 +194,7 @@ def _train(
 ) -> Generator[TrainingEvent, None, AdaptedSAM]:
     state, saved = load_training_state(state_path(resume_from)) if resume_from else (None, None)
     check_recipe(data, recipe, resume_from, saved, init_from)
+    recipe.check_mask_loss(data.encoding.num_classes)
     device = processes.device(resolve_device(run.device))  # cuda:<local rank> before precision asks CUDA
     resolved = apply_run_options(run)
     dtype = resolved.dtype
@@ -280,7 +282,8 @@ def _train(
             if micro not in mine:
                 continue
             torch.manual_seed(micro_seed(recipe.seed, step, micro))  # the same noise whichever process computes it
-            stepper.micro_batch(_batch_loss(model, images, targets, device, step + 1, out_path), step + 1)
+            stepper.micro_batch(_batch_loss(model, images, targets, device, step + 1, out_path, recipe.mask_loss),
+                                step + 1)
             if not processes.parallel and stop.is_set() and micro < recipe.grad_accum - 1:
                 interrupted = True
                 break
