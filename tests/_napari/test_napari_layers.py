@@ -78,9 +78,9 @@ def test_copy_prediction_writes_predicted_planes_only_and_is_undoable():
     prediction = np.zeros((2, 5, 5), np.uint8)
     prediction[1, :2] = 1
     layer = write_prediction(viewer, image, prediction, (0, 1, 2), NAMES, planes=[1])
-    assert copy_prediction(layer, target) == 0  # by default only unpainted (0) pixels are filled: none here
-    assert painted_pixels_to_replace(layer, target) == 25
-    assert copy_prediction(layer, target, "all") == 25
+    assert copy_prediction(layer, target, label_mode="sparse") == 0  # by default only unpainted (0) pixels: none
+    assert painted_pixels_to_replace(layer, target, label_mode="sparse") == 25
+    assert copy_prediction(layer, target, "all", label_mode="sparse") == 25
     assert (target.data[0] == 3).all() and (target.data[1] == prediction[1]).all()
     assert target.data.dtype == np.uint16
     target.undo()
@@ -94,7 +94,7 @@ def test_copy_prediction_refuses_other_shapes():
     image = viewer.add_image(np.zeros((5, 5)), name="img")
     layer = write_prediction(viewer, image, np.ones((5, 5), np.uint8), (0, 1), ("bg", "fg"))
     with pytest.raises(ValueError, match="shape"):
-        copy_prediction(layer, viewer.add_labels(np.zeros((4, 5), np.uint8)))
+        copy_prediction(layer, viewer.add_labels(np.zeros((4, 5), np.uint8)), label_mode="sparse")
 
 
 class PlaneReads:
@@ -127,15 +127,15 @@ def test_copy_prediction_reads_only_the_predicted_planes_of_a_lazy_prediction(mo
     predicted[1], predicted[2] = 1, 2
     data = PlaneReads(predicted)
     prediction = SimpleNamespace(name="img prediction", data=data, metadata={"napari_convlora": {"planes": [1]}})
-    assert painted_pixels_to_replace(prediction, target) == 1 and data.read == [1]
-    assert copy_prediction(prediction, target) == 24 and data.read == [1, 1]
+    assert painted_pixels_to_replace(prediction, target, label_mode="sparse") == 1 and data.read == [1]
+    assert copy_prediction(prediction, target, label_mode="sparse") == 24 and data.read == [1, 1]
     assert target.data[1, 0, 0] == 2 and (target.data[1].ravel()[1:] == 1).all() and not target.data[[0, 2]].any()
     target.undo()
     assert target.data.sum() == 2
 
     monkeypatch.setattr("napari_convlora._napari.layers.LARGE_BYTES", 10)  # planes to read over the limit
     with pytest.raises(ValueError, match="'img prediction' is held lazily .*whole stack off"):
-        copy_prediction(prediction, target)
+        copy_prediction(prediction, target, label_mode="sparse")
 
 
 def test_a_layer_over_the_limit_is_refused_and_one_plane_is_read(monkeypatch):
@@ -328,10 +328,54 @@ def test_copy_prediction_fills_only_unpainted_pixels_by_default():
     painted[:2] = 5
     target = viewer.add_labels(painted.copy(), name="img labels")
     layer = write_prediction(viewer, image, np.ones((6, 6), np.uint8), (0, 1), ("bg", "fg"))
-    assert copy_prediction(layer, target) == 24
+    assert copy_prediction(layer, target, label_mode="sparse") == 24
     assert (target.data[:2] == 5).all() and (target.data[2:] == 1).all()
     with pytest.raises(ValueError, match="copy mode"):
-        copy_prediction(layer, target, "everything")
+        copy_prediction(layer, target, "everything", label_mode="sparse")
+
+
+
+def test_in_dense_and_instances_modes_every_pixel_is_painted_and_a_copy_counts_what_it_would_replace():
+    """Copy filled the background painted in dense mode (0) with the prediction, without asking (issue 21, item 1):
+    the label mode says what is painted; the plan counts the painted pixels a copy would replace."""
+    from napari_convlora._napari.layers import plan_copy
+
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((6, 6)), name="img")
+    painted = np.zeros((6, 6), np.uint8)
+    painted[:2] = 2  # 12 pixels of class 2; in dense mode the other 24 are painted background
+    target = viewer.add_labels(painted.copy(), name="img labels")
+    layer = write_prediction(viewer, image, np.ones((6, 6), np.uint8), (0, 1, 2), NAMES)
+    for label_mode in ("dense", "instances"):
+        for mode in ("unpainted", "all"):
+            plan = plan_copy(layer, target, mode, label_mode)
+            assert (plan.mode, plan.painted) == ("all", 36), (label_mode, mode)
+        assert copy_prediction(layer, target, "unpainted", label_mode=label_mode) == 0
+        assert painted_pixels_to_replace(layer, target, label_mode=label_mode) == 36
+    assert (target.data == painted).all()
+    for label_mode in ("sparse", "sparse_instances"):  # 0 is "not annotated": filled without asking
+        assert (plan_copy(layer, target, "unpainted", label_mode).mode,
+                plan_copy(layer, target, "unpainted", label_mode).painted) == ("unpainted", 0)
+        assert plan_copy(layer, target, "all", label_mode).painted == 12
+    with pytest.raises(ValueError, match="label mode"):
+        plan_copy(layer, target, "unpainted", "painted")
+
+
+def test_in_dense_mode_an_unpainted_plane_of_a_stack_is_filled_as_training_reads_it():
+    """In a stack, a plane where nothing is painted is not annotated when training skips such planes
+    (``unpainted_planes="skip"``): a copy fills it without asking; with "background" it is painted background."""
+    from napari_convlora._napari.layers import plan_copy
+
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((3, 4, 4)), name="img")
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[1, :1] = 2  # plane 1 annotated (4 pixels of class 2, 12 of background); planes 0 and 2 not
+    target = viewer.add_labels(labels.copy(), name="img labels")
+    layer = write_prediction(viewer, image, np.ones((3, 4, 4), np.uint8), (0, 1, 2), NAMES)
+    assert plan_copy(layer, target, "unpainted", "dense", "skip").painted == 16
+    assert plan_copy(layer, target, "unpainted", "dense", "background").painted == 48
+    assert copy_prediction(layer, target, "unpainted", label_mode="dense", unpainted_planes="skip") == 32
+    assert (target.data[[0, 2]] == 1).all() and (target.data[1] == labels[1]).all()
 
 
 def test_class_names_are_read_from_a_labels_layers_features():

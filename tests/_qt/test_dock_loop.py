@@ -151,8 +151,10 @@ def test_continue_training_the_current_model_and_see_its_scores(dock, viewer, qt
 
 
 def test_copy_fills_unpainted_pixels_and_asks_before_replacing_painted_ones(dock, viewer, qtbot):
-    """"Copy to training labels" overwrote every painted pixel, without asking (item 6)."""
+    """"Copy to training labels" overwrote every painted pixel, without asking (item 6). In sparse mode 0 is not
+    annotated (dense mode: see the next test)."""
     _train(dock, qtbot)
+    dock.data_form.label_mode.setCurrentIndex(dock.data_form.label_mode.findData("sparse"))
     dock.predict_image.refresh("cells")
     dock.predict()
     _wait_idle(dock, qtbot)
@@ -175,6 +177,67 @@ def test_copy_fills_unpainted_pixels_and_asks_before_replacing_painted_ones(dock
     assert (labels.data == prediction).all()
     labels.undo()
     assert (labels.data[painted] == 7).all()
+
+
+
+def test_copy_in_dense_mode_asks_before_replacing_painted_background(dock, viewer):
+    """In dense mode 0 is painted background: Copy filled it with a bad prediction without asking (issue 21,
+    item 1). Every pixel whose value would change is asked for, with the count; no leaves the layer untouched."""
+    from napari_convlora._napari.layers import write_prediction
+
+    assert dock.data_form.mode() == "dense"
+    labels = viewer.layers["cells labels"]
+    before = np.array(labels.data, copy=True)
+    bad = np.where(before == 0, 1, before).astype(np.uint8)  # a prediction that fills the background
+    background = int((before == 0).sum())
+    assert 0 < background < before.size
+    write_prediction(viewer, viewer.layers["cells"], bad, (0, 1, 2), CLASS_NAMES)
+    dock.predict_image.refresh("cells")
+    asked = []
+    dock.confirm = lambda question: asked.append(question) or False
+    for mode in (None, "all"):  # the copy mode's default (fill unpainted pixels only) and "replace painted too"
+        assert dock.copy_to_training_labels(mode) is None
+        assert np.array_equal(labels.data, before)
+        assert f"Replace {background:,} painted pixels of 'cells labels'" in asked[-1] and "dense" in asked[-1]
+    assert len(asked) == 2 and "nothing copied" in dock.log.toPlainText()
+
+    dock.confirm = lambda question: True
+    assert dock.copy_to_training_labels() == background and np.array_equal(labels.data, bad)
+    labels.undo()
+    assert np.array_equal(labels.data, before)
+
+    dock.data_form.label_mode.setCurrentIndex(dock.data_form.label_mode.findData("sparse"))  # 0: not annotated
+    dock.confirm = lambda question: pytest.fail(f"asked in sparse mode: {question}")
+    assert dock.copy_to_training_labels() == background and np.array_equal(labels.data, bad)
+
+
+def test_save_never_writes_over_the_models_base_checkpoint(dock, viewer, qtbot, tmp_path, other_tiny_checkpoint,
+                                                           monkeypatch):
+    """The dock refused the SAM checkpoint chosen in its field, but not the one the model was built on once another
+    was chosen (issue 21, item 4): Save and Export bundle refuse it in one line naming the file; it stays as it was."""
+    import shutil
+
+    shown = []
+    monkeypatch.setattr("napari_convlora._qt.widget.show_error", shown.append)
+    base = tmp_path / "sam" / "tiny_sam.pth"
+    base.parent.mkdir()
+    shutil.copy(dock.model_form.sam.path(), base)
+    dock.model_form.sam.set_path(str(base))
+    _wait_idle(dock, qtbot)
+    _train(dock, qtbot)
+    dock.model_form.sam.set_path(str(other_tiny_checkpoint))  # another SAM chosen after training
+    _wait_idle(dock, qtbot)
+    original = base.read_bytes()
+    for bundle in (False, True):
+        shown.clear()
+        dock.save(bundle=bundle, path=str(base))
+        _wait_idle(dock, qtbot)
+        assert base.read_bytes() == original
+        assert len(shown) == 1 and f"the file chosen {base} is the SAM checkpoint" in shown[0] and "\n" not in shown[0]
+    assert f"saved {base}" not in dock.log.toPlainText()
+    dock.save(path=str(tmp_path / "adapter.safetensors"))
+    _wait_idle(dock, qtbot)
+    assert f"saved {tmp_path / 'adapter.safetensors'}" in dock.log.toPlainText()
 
 
 def test_prediction_shows_class_counts_warns_of_absent_classes_and_keeps_the_training_colours(dock, viewer, qtbot,

@@ -97,6 +97,7 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     assert prediction.colormap.map(np.array([0]))[0][3] == 0  # background is transparent
 
     viewer.layers["cells labels"].data = np.zeros_like(viewer.layers["cells labels"].data)
+    dock.confirm = lambda question: True  # dense mode: 0 is painted background, replaced only when agreed to
     changed = dock.copy_to_training_labels()
     assert changed == int((prediction.data != 0).sum())
     np.testing.assert_array_equal(viewer.layers["cells labels"].data, prediction.data)

@@ -179,3 +179,46 @@ def test_an_hq_model_passes_and_cites_hq_sam(tmp_path, tiny_hq_checkpoint, offli
         readme = z.read("README.md").decode()
     assert "Conv-LoRA + HQ" in rdf["name"] and "10.48550/arXiv.2306.01567" in {c["doi"] for c in rdf["cite"]}
     assert "HQ-SAM's output token and feature fusion: SAM's mask plus the HQ mask" in readme
+
+
+def test_a_model_adapted_from_weak_labels_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, capsys):
+    """A WeSAM-adapted model's prompt-free head never trained: a semantic package of it would predict the untrained
+    head's 0.5 everywhere. The CLI refuses it in one line naming the model file, as predict refuses it; nothing
+    (no package, no staging folder) is left."""
+    from helpers import drain, make_model
+    from skimage.measure import label
+
+    from napari_convlora.bioimageio.export import export_bioimageio
+    from napari_convlora.config import RunOptions
+    from napari_convlora.config.model import PromptableAdaptation
+    from napari_convlora.config.self_training import SelfTrainingRecipe
+    from napari_convlora.data.prompts import mask_box
+    from napari_convlora.prediction.planes import PROMPTABLE_ONLY
+    from napari_convlora.self_training import WeakPair, prepare_weak_data, self_train
+    from napari_convlora.weak import WeakLabels, WeakObject
+
+    image, labels = synthetic_cells(96, seed=0)
+    instances = label(labels > 0)
+    weak = WeakLabels(instances.shape, {(): [WeakObject((), "box", box=mask_box(instances == i), layer="boxes")
+                                             for i in np.unique(instances) if i > 0]})
+    recipe = SelfTrainingRecipe(input_size=64, steps=1, warmup_steps=0)
+    adapted = tmp_path / "adapted.safetensors"
+    drain(self_train(tiny_checkpoint, prepare_weak_data([WeakPair(image, weak)], recipe), adapted, recipe,
+                     RunOptions(device="cpu")))
+    out = tmp_path / "out"
+    package = out / "adapted.zip"
+    code = main(["export-bioimageio", "--model", str(adapted), "--checkpoint", str(tiny_checkpoint), "--out",
+                 str(package), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(adapted) in err and PROMPTABLE_ONLY in err, err
+    assert not out.exists() or not list(out.iterdir())
+
+    model = make_model(tiny_checkpoint, input_size=64)  # the core function, as the dock's Model Zoo export calls it
+    model.config.promptable = PromptableAdaptation(weak_labels=("box",), steps=1)
+    with pytest.raises(ValueError, match="adapted to segment prompts") as refused:
+        export_bioimageio(model, out / "m.zip", model_file="m.safetensors")
+    assert str(refused.value).startswith("m.safetensors: ") and PROMPTABLE_ONLY in str(refused.value)
+    with pytest.raises(ValueError, match=re.escape(PROMPTABLE_ONLY)):
+        export_bioimageio(model, out / "m.zip")
+    assert not out.exists() or not list(out.iterdir())

@@ -215,3 +215,55 @@ def test_a_bundle_whose_record_claims_a_larger_sam_is_refused_before_building_it
                                               r"describes"):
         load_model(tmp_path / "claims_vit_h.safetensors")
     assert built == []
+
+
+def test_a_format_version_that_is_not_a_number_is_called_damaged_not_newer(tmp_path):
+    """A string format version was reported as "written by a newer napari-convlora, please upgrade" (issue 21)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from napari_convlora.checkpoints.model_files import METADATA_KEY, read_record
+
+    path = tmp_path / "odd.safetensors"
+    for version, words in (("2", "damaged: format version '2' is not a version number"), (99, "newer napari-convlora")):
+        save_file({"x": torch.zeros(1)}, str(path), metadata={METADATA_KEY: json.dumps({"format_version": version})})
+        with pytest.raises(CheckpointError, match=words):
+            read_record(path)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "bundle"])
+def test_a_misshapen_tensor_is_refused_from_the_header_before_any_tensor_is_read(tmp_path, tiny_checkpoint,
+                                                                               monkeypatch, kind):
+    """An 8 GB adapter with one misshapen tensor was read whole before its shape was checked (issue 21)."""
+    import safetensors.torch
+
+    model = _trained_model(tiny_checkpoint)
+    path = tmp_path / f"m.{kind}.safetensors"
+    (save_adapter if kind == "adapter" else save_bundle)(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in tensors if "lora_A" in k or "class_head" in k or "mask_tokens" in k)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+    save_file(tensors, str(path), metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("tensors were read"))
+    with pytest.raises(CheckpointError, match=f"'{name}' has shape"):
+        load_model(path, base=tiny_checkpoint if kind == "adapter" else None)
+
+
+def test_no_writer_writes_over_the_models_base_checkpoint(tmp_path, tiny_checkpoint):
+    """The dock refused; save_adapter / save_bundle from a script (and so every other writer) did not (issue 21)."""
+    import shutil
+
+    from napari_convlora import load_base
+    from napari_convlora.errors import ConfigError
+
+    base_copy = tmp_path / "sam.pth"
+    shutil.copyfile(tiny_checkpoint, base_copy)
+    model = perturb_trainable(make_model(load_base(base_copy), 2, "conv_lora", input_size=64))
+    before = base_copy.read_bytes()
+    for save in (save_adapter, save_bundle):
+        with pytest.raises(ConfigError, match=r"sam.pth is the SAM checkpoint this model was built on"):
+            save(model, base_copy)
+        assert base_copy.read_bytes() == before
+    assert save_adapter(model, tmp_path / "fine.safetensors").exists()

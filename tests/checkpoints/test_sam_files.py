@@ -220,3 +220,35 @@ def test_files_that_are_plainly_not_checkpoints_are_named_for_what_they_are(tmp_
             read_tensors(tmp_path / name)
         message = str(info.value)
         assert f"{name}: this is {kind}, not a model checkpoint" in message and "run code" not in message
+
+
+def test_damaged_files_are_not_called_files_that_could_run_code(tmp_path):
+    """5000 random bytes named .pth were refused as a pickle that "could run code" (issue 21); a pickle that names
+    code to run still is."""
+    from napari_convlora.checkpoints.sam_files import read_tensors
+    from napari_convlora.checkpoints.training_state import load_training_state
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    (tmp_path / "noise.pth").write_bytes(b"\x01" + noise[1:])  # neither a zip archive nor a pickle
+    (tmp_path / "damaged.pth").write_bytes(b"\x80" + noise[1:])  # a pickle's first byte, then garbage
+    (tmp_path / "damaged.training.pt").write_bytes(b"\x80" + noise[1:])
+    for name, words in (("noise.pth", "neither a zip archive nor a pickle"), ("damaged.pth", "its pickle is damaged")):
+        with pytest.raises(CheckpointError) as info:
+            read_tensors(tmp_path / name)
+        assert words in str(info.value) and "run code" not in str(info.value)
+    with pytest.raises(CheckpointError, match="damaged.training.pt: could not read the training state: the file is "
+                                              "damaged"):
+        load_training_state(tmp_path / "damaged.training.pt")
+
+
+def test_a_training_state_whose_step_is_not_a_count_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    """A training state whose step is a string gave a traceback (issue 21)."""
+    from napari_convlora.checkpoints.training_state import load_training_state
+
+    path = tmp_path / "m.training.pt"
+    for step in ("12", -1, 2.5, True):
+        torch.save({"state_version": 2, "step": step, "best": 0.0, "history": {}, "optimizer": {}, "scheduler": {},
+                    "rng": {}, "recipe": {}}, path)
+        with pytest.raises(CheckpointError, match=r"m.training.pt: the training state is damaged: its step is "):
+            load_training_state(path)

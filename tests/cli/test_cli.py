@@ -44,6 +44,8 @@ def test_train_predict_evaluate_info(files, tiny_checkpoint, capsys):
                  str(files / "img.tif"), "--out", str(files / "pred.tif"), "--probabilities", str(files / "p.tif"),
                  "--device", "cpu"])
     assert code == 0
+    err = capsys.readouterr().err  # in-memory prediction shows its tiles (it printed nothing, issue 21)
+    assert re.search(r"predicting img.tif: .*\b(\d+)/\1 \[", err), err
     pred = tifffile.imread(files / "pred.tif")
     assert pred.shape == (160, 160) and pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1, 2}
     assert tifffile.imread(files / "p.tif").shape == (3, 160, 160)
@@ -70,6 +72,27 @@ def test_train_predict_evaluate_info(files, tiny_checkpoint, capsys):
 def _train_args(files, tiny_checkpoint, *extra):
     return ["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "img.tif"), "--labels",
             str(files / "lab.tif"), "--device", "cpu", "--grad-accum", "1", *extra]
+
+
+def test_resuming_with_fewer_steps_is_not_called_longer_and_float_labels_are_named(files, tiny_checkpoint, capsys):
+    """Resuming with fewer steps said "for longer: 400 -> 50 steps"; float labels got numpy advice (issue 21)."""
+    import tifffile
+
+    model = files / "m.safetensors"
+    assert main([*_train_args(files, tiny_checkpoint, "--input-size", "64", "--steps", "4"), "--out", str(model)]) == 0
+    capsys.readouterr()
+    main([*_train_args(files, tiny_checkpoint, "--steps", "3"), "--out", str(files / "s.safetensors"), "--resume",
+          str(model)])
+    err = capsys.readouterr().err
+    assert "for a shorter run: 4 -> 3 steps" in err and "for longer" not in err
+    tifffile.imwrite(files / "float.tif", tifffile.imread(files / "lab.tif").astype(np.float32))
+    args = _train_args(files, tiny_checkpoint, "--steps", "1")
+    args[args.index("--labels") + 1] = str(files / "float.tif")
+    assert main([*args, "--out", str(files / "f.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"napari-convlora train: error: --labels {files / 'float.tif'}: holds float32 values, not integer "
+                   "labels: save the label image with an integer type (uint8 or uint16, as napari saves a Labels "
+                   "layer)\n")
 
 
 def test_a_finished_run_resumed_into_a_new_file_writes_it(files, tiny_checkpoint, capsys):
@@ -257,12 +280,32 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_files(file
     assert main(args) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith(f"napari-convlora train: error: {files / 'm.training.pt'}: could not be written, the "
-                              "previous file is kept ([enforce fail") and sum("error" in line for line in err) == 1
+                              "previous file is kept (the disk is full or failed: [enforce fail") and sum("error" in line for line in err) == 1
     assert (files / "m.training.pt").read_bytes() == state and model != out.read_bytes()  # the model was newer
     assert not [p for p in files.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(torch, "save", real_save)
-    assert main([*args[:-2], "--out", str(files / "r.safetensors"), "--resume", str(out)]) == 1
-    assert "not from the same save" in capsys.readouterr().err  # the pair of two saves is not resumed silently
+    assert main([*args[:-2], "--out", str(files / "r.safetensors"), "--resume", str(out)]) == 0  # from the state's
+    assert "finished 2 steps" in capsys.readouterr().err  # own copy of its step's weights: whole, exact
+
+
+def test_a_full_disk_at_the_first_adapter_save_is_one_line(files, tiny_checkpoint, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, which ended in a traceback (issue 21)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = files / "m.safetensors"
+    assert main([*_train_args(files, tiny_checkpoint, "--steps", "2", "--input-size", "64"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert re.match(rf"napari-convlora train: error: {re.escape(str(files))}/m(\.best)?\.safetensors: could not be "
+                    r"written, nothing was written \(the disk is full or failed: ", err[-1])
+    assert sum("error" in line for line in err) == 1
+    assert not [p for p in files.iterdir() if p.name.endswith((".tmp", ".safetensors"))]
 
 
 def test_medical_formats_are_named_and_evaluate_json_names_the_classes(files, tiny_checkpoint, capsys):
@@ -358,3 +401,38 @@ def test_train_again_refuses_resume_with_it_and_its_own_source_as_out(files, tin
         err = capsys.readouterr().err
         assert re.search(message, err) and err.count("\n") == 1
     assert model.read_bytes() == before and not (files / "n.safetensors").exists()
+
+
+def test_a_diverging_run_saves_nothing_and_a_model_that_predicts_nan_is_refused(files, tiny_checkpoint, capsys):
+    """Issue 21: ``train ... --steps 4 --grad-accum 1 --val-every 1 --lr 1e6`` stopped saying nothing non-finite was
+    saved, but its files had finite weights and 100 % NaN outputs, and predict from them wrote an all-background
+    label image with exit status 0."""
+    from helpers import make_model
+
+    from napari_convlora import save_adapter
+
+    out = files / "m.safetensors"
+    args = _train_args(files, tiny_checkpoint, "--input-size", "64", "--steps", "4", "--val-every", "1", "--lr", "1e6")
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("napari-convlora train: error: the model's outputs on the validation data became NaN "
+                              "or infinite at step 1; training stopped and nothing non-finite was saved (nothing was "
+                              "saved yet)")
+    assert not out.exists() and not (files / "m.best.safetensors").exists()
+
+    broken = make_model(tiny_checkpoint, num_classes=3, input_size=64).eval()
+    with torch.no_grad():
+        broken.head.mask_tokens.weight.mul_(1e36)  # finite weights, NaN outputs: what such a run saved
+    model = save_adapter(broken, files / "diverged.safetensors")
+    why = (f"{model}: the model predicts NaN or infinite probabilities on this image, so it cannot segment it (was "
+           "it saved by a training run that diverged?): use an earlier file of that run, or train again with a lower "
+           "learning rate")
+    base = ["--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image", str(files / "img.tif"),
+            "--device", "cpu"]
+    assert main(["predict", *base, "--out", str(files / "pred.tif"), "--probabilities", str(files / "p.tif")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"napari-convlora predict: error: {why}\n" and captured.out == ""
+    assert not (files / "pred.tif").exists() and not (files / "p.tif").exists()
+    assert main(["evaluate", *base, "--labels", str(files / "lab.tif")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"napari-convlora evaluate: error: {why}\n" and captured.out == ""

@@ -502,3 +502,23 @@ def test_training_patches_pad_only_bottom_and_right_as_prediction_does():
         assert (images[0][:, ~labelled] == 0).all() and (images[0][:, labelled] > 0).all()
         shapes.add((rows[-1] + 1, cols[-1] + 1))
     assert shapes == {(20, 12), (12, 20)}  # rotations still happen
+
+
+@pytest.mark.parametrize("scale, offset", [(1e39, 0.0), (1.0, 1e12)])
+def test_float64_images_beyond_float32_are_normalised_not_blanked(scale, offset):
+    """Values beyond float32's range (1e39), or distinct values that float32 rounds to one (1e12 + 0..255), were
+    turned into blank planes; they are normalised in float64 as a plane of the same image scaled into range is."""
+    import warnings
+
+    from napari_convlora.config import InputSpec
+    from napari_convlora.data.images import SamPlanes
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.0, 255.0, 64 * 64).reshape(64, 64) + rng.normal(0, 1, (64, 64))
+    image = ramp * scale + offset
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+        plane = SamPlanes(image, ImageLayout(), InputSpec()).normalised(0)
+    expected = SamPlanes(ramp.astype(np.float32), ImageLayout(), InputSpec()).normalised(0)
+    assert plane.std() > 50  # not blank
+    np.testing.assert_allclose(plane, expected, atol=0.5)

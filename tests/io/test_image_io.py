@@ -90,3 +90,25 @@ def test_cli_trains_on_a_nifti_scan_and_writes_nifti_labels_aligned_with_it(tmp_
     assert main(["predict", "--model", str(model), "--checkpoint", str(tiny_checkpoint), "--image",
                  str(tmp_path / "scan.tif"), "--out", str(tmp_path / "pred.tif"), "--device", "cpu"]) == 0
     assert np.array_equal(read_image(out), tifffile.imread(tmp_path / "pred.tif"))  # same labels as from TIFF
+
+
+def test_nifti_labels_whose_geometry_differs_from_the_image_are_warned_about(tmp_path, tiny_checkpoint, capsys):
+    """NIfTI labels with another affine than the image's were accepted without a word (issue 21)."""
+    nibabel = pytest.importorskip("nibabel")
+
+    from napari_convlora.data.samples import synthetic_cells
+    from napari_convlora.io.images import geometry_mismatch
+
+    image, labels = synthetic_cells(64, seed=0)
+    volume, label_volume = np.stack([image] * 2, axis=-1), np.stack([labels] * 2, axis=-1).astype(np.uint8)
+    same, other = np.eye(4), np.diag([0.5, 0.5, 2.0, 1.0])
+    nibabel.save(nibabel.Nifti1Image(volume, same), str(tmp_path / "img.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(label_volume, same), str(tmp_path / "lab.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(label_volume, other), str(tmp_path / "moved.nii.gz"))
+    assert geometry_mismatch(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz") is None
+    message = geometry_mismatch(tmp_path / "img.nii.gz", tmp_path / "moved.nii.gz")
+    assert message.startswith(f"{tmp_path / 'moved.nii.gz'}: its NIfTI geometry differs from") and "0.5" in message
+    assert main(["train", "--checkpoint", str(tiny_checkpoint), "--image", str(tmp_path / "img.nii.gz"), "--labels",
+                 str(tmp_path / "moved.nii.gz"), "--out", str(tmp_path / "m.safetensors"), "--input-size", "64",
+                 "--steps", "1", "--device", "cpu"]) == 0
+    assert "napari-convlora train: warning: " + message in capsys.readouterr().err

@@ -3,8 +3,11 @@ Zarr / OME-Zarr / TIFF in and out, instance ids global across block borders, a l
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 from helpers import make_model, perturb_trainable
 
@@ -269,6 +272,64 @@ def test_the_command_line_predicts_a_zarr_store(tmp_path, model_file, capsys, mo
     assert "labels 80 x 90 ->" in out and "instances ->" in out
     expected = predict_image(load_model(model, checkpoint), image, device="cpu", batch_size=1)
     assert np.array_equal(zarr.open(str(tmp_path / "labels.zarr"))[...], expected.labels)
+
+
+@pytest.fixture(scope="module")
+def nan_model_file(tiny_checkpoint, tmp_path_factory):
+    """Finite weights whose every output is NaN, as a training run that diverged saved them (issue 21)."""
+    model = make_model(tiny_checkpoint, num_classes=3, input_size=64, class_values=VALUES).eval()
+    with torch.no_grad():
+        model.head.mask_tokens.weight.mul_(1e36)  # the decoder's attention overflows
+    return save_adapter(model, tmp_path_factory.mktemp("nan") / "diverged.safetensors"), tiny_checkpoint
+
+
+def test_a_model_that_predicts_nan_stops_at_the_first_block_and_leaves_nothing(tmp_path, nan_model_file, capsys,
+                                                                                monkeypatch):
+    """Block-wise prediction wrote all-background labels from NaN probabilities (issue 21): the first block whose
+    probabilities are not finite stops it, with one line naming the model's file, and nothing is left under the
+    output names; from the command line (workers), the API (no client) and the dock (the model in memory)."""
+    import contextlib
+
+    from napari_convlora.prediction.blockwise import cluster as dask_cluster
+    from napari_convlora.prediction.blockwise import run as blockwise
+    from napari_convlora.prediction.blockwise.worker_model import LoadedModel
+    from napari_convlora.prediction.tiling import NonFiniteProbabilities
+
+    real = dask_cluster.dask_client
+
+    @contextlib.contextmanager
+    def in_process(scheduler, workers, memory_limit):  # workers as threads: no new interpreters in the test
+        with real(None, workers, None, processes=False) as client:
+            yield client
+
+    monkeypatch.setattr(dask_cluster, "dask_client", in_process)
+    model, checkpoint = map(str, nan_model_file)
+    image = _zarr(tmp_path / "in.zarr", _image((100, 110), seed=8))
+    outputs = ["--out", str(tmp_path / "labels.zarr"), "--probabilities", str(tmp_path / "p.zarr"), "--instances",
+               str(tmp_path / "i.zarr")]
+    code = main(["predict", "--model", model, "--checkpoint", checkpoint, "--image", str(image), *outputs,
+                 "--workers", "2", "--block-size", "64", "--batch-size", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == f"napari-convlora predict: error: {model}: the model predicts NaN or infinite " \
+        "probabilities on this image, so it cannot segment it (was it saved by a training run that diverged?): use " \
+        "an earlier file of that run, or train again with a lower learning rate"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+    calls = []
+    real_block = blockwise.predict_one_block
+    monkeypatch.setattr(blockwise, "predict_one_block", lambda job, block: calls.append(block) or real_block(job, block))
+    named = rf"^{re.escape(model)}: the model predicts NaN or infinite probabilities"
+    with pytest.raises(NonFiniteProbabilities, match=named):
+        predict_blockwise(ModelSource.of(model, checkpoint), open_lazy(image), tmp_path / "api.zarr", block_size=64)
+    assert len(calls) == 1  # 4 blocks: the first stopped it
+    with pytest.raises(NonFiniteProbabilities, match=named):  # the dock: a model loaded from its file
+        predict_blockwise(LoadedModel(load_model(model, checkpoint)), open_lazy(image), tmp_path / "dock.zarr")
+    in_memory = make_model(nan_model_file[1], num_classes=3, input_size=64, class_values=VALUES)
+    with torch.no_grad():
+        in_memory.head.mask_tokens.weight.mul_(1e36)
+    with pytest.raises(NonFiniteProbabilities, match=r"^the current model: the model predicts NaN"):
+        predict_blockwise(LoadedModel(in_memory), open_lazy(image), tmp_path / "dock.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
 
 
 def test_a_missing_package_names_the_extra(monkeypatch):

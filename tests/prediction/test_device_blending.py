@@ -106,12 +106,13 @@ def test_a_tiny_sam_predicts_the_same_labels_with_torch_sums(tiny_checkpoint, mo
 
 class HostCopies(TorchDispatchMode):
     """Records every tensor that leaves the 'meta' device for the host (``.cpu()``, ``.to("cpu")``, a ``copy_``
-    into a CPU tensor, ``.item()``: each an operation that fails on 'meta', which has no data) and hands back
-    zeros of its shape in its place."""
+    into a CPU tensor: each an operation that fails on 'meta', which has no data) and hands back zeros of its
+    shape in its place; counts the scalars read (``.item()``, ``bool()``: the finite flag reads True)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.scalars = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,11 +123,12 @@ class HostCopies(TorchDispatchMode):
             if not metas or "meta" not in str(error):
                 raise
         source = metas[-1]
+        if func._overloadpacket is torch.ops.aten._local_scalar_dense:
+            self.scalars += 1
+            return True if source.dtype == torch.bool else 0
         self.shapes.append(tuple(source.shape))
         if func._overloadpacket is torch.ops.aten.copy_:
             return args[0]
-        if func._overloadpacket is torch.ops.aten._local_scalar_dense:
-            return 0
         dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), source.dtype)
         return torch.zeros(source.shape, dtype=dtype)
 
@@ -139,14 +141,15 @@ def meta_prob_fn(num_classes: int):
 @pytest.mark.parametrize("with_sink", [True, False])
 def test_on_a_device_only_each_finished_band_comes_to_the_host_once(with_sink):
     """300 x 230 in 64 px tiles, overlap 0.25: 6 x 5 = 30 tiles in 8 batches of 4, 6 bands of rows; every copy to
-    the host is one band (K x rows x 230), never a tile's probabilities."""
+    the host is one band (K x rows x 230), never a tile's probabilities; with each, the one byte that says whether
+    all probabilities so far were finite (read after the band's copy has waited for the device)."""
     height, width, k = 300, 230, 3
     bands: list[tuple[int, tuple[int, ...]]] = []
     sink = (lambda first, band: bands.append((first, band.shape))) if with_sink else None
     with HostCopies() as copies:
         out = predict_tiled(meta_prob_fn(k), _image(height, width), 64, k, overlap=0.25, batch_size=4, sink=sink)
     rows_of_tiles = len(tile_starts(height, 64, 0.25))
-    assert rows_of_tiles == 6 and len(copies.shapes) == rows_of_tiles
+    assert rows_of_tiles == 6 and len(copies.shapes) == rows_of_tiles == copies.scalars
     assert all(len(s) == 3 and s[0] == k and s[2] == width for s in copies.shapes)
     assert sum(s[1] for s in copies.shapes) == height
     if with_sink:
@@ -164,6 +167,7 @@ def test_a_block_on_a_device_copies_only_its_owned_bands():
     assert probs.shape == (2, 100, 100)
     assert copies.shapes and all(s[0] == 2 and s[2] == 100 for s in copies.shapes)
     assert sum(s[1] for s in copies.shapes) == 100  # the owned rows only, each once
+    assert copies.scalars == len(copies.shapes)  # the finite flag, read with each band
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,26 @@ def test_label_values_above_65535_train_predict_and_evaluate(tmp_path, tiny_chec
     assert 0 <= evaluate_image(model, image, labels, device="cpu").pixel_accuracy <= 1
     write_image(tmp_path / "p.tif", result.labels)
     assert np.array_equal(read_image(tmp_path / "p.tif"), result.labels)
+
+
+def test_a_model_that_predicts_nan_is_refused_naming_its_file(tmp_path, tiny_checkpoint):
+    """Finite weights whose every output is NaN (saved by a training run that diverged): predict returned all
+    background and evaluate scored it (issue 21). Now one line that names the model's file when it has one."""
+    from napari_convlora import load_model, save_adapter
+    from napari_convlora.checkpoints.model_files import model_file
+
+    broken = make_model(tiny_checkpoint, num_classes=3, input_size=64, class_values=(0, 2, 5)).eval()
+    with torch.no_grad():
+        broken.head.mask_tokens.weight.mul_(1e36)  # finite, but the decoder's attention overflows: NaN outputs
+    image, labels = _image((90, 150)), np.zeros((90, 150), np.uint8)
+    assert model_file(broken) is None
+    with pytest.raises(ValueError, match=r"^the model predicts NaN or infinite probabilities on this image"):
+        predict_image(broken, image, device="cpu")
+    path = save_adapter(broken, tmp_path / "diverged.safetensors")
+    model = load_model(path, base=tiny_checkpoint)
+    assert model_file(broken) == model_file(model) == path
+    named = rf"^{re.escape(str(path))}: the model predicts NaN or infinite probabilities on this image"
+    with pytest.raises(ValueError, match=named):
+        predict_image(model, image, device="cpu", planes=None, return_probabilities=True)
+    with pytest.raises(ValueError, match=named):
+        evaluate_image(model, image, labels, device="cpu")

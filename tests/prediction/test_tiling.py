@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_convlora.prediction import tiling
 from napari_convlora.prediction.tiling import (
+    NonFiniteProbabilities,
     PredictionCancelled,
     axis_windows,
     instances_from_labels,
@@ -293,3 +295,32 @@ def test_streaming_gives_the_same_probabilities_band_by_band_without_the_whole_i
     assert all(b.shape[0] == K and b.shape[2] == 230 and b.shape[1] <= 64 for _, b in bands)
     streamed = np.concatenate([band for _, band in bands], axis=1)
     assert streamed.shape == whole.shape and np.array_equal(streamed, whole)
+
+
+@pytest.mark.parametrize("blended_on", ["host", "device"])
+def test_non_finite_probabilities_are_refused_before_their_band_is_handed_over(monkeypatch, blended_on) -> None:
+    """A model saved after its training diverged predicted NaN everywhere: the labels were the argmax of NaN (all
+    background), written with exit status 0 (issue 21). On the host each batch is checked as it comes; on a
+    device a flag stays there and is read with the next band's copy, so no batch waits for the device."""
+    import pickle
+
+    if blended_on == "device":
+        monkeypatch.setattr(tiling, "HOST_BLENDED", frozenset())  # blended in torch where the probabilities are
+    calls = []
+
+    def nan_from_the_fourth_batch(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        probs = pixelwise_prob_fn(batch)
+        return probs * float("nan") if len(calls) >= 4 else probs
+
+    bands: list[np.ndarray] = []
+    image = random_image(300, 230)  # 5 tiles of 64 a row: batches of 2, the 4th in the second row of tiles
+    with pytest.raises(NonFiniteProbabilities, match=r"^m\.safetensors: the model predicts NaN or infinite "
+                                                     r"probabilities on this image, so it cannot segment it") as error:
+        predict_tiled(nan_from_the_fourth_batch, image, 64, K, batch_size=2, source="m.safetensors",
+                      sink=lambda first, band: bands.append(band.copy()))
+    assert len(bands) == 1 and np.isfinite(bands[0]).all()  # the first row of tiles, before the NaN
+    assert len(calls) == (4 if blended_on == "host" else 6)  # the device's flag is read with the next band
+    assert str(pickle.loads(pickle.dumps(error.value))) == str(error.value)  # as it comes back from a dask worker
+    with pytest.raises(NonFiniteProbabilities, match=r"^the model predicts NaN or infinite probabilities"):
+        predict_tiled(lambda batch: pixelwise_prob_fn(batch) + float("inf"), image, 64, K)

@@ -236,6 +236,9 @@ def test_cli_adapt_refuses_bad_input_in_one_line(tmp_path, tiny_checkpoint, caps
         (["--points", str(points)], "no positive point"),
         (["--boxes", str(points)], "negatives.csv"),
         (["--boxes", str(tmp_path / "missing.csv")], "missing.csv"),
+        (["--boxes", str(boxes), "--steps", "0"], "--steps 0"),  # not read as "not given" (the default 500)
+        (["--boxes", str(boxes), "--steps", "-2"], "--steps -2"),
+        (["--boxes", str(boxes), "--steps", "0", "--resume", str(tmp_path / "a.safetensors")], "--steps 0"),
     ]
     for extra, message in cases:
         code = main(base + extra)
@@ -245,12 +248,13 @@ def test_cli_adapt_refuses_bad_input_in_one_line(tmp_path, tiny_checkpoint, caps
         assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_stop_and_resume_equal_an_uninterrupted_run(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("warmup", [0, 250])  # 250: scaled to 3 steps for this 6-step run, before and after
+def test_stop_and_resume_equal_an_uninterrupted_run(tmp_path, tiny_checkpoint, warmup):
     from safetensors.torch import load_file
 
     from napari_convlora.self_training.loop import resume_self_training_recipe
 
-    recipe = _recipe(steps=6, val_every=4)
+    recipe = _recipe(steps=6, val_every=4, warmup_steps=warmup)
     data = prepare_weak_data(_box_pairs(1), recipe)
     full = tmp_path / "full.safetensors"
     drain(self_train(tiny_checkpoint, data, full, recipe, CPU))
@@ -258,9 +262,10 @@ def test_stop_and_resume_equal_an_uninterrupted_run(tmp_path, tiny_checkpoint):
     stop = threading.Event()
     events, _ = drain(self_train(tiny_checkpoint, data, part, recipe, CPU, stop=stop), stop_at=3, stop=stop)
     assert events[-1].kind == "stopped" and events[-1].step == 3
-    assert resume_self_training_recipe(part) == recipe
+    saved = resume_self_training_recipe(part)
+    assert saved == recipe.for_new_run()  # the warm-up the run made is the one saved
     resumed = tmp_path / "resumed.safetensors"
-    events, _ = drain(self_train(tiny_checkpoint, data, resumed, recipe, CPU, resume_from=part))
+    events, _ = drain(self_train(tiny_checkpoint, data, resumed, saved, CPU, resume_from=part))
     assert [e.step for e in events if e.kind == "step"] == [4, 5, 6]
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -426,3 +431,61 @@ def test_both_loops_take_their_steps_through_the_shared_step(tmp_path, tiny_chec
     data = prepare_training_data([TrainingPair(image, labels)], supervised)
     drain(train(tiny_checkpoint, data, tmp_path / "s.safetensors", run=CPU))
     assert finished[2:] == [1, 2, 3]
+
+
+def test_a_shortened_warm_up_is_announced_at_the_start_and_the_run_ends_at_the_full_rate(tmp_path, tiny_checkpoint):
+    recipe = _recipe(steps=4, warmup_steps=250, val_every=100)
+    events, _ = drain(self_train(tiny_checkpoint, prepare_weak_data(_box_pairs(1), recipe), tmp_path / "w.safetensors",
+                                 recipe, CPU))
+    assert events[0].kind == "start" and "warm-up 250 -> 2 steps for a 4-step run" in events[0].message
+    assert [e.lr for e in events if e.kind == "step"][-1] == recipe.lr  # not 4/250 of it
+    events, _ = drain(self_train(tiny_checkpoint, prepare_weak_data(_box_pairs(1), _recipe(steps=1)),
+                                 tmp_path / "n.safetensors", _recipe(steps=1), CPU))
+    assert "warm-up" not in events[0].message  # nothing shortened, nothing said
+
+
+def test_a_short_run_continued_for_more_steps_keeps_its_warm_up(tmp_path, tiny_checkpoint):
+    """The saved recipe holds the warm-up the run made: continued for longer, it does not ramp up again."""
+    import dataclasses
+
+    from napari_convlora.self_training.loop import resume_self_training_recipe
+
+    recipe = _recipe(steps=4, warmup_steps=250, val_every=100)
+    data = prepare_weak_data(_box_pairs(1), recipe)
+    first = tmp_path / "w.safetensors"
+    drain(self_train(tiny_checkpoint, data, first, recipe, CPU))
+    longer = dataclasses.replace(resume_self_training_recipe(first), steps=8)
+    assert longer.warmup_steps == 2
+    events, _ = drain(self_train(tiny_checkpoint, data, tmp_path / "x.safetensors", longer, CPU, resume_from=first))
+    assert "warm-up" not in events[0].message
+    assert [e.lr for e in events if e.kind == "step"] == [recipe.lr] * 4
+
+
+def test_finite_weights_whose_prompt_outputs_are_nan_are_never_saved(tmp_path, tiny_checkpoint, monkeypatch):
+    """The "last good" model must give finite outputs, not only hold finite weights (issue 21, as for supervised
+    training): the outputs on the step's crop are checked before each save."""
+    from napari_convlora import TrainingError
+    from napari_convlora.self_training import loop
+
+    recipe = _recipe(steps=4, val_every=2)
+    data = prepare_weak_data(_box_pairs(1), recipe)
+    real_step, real_decode = torch.optim.Adam.step, loop.decode_prompts
+    updates = {"n": 0}
+
+    def counting_step(self, *args, **kwargs):
+        updates["n"] += 1
+        return real_step(self, *args, **kwargs)
+
+    def broken_after_step_one(model, *args, **kwargs):  # the model's outputs go NaN, its weights stay finite
+        low, iou = real_decode(model, *args, **kwargs)
+        if updates["n"] >= 1 and not model.training:
+            return low * float("nan"), iou
+        return low, iou
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    monkeypatch.setattr(loop, "decode_prompts", broken_after_step_one)
+    out = tmp_path / "nan_out.safetensors"
+    with pytest.raises(TrainingError, match=r"the model's outputs became NaN or infinite at step 2; .*nothing was "
+                                            r"saved yet"):
+        drain(self_train(tiny_checkpoint, data, out, recipe, CPU))
+    assert not out.exists()

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from napari_convlora.cli import main
+from napari_convlora.checkpoints.training_state import state_path
 from napari_convlora.training.data_parallel import Processes, micro_seed
 from napari_convlora.errors import ConfigError
 from napari_convlora.data.samples import synthetic_cells
@@ -165,6 +166,50 @@ def test_torchrun_trains_from_the_command_line(files, tiny_checkpoint):
     assert "in 2 processes" in proc.stderr and proc.stderr.count("finished 2 steps") == 1  # process 0 reports
     assert main([*train, "--out", str(files / "one.safetensors")]) == 0
     _assert_close(files / "one.safetensors", files / "tr.safetensors", 1e-7)
+
+
+@pytest.mark.parametrize("ended", ["rank 0", "rank 1", "torchrun"])
+def test_under_torchrun_an_ended_process_leaves_the_survivors_message_naming_the_last_save(files, tiny_checkpoint,
+                                                                                         ended):
+    """When one process dies torchrun ends the others, and stops all of them on SIGTERM (Ctrl+C); only torchrun's
+    report reached the user, nothing naming the last save when process 0 was the one that died (issue 21)."""
+    import signal
+
+    import psutil
+
+    out = files / "tk.safetensors"
+    train = ["train", "--checkpoint", str(tiny_checkpoint), "--image", str(files / "img.tif"), "--labels",
+             str(files / "lab.tif"), "--input-size", "64", "--steps", "400", "--grad-accum", "2", "--device", "cpu",
+             "--threads", "1", "--val-every", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "napari_convlora", *train], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 150
+        while not (out.exists() and state_path(out).exists()) and time.monotonic() < deadline:
+            time.sleep(0.5)  # a first save
+        assert out.exists(), "no save within the time"
+        if ended == "torchrun":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            rank = ended.split()[1]
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == rank]
+            assert workers
+            workers[0].kill()
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    survivors = [0, 1] if ended == "torchrun" else [1 - int(ended.split()[1])]
+    for rank in survivors:
+        assert f"napari-convlora train (process {rank} of 2): error: " in err, err[-3000:]
+    if ended == "torchrun":
+        assert "torchrun stopped this process" in err
+    assert f"the last save is {out} (if any): continue with --resume {out}" in err
+    assert load_file(out)  # whole
+    assert not list(files.glob(".tk*.tmp"))
 
 
 def test_micro_batches_must_share_out_over_the_processes(files, tiny_checkpoint, capsys, monkeypatch):

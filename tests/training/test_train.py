@@ -202,25 +202,47 @@ def test_a_version_1_training_state_is_refused_with_a_reason(tmp_path, tiny_chec
         resume_recipe(done)
 
 
-def test_a_model_file_that_does_not_match_its_training_state_is_refused(tmp_path, tiny_checkpoint):
-    """The model and its state are two writes: after a crash between them, or with a file replaced, the pair is
-    from two saves and resuming it silently differed from an uninterrupted run (by ~2e-4)."""
-    from napari_convlora.config import AdapterConfig
+def test_a_run_killed_between_its_model_and_its_state_resumes_exactly(tmp_path, tiny_checkpoint):
+    """The model and its state are two writes: after a crash between them the pair was from two saves and could not
+    be resumed ("train anew", issue 21). The state now holds its own copy of the weights: the run resumes from the
+    state's step and ends as an uninterrupted run does."""
+    from safetensors.torch import load_file
 
     recipe = _recipe(steps=4, val_every=2)
+    full = tmp_path / "full.safetensors"
+    drain(train(tiny_checkpoint, _prepare(recipe), full, recipe, CPU))
     part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
     older_state = state_path(part).read_bytes()
     events, _ = drain(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, resume_from=part))
     assert events[-1].kind == "finished"
-    state_path(part).write_bytes(older_state)  # the state of step 2 beside the model of step 4
+    state_path(part).write_bytes(older_state)  # killed after writing the model of step 4, before its state
+    resumed = tmp_path / "r.safetensors"
+    events, _ = drain(train(tiny_checkpoint, _prepare(recipe), resumed, run=CPU, resume_from=part))
+    assert [e.step for e in events if e.kind == "step"] == [3, 4]
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_file_that_does_not_match_its_training_state_is_refused(tmp_path, tiny_checkpoint):
+    """A state written before 0.3 holds no weights: its model file must be of the same save. A model file replaced by
+    another run's is refused either way."""
+    from napari_convlora.config import AdapterConfig
+
+    recipe = _recipe(steps=4, val_every=2)
+    part = _stopped_run(tmp_path, tiny_checkpoint, recipe, stop_at=2)
+    state = torch.load(state_path(part), map_location="cpu", weights_only=True)
+    older = {k: v for k, v in state.items() if k != "trainable"}  # as 0.2 wrote it
+    drain(train(tiny_checkpoint, _prepare(recipe), part, recipe, CPU, resume_from=part))
+    torch.save(older, state_path(part))  # the state of step 2 beside the model of step 4
     with pytest.raises(CheckpointError, match=r"part.safetensors: the model file and its training state "
                                               r"\(part.training.pt, step 2\) are not from the same save"):
         drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
+    torch.save(state, state_path(part))
     other_recipe = _recipe(adapter=AdapterConfig(method="lora"), steps=2, val_every=2)
     other = tmp_path / "other.safetensors"
     drain(train(tiny_checkpoint, _prepare(other_recipe), other, other_recipe, CPU))
     part.write_bytes(other.read_bytes())  # the model file replaced by another run's
-    with pytest.raises(CheckpointError, match="not from the same save"):
+    with pytest.raises((CheckpointError, TrainingError), match="was one of them replaced"):
         drain(train(tiny_checkpoint, _prepare(recipe), tmp_path / "r.safetensors", run=CPU, resume_from=part))
 
 
@@ -267,15 +289,59 @@ def test_non_finite_outputs_stop_a_multi_class_run_with_a_message(tmp_path, tiny
     assert data.encoding.num_classes == 3
     real_forward = AdaptedSAM.forward
 
-    def nan_forward(self, images):
+    def nan_forward(self, images):  # in training only: validation before step 1 would stop the run first
         out = real_forward(self, images)
-        out.class_logits = out.class_logits * float("nan")
+        if self.training:
+            out.class_logits = out.class_logits * float("nan")
         return out
 
     monkeypatch.setattr(AdaptedSAM, "forward", nan_forward)
     with pytest.raises(TrainingError, match="the model's outputs became NaN or infinite at step 1"):
         drain(train(tiny_checkpoint, data, tmp_path / "m.safetensors", recipe, CPU))
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("val_fraction, stop_at, what", [
+    (0.2, None, "outputs on the validation data"),  # the reported case: validated at every step
+    (0.0, None, "outputs"),  # no validation data: the last micro-batch through the updated weights
+    (0.2, 1, "outputs"),  # stopped between validations: the "stopped" save
+])
+def test_weights_that_are_finite_but_output_nan_are_never_saved_as_good_or_best(tmp_path, tiny_checkpoint, val_fraction,
+                                                                                stop_at, what):
+    """``--lr 1e6``: after step 1 the weights were finite and every output NaN; the next forward stopped the run
+    saying nothing non-finite was saved, but the out file and the best file were that model (predict from them
+    wrote background with exit 0). Validation took the argmax of the NaN without looking."""
+    healthy = _recipe(val_fraction=val_fraction, steps=2, val_every=2)
+    out = tmp_path / "m.safetensors"
+    drain(train(tiny_checkpoint, _prepare(healthy), out, healthy, CPU))
+    good = out.read_bytes()
+    good_best = best_path(out).read_bytes() if val_fraction else None
+    diverging = _recipe(val_fraction=val_fraction, steps=4, val_every=3 if stop_at else 1, lr=1e6)
+    stop = threading.Event()
+    with pytest.raises(TrainingError, match=rf"^the model's {what} became NaN or infinite at step 1; training "
+                                            r"stopped and nothing non-finite was saved \(the last good model is "
+                                            r".*m.safetensors\)"):
+        drain(train(tiny_checkpoint, _prepare(diverging), out, diverging, CPU, stop=stop), stop_at=stop_at, stop=stop)
+    assert out.read_bytes() == good
+    assert (best_path(out).read_bytes() if val_fraction else None) == good_best
+    model = load_model(out, base=tiny_checkpoint)
+    with torch.no_grad():
+        assert bool(torch.isfinite(model.class_probabilities(torch.rand(2, 3, 128, 128) * 255)).all())
+
+
+def test_validation_refuses_outputs_that_are_not_finite(tmp_path, tiny_checkpoint, cells):
+    """The argmax of NaN is class 0: validation scored a model whose every output was NaN (97 % accuracy)."""
+    from napari_convlora.training.loop import validate
+
+    _, model = drain(train(tiny_checkpoint, cells, tmp_path / "m.safetensors", _recipe(steps=1, val_every=1), CPU))
+    assert validate(model, cells, torch.device("cpu"))["mean_iou"] >= 0
+    with torch.no_grad():
+        model.head.mask_tokens.weight.mul_(1e36)  # finite weights; the decoder's attention overflows
+    with pytest.raises(TrainingError, match=r"^the model's outputs on the validation data are NaN or infinite$"):
+        validate(model, cells, torch.device("cpu"))
+    with pytest.raises(TrainingError, match=r"^the model's outputs on the validation data became NaN or infinite at "
+                                            r"step 7; training stopped .*the last good model is .*m.safetensors"):
+        validate(model, cells, torch.device("cpu"), step=7, out_path=tmp_path / "m.safetensors")
 
 
 def test_a_run_without_fp16_resumes_with_fp16(tmp_path):
@@ -571,3 +637,20 @@ def test_a_loaded_base_is_passed_down_instead_of_read_again(tmp_path, tiny_check
     assert recorded is not None and recorded == one.config.base_checkpoint  # the adapter still names its base
     for name, tensor in one.trainable_state_dict().items():
         assert torch.equal(tensor, two.trainable_state_dict()[name]), name
+
+
+def test_an_optimizer_state_of_another_model_is_refused_in_one_line(tmp_path):
+    """An optimizer state from another run ended in torch's own words (issue 21)."""
+    from napari_convlora.training.step import restore_optimizer
+
+    def optimizer_of(sizes):
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+        optimizer = torch.optim.AdamW(params)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    other, other_schedule = optimizer_of([3, 4, 5])
+    mine, schedule = optimizer_of([3, 4])
+    state = {"optimizer": other.state_dict(), "scheduler": other_schedule.state_dict()}
+    with pytest.raises(TrainingError, match=r"run.safetensors: its training state holds the optimizer of another "
+                                            r"model"):
+        restore_optimizer(mine, schedule, state, tmp_path / "run.safetensors")

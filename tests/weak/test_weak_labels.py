@@ -453,3 +453,42 @@ def test_weak_labels_import_neither_torch_nor_napari_nor_qt():
     roots = {m.split(".")[0] for m in json.loads(out.splitlines()[-1])}
     assert not roots & {"torch", "napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "vispy"}
     assert set(KINDS) == {"box", "points", "coarse"}
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_what_to_do(tmp_path):
+    """A non-UTF-8 CSV gave a decode error naming neither the file nor the option (issue 21)."""
+    latin = tmp_path / "points.csv"
+    latin.write_bytes("index,axis-0,axis-1,label\n0,1,2,Zelle \u00e4\u00df\n".encode("latin-1"))
+    with pytest.raises(WeakLabelError, match=r"Points CSV '.*points.csv' is not UTF-8 text .*save the Points layer"):
+        read_points_csv(latin)
+
+
+def test_shapes_csv_is_read_at_once_and_absurd_counts_are_refused(tmp_path, monkeypatch):
+    """200,000 boxes took 17 minutes of silence (5 ms per shape in pandas, issue 21): the file is read in one pass
+    (vertices sorted per shape as napari wrote them), and more shapes than weak labels can be are refused."""
+    import time
+
+    from napari_convlora.weak import csv_files
+
+    rng = np.random.default_rng(0)
+    lines = ["index,shape-type,vertex-index,axis-0,axis-1"]
+    for i in range(20_000):
+        y, x = rng.integers(0, 1000, 2)
+        corners = [(y, x), (y, x + 5), (y + 5, x + 5), (y + 5, x)]
+        for v in rng.permutation(4):  # vertex rows in any order: read back in vertex order
+            lines.append(f"{i},rectangle,{v},{corners[v][0]},{corners[v][1]}")
+    big = tmp_path / "boxes.csv"
+    big.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    data, types = read_shapes_csv(big)
+    assert time.perf_counter() - start < 10  # was minutes; about 0.05 s here
+    assert len(data) == 20_000 and set(types) == {"rectangle"}
+    assert data[0][:, 1].tolist()[:2] == [data[0][0, 1], data[0][0, 1] + 5]  # vertex 0 then vertex 1
+    monkeypatch.setattr(csv_files, "MAX_SHAPES", 1000)
+    with pytest.raises(WeakLabelError, match=r"boxes.csv' holds 20,000 shapes; at most 1,000 are read"):
+        read_shapes_csv(big)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("index,shape-type,vertex-index,axis-0,axis-1\n0,rectangle,0,1,1\n0,rectangle,1,1,3\n"
+                     "1,polygon,0,1,1\n1,ellipse,1,2,2\n")
+    with pytest.raises(WeakLabelError, match=r"shape 1 has several shape types \(polygon, ellipse\)"):
+        read_shapes_csv(mixed)

@@ -35,7 +35,7 @@ import numpy as np
 from napari.components import ViewerModel
 from napari.layers import Image, Labels
 
-from ..io.zarr_stores import check_outputs
+from ..io.zarr_outputs import check_outputs, clear_interrupted
 from .jobs import Message, TileProgress
 from .layers import (METADATA_KEY, class_colormap, describe_data, full_resolution, instances_name, prediction_name,
                      spatial_shape)
@@ -203,6 +203,9 @@ def predict_blockwise_job(
         yield Message(warning)
     where = "the whole image" if planes is None else f"plane {planes[0]}"
     into = outputs.add_to.get("labels")
+    cleared = clear_interrupted({"labels": outputs.labels, "instances": outputs.instances})
+    if cleared:
+        yield Message(cleared)
     yield Message(f"predicting {where} of '{layer.name}' ({layer.describe()}) block by block into "
                   f"{outputs.labels}" + (f", then into {into.store}" if into else "") + ", without loading it whole")
     try:

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import RunOptions, TrainRecipe
 from ..config.choices import ADAPTER_FORMAT, SAM_CHECKPOINT_FORMAT
 from ..errors import CheckpointError
+from ..io.safety import check_outputs_are_not_inputs
 from .layers import LayerCopy
 from .native_libs import isolate_triton
 
@@ -303,8 +304,16 @@ def evaluate_job(model: Any, pair: LayerCopy, labels_name: str, device: str) -> 
     return EvaluateResult(pair.name, labels_name, metrics.to_dict(), model.config.head.class_names)
 
 
-def save_job(model: Any, path: str, bundle: bool) -> Generator[Message, None, str]:
-    """Write the adapter (it names its base SAM checkpoint) or a one-file bundle."""
+def save_job(model: Any, path: str, bundle: bool, base: str | None = None) -> Generator[Message, None, str]:
+    """Write the adapter (it names its base SAM checkpoint) or a one-file bundle.
+
+    base: the SAM checkpoint chosen in the dock (may differ from the model's base once another one is chosen).
+
+    Raises:
+        ConfigError: before anything is written, when ``path`` is ``base`` or the SAM checkpoint the model was
+            built on (see ``checkpoints.model_files.check_not_base_checkpoint``); one line naming the file.
+    """
+    check_outputs_are_not_inputs({"the file chosen": path}, {"the SAM checkpoint": base})
     yield Message(f"saving {path}")
     isolate_triton()  # before torch: see native_libs
     from ..checkpoints.model_files import save_adapter, save_bundle

@@ -13,6 +13,9 @@ import pandas as pd
 from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 
+from ..config.choices import LABEL_MODES, UNPAINTED_PLANES
+from ..data.labels import SPARSE_MODES
+
 #: One colour per class after background (transparent); repeats past 10 classes.
 CLASS_COLOURS = (
     "#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231",
@@ -246,19 +249,29 @@ def _predicted_planes(layer: Labels) -> list[int] | None:
     return layer.metadata.get(METADATA_KEY, {}).get("planes")
 
 
-#: What "Copy to training labels" may change: only pixels nobody painted (0), or every predicted pixel.
+#: What "Copy to training labels" may change: only pixels nobody painted, or every predicted pixel.
 COPY_MODES = ("unpainted", "all")
 
 
-def _plane_changes(prediction: Labels, target: Labels, mode: str
+def _painted(plane: np.ndarray, label_mode: str, empty_plane_unpainted: bool) -> np.ndarray:
+    """Which pixels of one ``Y x X`` plane of training labels are painted, as training reads them: in the sparse
+    modes the non-zero ones (0 is "not annotated"); in dense and instances modes every pixel (0 is background),
+    except in a plane where nothing is painted when training skips such planes (``empty_plane_unpainted``)."""
+    if label_mode in SPARSE_MODES:
+        return plane != 0
+    return np.full(plane.shape, not (empty_plane_unpainted and not plane.any()))
+
+
+def _plane_changes(prediction: Labels, target: Labels, mode: str, label_mode: str, unpainted_planes: str
                    ) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]]:
     """For each predicted plane (all of a 2D layer, or of a stack predicted whole): its leading indices, the
-    coordinates ``(ys, xs)`` of the target pixels a copy in ``mode`` would change, and the values there before
-    and after. Only those planes are read, one at a time (a Zarr-backed prediction is never read whole).
+    coordinates ``(ys, xs)`` of the target pixels a copy in ``mode`` would change, their new values, and which of
+    them are painted (see :func:`_painted`). Only those planes are read, one at a time (a Zarr-backed prediction
+    is never read whole).
 
     Raises:
-        ValueError: one line: shapes differ, an unknown mode, or a layer held lazily whose predicted planes are
-            over ``LARGE_BYTES``.
+        ValueError: one line: shapes differ, an unknown copy or label mode, or a layer held lazily whose predicted
+            planes are over ``LARGE_BYTES``.
     """
     shape = tuple(prediction.data.shape)
     if shape != tuple(target.data.shape):
@@ -268,6 +281,10 @@ def _plane_changes(prediction: Labels, target: Labels, mode: str
         )
     if mode not in COPY_MODES:
         raise ValueError(f"copy mode must be one of {COPY_MODES}, got {mode!r}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if unpainted_planes not in UNPAINTED_PLANES:
+        raise ValueError(f"unpainted planes must be one of {UNPAINTED_PLANES}, got {unpainted_planes!r}")
     lead = shape[:-2]
     planes = _predicted_planes(prediction) if lead else None
     chosen = range(int(np.prod(lead, dtype=np.int64))) if planes is None else planes
@@ -278,31 +295,70 @@ def _plane_changes(prediction: Labels, target: Labels, mode: str
                              f"reads its predicted planes, {size / 2**30:.1f} GiB here, over the "
                              f"{LARGE_BYTES / 2**30:.1f} GiB it reads at once; predict and copy the plane shown "
                              "(whole stack off), or crop a region into a new layer")
+    # as training reads a stack: an empty plane is not annotated when such planes are skipped
+    empty_plane_unpainted = unpainted_planes == "skip" and int(np.prod(lead, dtype=np.int64)) > 1
     for plane in chosen:
         index = tuple(int(i) for i in np.unravel_index(plane, lead)) if lead else ()
         source, current = np.asarray(prediction.data[index]), np.asarray(target.data[index])
         changed = current != source
+        painted = _painted(current, label_mode, empty_plane_unpainted)
         if mode == "unpainted":
-            changed &= current == 0
+            changed &= ~painted
         ys, xs = np.nonzero(changed)
-        yield index, (ys, xs), current[ys, xs], source[ys, xs]
+        yield index, (ys, xs), source[ys, xs], painted[ys, xs]
 
 
-def painted_pixels_to_replace(prediction: Labels, target: Labels) -> int:
-    """How many painted (non-zero) pixels of ``target`` a copy of every predicted pixel would change."""
-    return sum(int(np.count_nonzero(before)) for _, _, before, _ in _plane_changes(prediction, target, "all"))
+def painted_pixels_to_replace(prediction: Labels, target: Labels, *, label_mode: str,
+                              unpainted_planes: str = "skip") -> int:
+    """How many painted pixels of ``target`` (as ``label_mode`` and ``unpainted_planes`` say, see
+    :class:`~napari_convlora.config.TrainRecipe`) a copy of every predicted pixel would change."""
+    return sum(int(np.count_nonzero(painted))
+               for *_, painted in _plane_changes(prediction, target, "all", label_mode, unpainted_planes))
 
 
-def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted") -> int:
+@dataclass(frozen=True)
+class CopyPlan:
+    """What "Copy to training labels" is about to do: ``mode`` (one of ``COPY_MODES``) to pass to
+    :func:`copy_prediction`, and ``painted``, the painted pixels it would replace: when > 0 the user is asked first
+    (and nothing is copied unless they agree)."""
+
+    mode: str
+    painted: int
+    label_mode: str
+
+
+def plan_copy(prediction: Labels, target: Labels, mode: str, label_mode: str,
+              unpainted_planes: str = "skip") -> CopyPlan:
+    """Decide a copy of ``prediction`` into the training labels ``target``, read in ``label_mode``.
+
+    In the sparse modes 0 means "not annotated": ``"unpainted"`` fills those pixels and replaces nothing painted;
+    ``"all"`` replaces painted pixels too. In dense and instances modes 0 is painted background, so every pixel is
+    painted (but those of a stack's empty planes that training skips): in either mode the copy makes the predicted
+    planes equal to the prediction, and every painted pixel it changes is counted, to be asked for.
+
+    Raises:
+        ValueError: as :func:`copy_prediction`.
+    """
+    if label_mode not in SPARSE_MODES:
+        mode = "all"  # "unpainted" would fill nothing painted, i.e. nothing but a stack's empty planes
+    painted = painted_pixels_to_replace(prediction, target, label_mode=label_mode,
+                                        unpainted_planes=unpainted_planes) if mode == "all" else 0
+    return CopyPlan(mode, painted, label_mode)
+
+
+def copy_prediction(prediction: Labels, target: Labels, mode: str = "unpainted", *, label_mode: str,
+                    unpainted_planes: str = "skip") -> int:
     """Copy the predicted planes into ``target`` (for correcting them by hand); undoable with Ctrl+Z.
 
-    mode: ``"unpainted"`` fills only the pixels of ``target`` that hold 0 (what was painted stays);
-        ``"all"`` makes the predicted planes equal to the prediction.
+    mode: ``"unpainted"`` fills only the pixels of ``target`` nobody painted (what was painted stays; in dense and
+        instances modes every pixel is painted, see :func:`plan_copy`); ``"all"`` makes the predicted planes equal
+        to the prediction. Ask before ``"all"`` replaces painted pixels (:func:`plan_copy` counts them).
+    label_mode, unpainted_planes: how the training reads ``target`` (:class:`~napari_convlora.config.TrainRecipe`).
     Returns the number of pixels changed.
     """
     coords: list[tuple[np.ndarray, ...]] = []
     values = []
-    for index, (ys, xs), _, after in _plane_changes(prediction, target, mode):
+    for index, (ys, xs), after, _ in _plane_changes(prediction, target, mode, label_mode, unpainted_planes):
         coords.append(tuple(np.full(ys.size, i) for i in index) + (ys, xs))
         values.append(after)
     count = sum(v.size for v in values)

@@ -10,9 +10,10 @@ from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
 from .._napari import block_predict, jobs
-from .._napari.layers import (class_colours, copy_image, copy_pair, copy_plane, copy_prediction, current_plane,
-                              find_labels_for, held_lazily, instances_name, painted_pixels_to_replace, prediction_name,
+from .._napari.layers import (CopyPlan, class_colours, copy_image, copy_pair, copy_plane, copy_prediction,
+                              current_plane, find_labels_for, held_lazily, instances_name, plan_copy, prediction_name,
                               training_colours, write_instances, write_prediction)
+from ..data.labels import SPARSE_MODES
 from ..io.safety import check_outputs_are_not_inputs
 from ..metrics import class_labels, class_pixel_counts, format_line
 from .compute import JobWorker
@@ -133,7 +134,8 @@ class PredictActions:
 
     def copy_to_training_labels(self, mode: str | None = None) -> int | None:
         """Copy the prediction of the chosen image into its training Labels layer: only into pixels nobody
-        painted, or (asked first when painted pixels would change) everywhere it predicted. Ctrl+Z undoes it."""
+        painted, or everywhere it predicted. Painted pixels are replaced only when the user agrees to the count
+        asked (in dense and instances modes 0 is painted background: every pixel is painted). Ctrl+Z undoes it."""
         name = self.predict_image.current()
         source = prediction_name(name) if name else None
         if source not in self.viewer.layers:
@@ -141,18 +143,18 @@ class PredictActions:
         target = find_labels_for(self.viewer, name, self.data_form.pairs())
         if target is None:
             return self._refuse(f"pair '{name}' with a Labels layer under Training data first")
-        mode = mode or self.panel.copy_mode_name()
         prediction = self.viewer.layers[source]
+        unpainted_planes = self.data_form.unpainted.currentData()
         try:
-            if mode == "all":
-                painted = painted_pixels_to_replace(prediction, target)
-                if painted and not self.confirm(f"Replace {painted:,} painted pixels of '{target.name}' with the "
-                                                f"prediction? Ctrl+Z in '{target.name}' undoes it."):
-                    return self._refuse("nothing copied")
-            changed = copy_prediction(prediction, target, mode)
+            plan = plan_copy(prediction, target, mode or self.panel.copy_mode_name(), self.data_form.mode(),
+                             unpainted_planes)
+            if plan.painted and not self.confirm(copy_question(plan, target.name)):
+                return self._refuse(f"nothing copied: '{target.name}' is as it was")
+            changed = copy_prediction(prediction, target, plan.mode, label_mode=plan.label_mode,
+                                      unpainted_planes=unpainted_planes)
         except ValueError as e:
             return self._refuse(str(e))
-        where = "unpainted pixels" if mode == "unpainted" else "pixels"
+        where = "unpainted pixels" if plan.mode == "unpainted" else "pixels"
         self.say(f"copied {changed:,} {where} into '{target.name}' (Ctrl+Z in that layer undoes it): correct them, "
                  "then Train again")
         return changed
@@ -210,13 +212,13 @@ class PredictActions:
                                                   start, MODEL_FILTER)
             if not path:
                 return None
-        try:  # never over the SAM checkpoint that adapters are loaded on
-            base = self.model_form.sam.path() or None
+        base = self.model_form.sam.path() or None
+        try:  # never over the SAM checkpoint chosen; the job also refuses the one the model was built on
             check_outputs_are_not_inputs({"the file chosen": path}, {"the SAM checkpoint": base})
         except ValueError as e:
             return self._refuse(str(e))
         self._set_busy("save")
-        return self._run(jobs.save_job, self.model, path, bundle, on_returned=self._saved)
+        return self._run(jobs.save_job, self.model, path, bundle, base, on_returned=self._saved)
 
     def _saved(self, path: str) -> None:
         self.say(f"saved {path}")
@@ -243,3 +245,11 @@ class PredictActions:
 
     def _exported(self, path: str) -> None:
         self.say(f"wrote the BioImage Model Zoo package {path}")
+
+
+def copy_question(plan: CopyPlan, target: str) -> str:
+    """The question asked before a copy replaces painted pixels, with their count (and, in the modes where 0 is
+    painted background, why they are painted)."""
+    why = "" if plan.label_mode in SPARSE_MODES else f"In {plan.label_mode} mode 0 is painted background. "
+    return (f"{why}Replace {plan.painted:,} painted pixels of '{target}' with the prediction? Ctrl+Z in '{target}' "
+            "undoes it.")

@@ -99,7 +99,9 @@ class PredictPanel(QGroupBox):
                                                        "that layer undoes the copy")
         self.copy_mode = QCheckBox(COPY_MODE_LABELS["all"])
         self.copy_mode.setToolTip("off: only pixels nobody painted are filled (what you painted stays); on: the "
-                                  "predicted planes become the prediction (you are asked first)")
+                                  "predicted planes become the prediction (you are asked first). In dense and "
+                                  "instances label modes 0 is painted background: whenever a painted pixel would "
+                                  "change, you are asked first (with the count), on or off")
         self.evaluate_labels = LayerCombo(labels, "(no Labels layer)")
         self.evaluate_labels.setToolTip("Labels layer with the true classes of the chosen image")
         self.evaluate = _button("Evaluate", "predict the chosen image and score it (IoU, Dice per class) against "

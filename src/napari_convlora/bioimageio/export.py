@@ -38,6 +38,7 @@ from ..data import ImageLayout, SamPlanes, rescale_probabilities, validate_image
 from ..errors import ConfigError
 from ..io.atomic import atomic_path, sha256_file
 from ..modeling import AdaptedSAM
+from ..prediction.planes import PROMPTABLE_ONLY
 from ..prediction.tiling import predict_tiled, probabilities_to_labels
 from .architecture import strict_float32
 from .text import MIN_SIDE, class_names, citations, default_description, default_name, readme, versions
@@ -66,6 +67,7 @@ def export_bioimageio(
     license: str = DEFAULT_LICENSE,
     tags: Sequence[str] = (),
     overlap: float = 0.25,
+    model_file: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as a BioImage Model Zoo package (``.zip``), atomically: ``path`` appears whole or not at all.
 
@@ -79,14 +81,19 @@ def export_bioimageio(
         name, authors, description, license, tags: the package's metadata (defaults say what the model is;
             ``license`` an SPDX id, by default SAM's own, Apache-2.0; ``tags`` are added to the defaults).
         overlap: tile overlap of the package's forward (napari-convlora's default).
+        model_file: the file ``model`` was loaded from, named in the refusal of a model adapted from weak labels.
 
     Returns:
         ``path``.
 
     Raises:
+        ValueError: a model adapted from weak labels (``config.promptable``, WeSAM): its prompt-free head, the one
+            a package runs, never trained (``prediction.planes.PROMPTABLE_ONLY``); refused before anything is
+            written.
         ConfigError: bioimageio.spec not installed, a path that is not ``.zip``, metadata the format rejects,
             an input spec the format cannot express, a sample image that does not fit the model.
     """
+    check_prompt_free(model, model_file)
     path = check_export(path, name, license)
     spec = model.config.input
     if spec.percentiles[1] <= 1.0:
@@ -107,6 +114,19 @@ def export_bioimageio(
                           license=license, tags=tags, overlap=overlap)
         _save_package(descr, path, folder)
     return path
+
+
+def check_prompt_free(model: AdaptedSAM, model_file: str | os.PathLike | None = None) -> None:
+    """Refuse a model adapted from weak labels (WeSAM): a package segments without prompts, with the prompt-free
+    head, which such a model never trained (its test output would be the untrained head's 0.5 everywhere).
+
+    Raises:
+        ValueError: one line, naming ``model_file`` when given, with ``predict``'s reason.
+    """
+    if model.config.promptable is not None:
+        named = f"{model_file}: " if model_file is not None else ""
+        raise ValueError(f"{named}not exported: a BioImage Model Zoo package segments without prompts, and "
+                         f"{PROMPTABLE_ONLY}")
 
 
 def check_export(path: str | os.PathLike, name: str | None = None, license: str = DEFAULT_LICENSE) -> Path:

@@ -31,7 +31,7 @@ from ..modeling import AdaptedSAM, BaseSam
 from ..modeling.hq import split_hq_state
 from ..modeling.sam_build import build_sam, infer_architecture
 from . import format_v1 as files_v1
-from .sam_files import extract_sam_state, load_base, read_tensors
+from .sam_files import checkpoint_identity, extract_sam_state, load_base, read_tensors
 
 METADATA_KEY = "napari_convlora"
 
@@ -45,15 +45,54 @@ def package_version() -> str:
         return "unknown"
 
 
+#: The attribute of a model that names its file (:func:`model_file`).
+_FILE_ATTRIBUTE = "source_file"
+
+
+def model_file(model: AdaptedSAM) -> Path | None:
+    """The file ``model`` was last loaded from (:func:`load_model`) or written to (:func:`save_adapter`,
+    :func:`save_bundle`), for messages about the model; None for a model built in memory and never saved."""
+    return getattr(model, _FILE_ATTRIBUTE, None)
+
+
 def _write(tensors: dict[str, torch.Tensor], model: AdaptedSAM, file_format: str, path: str | os.PathLike) -> Path:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     record = {"format": file_format, "format_version": FORMAT_VERSION, "package_version": package_version(),
               "config": to_record(model.config)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    check_not_base_checkpoint(model, path)  # every writer: the dock, the command line, the loops, a script
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
+        try:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
+        except SafetensorError as e:  # a full disk, among others: reported as a failed write of ``path``
+            raise OSError(str(e)) from e
+    setattr(model, _FILE_ATTRIBUTE, Path(path))
     return Path(path)
+
+
+def check_not_base_checkpoint(model: AdaptedSAM, path: str | os.PathLike) -> None:
+    """Refuse ``path`` when it holds the SAM checkpoint ``model`` was built on: the model records its base by file
+    name and sha256 (not by path), so an existing file there is hashed (once per session: the hash is cached)
+    unless it is a file this package wrote (an adapter or bundle, never a base).
+
+    Raises:
+        ConfigError: one line naming the file and the base.
+    """
+    base = model.config.base_checkpoint
+    if base is None or not Path(path).is_file():
+        return
+    try:
+        if read_record(path) is not None:
+            return
+    except CheckpointError:  # not safetensors (a .pth): hash it
+        pass
+    if checkpoint_identity(path).sha256 == base.sha256:
+        raise ConfigError(
+            f"the file chosen {path} is the SAM checkpoint this model was built on ('{base.file_name}', sha256 "
+            f"{base.sha256[:12]}...): writing it would destroy the base; choose another file"
+        )
 
 
 def save_adapter(model: AdaptedSAM, path: str | os.PathLike) -> Path:
@@ -96,7 +135,10 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         raise CheckpointError(f"{path}: its napari-convlora record is not a JSON object")
     version = record.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{path}: its napari-convlora record is damaged: format version {version!r} is not a "
+                              "version number")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer napari-convlora (format version {version!r}); please upgrade")
     if version == 1:
         record = files_v1.convert_record(record, path)
@@ -169,7 +211,8 @@ def load_model(
     base: str | os.PathLike | BaseSam | None = None,
     check_base_hash: bool = True,
 ) -> AdaptedSAM:
-    """Load an adapter file (on its base SAM checkpoint) or a bundle, on the CPU in eval mode.
+    """Load an adapter file (on its base SAM checkpoint) or a bundle, on the CPU in eval mode; the model remembers
+    ``path`` (:func:`model_file`), so that messages about it name the file.
 
     Args:
         path: a ``.safetensors`` file written by :func:`save_adapter` or :func:`save_bundle`.
@@ -186,6 +229,9 @@ def load_model(
     path = Path(path)
     record = _require_record(path)
     config = model_config(record, path)
+    current = record.get("format_version") != 1
+    if current:  # names and shapes from the file's header: a misshapen tensor is refused before any is read
+        model = _check_bundle_or_adapter(path, record, config, _header_tensors(path), base, check_base_hash)
     tensors = load_file(str(path), device="cpu")
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -193,8 +239,32 @@ def load_model(
             f"{path}: {len(bad)} tensors hold NaN or infinite values ({bad[0]}, ...): it was saved from a training "
             "run that diverged; use an earlier file of that run (its .best file) or train again"
         )
-    if record.get("format_version") == 1:
+    if not current:  # version 1 names and shapes are known once converted
         tensors = files_v1.convert_tensors(tensors)
+        model = _check_bundle_or_adapter(path, record, config, tensors, base, check_base_hash)
+    model.load_state_dict(tensors, strict=False)
+    setattr(model, _FILE_ATTRIBUTE, path)
+    return model.eval()
+
+
+def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as empty ``meta`` tensors of their shapes and dtypes, from the safetensors header alone."""
+    from safetensors import safe_open
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    with safe_open(str(path), framework="pt") as f:
+        return {name: torch.empty(f.get_slice(name).get_shape(), device="meta",
+                                  dtype=dtypes.get(f.get_slice(name).get_dtype(), torch.float32))
+                for name in f.keys()}
+
+
+def _check_bundle_or_adapter(path: Path, record: dict[str, Any], config: ModelConfig,
+                             tensors: dict[str, torch.Tensor], base: str | os.PathLike | BaseSam | None,
+                             check_base_hash: bool) -> AdaptedSAM:
+    """The model ``record`` describes, built (on ``base`` for an adapter), with ``tensors`` (real or ``meta``)
+    checked against it: names and shapes. Raises CheckpointError naming ``path``."""
     if record["format"] == BUNDLE_FORMAT:
         _check_bundle_geometry(tensors, config, path)  # before building a model of the size the record claims
         model = AdaptedSAM(build_sam(config.base), config)
@@ -205,8 +275,7 @@ def load_model(
             model.prompt_head.unavailable = files_v1.V1_BUNDLE_PROMPTS
         if missing:
             raise CheckpointError(f"{path}: the bundle lacks tensors {sorted(missing)[:5]}")
-        model.load_state_dict(tensors, strict=False)
-        return model.eval()
+        return model
 
     expected = config.base_checkpoint
     if base is None:
@@ -228,8 +297,7 @@ def load_model(
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot be built on {base_name}: {e}") from None
     _check_tensor_keys(model, tensors, path, adapter=True)
-    model.load_state_dict(tensors, strict=False)
-    return model.eval()
+    return model
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

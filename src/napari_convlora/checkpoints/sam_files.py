@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,8 +58,13 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: this is {other}, not a model checkpoint (a SAM checkpoint is a .pth file; "
                               f"official ones: {OFFICIAL_CHECKPOINTS})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warning about an unknown pickle protocol: the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not refused_as_unsafe(e):  # a damaged pickle, not one that names code to run
+            raise CheckpointError(f"{path}: could not read it as a PyTorch checkpoint: its pickle is damaged, or it "
+                                  "is a file of another format") from e
         raise CheckpointError(
             f"{path}: refused to load. The file holds Python objects beyond tensors, which could run code "
             "when unpickled (torch.load weights_only=True rejected it). If you trust its origin, re-save "
@@ -68,6 +74,13 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: could not read it as a PyTorch checkpoint; it may be truncated or of another format ({e})"
         ) from e
+
+
+def refused_as_unsafe(error: pickle.UnpicklingError) -> bool:
+    """Whether torch's safe unpickler refused the file for what it would run (a global it does not allow), rather
+    than failing to parse it."""
+    text = str(error)
+    return "Unsupported global" in text or "GLOBAL " in text
 
 
 #: File signatures of what people pick by mistake instead of a checkpoint: (leading bytes, what it is).
@@ -95,8 +108,10 @@ def other_file_kind(path: Path) -> str | None:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return None
-    return "a text file" if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text) else None
+        return "neither a zip archive nor a pickle (damaged, or another format)"
+    if text.isprintable() or all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "a text file"
+    return "neither a zip archive nor a pickle (damaged, or another format)"
 
 
 def is_safetensors(path: Path) -> bool:

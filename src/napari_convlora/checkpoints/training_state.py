@@ -25,12 +25,19 @@ from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_path
 from ..io.safety import unreadable_reason
 from ..metrics import selection_score
+from .sam_files import refused_as_unsafe
 
 #: Version of the training-state record; version 1 (napari-convlora 0.1.0) did not save the data settings.
 STATE_VERSION = 2
 _REQUIRED = ("step", "best", "history", "optimizer", "scheduler", "rng", "recipe")
 #: Written next to a run's model file: ``run.metrics.csv``, one row per validation.
 METRICS_SUFFIX = ".metrics.csv"
+
+
+def trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of ``model`` on the CPU, for the training state: with its own copy of the weights, a state
+    is a whole record of its step, whatever happened to the model file after it (a save killed between the two)."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.trainable_state_dict().items()}
 
 
 def state_path(model_path: str | os.PathLike) -> Path:
@@ -154,7 +161,9 @@ def load_training_state(path: str | os.PathLike, recipe_type: type = TrainRecipe
         raise CheckpointError(f"{path}: {reason}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if not refused_as_unsafe(e):
+            raise CheckpointError(f"{path}: could not read the training state: the file is damaged") from None
         raise CheckpointError(f"{path}: refused to load: it holds Python objects beyond tensors and numbers, which "
                               "could run code when unpickled; this is not a training state napari-convlora wrote"
                               ) from None
@@ -173,6 +182,9 @@ def load_training_state(path: str | os.PathLike, recipe_type: type = TrainRecipe
     for key in _REQUIRED:
         if key not in state:
             raise CheckpointError(f"{path}: the training state lacks '{key}'")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: the training state is damaged: its step is {step!r}, not a count of steps")
     kind = state.get("recipe_kind", "TrainRecipe")  # states written before self-training existed are supervised
     if kind != recipe_type.__name__:
         how = RECIPE_KINDS.get(kind, "the tool that wrote it")

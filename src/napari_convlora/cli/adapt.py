@@ -54,6 +54,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from .progress import TerminalProgress
     from ..self_training import WeakPair, prepare_weak_data, self_train
 
+    if args.steps is not None and args.steps < 1:  # 0 is a number of steps, not "not given"
+        raise ConfigError(f"--steps {args.steps}: give at least 1 optimizer step (or leave --steps out for "
+                          f"{SelfTrainingRecipe().steps}, or the saved run's with --resume)")
     columns = {option: _per_image(args, option) for option in WEAK_OPTIONS}
     for i, image in enumerate(args.image):
         if not any(columns[o][i] for o in ("boxes", "points", "coarse")):
@@ -68,11 +71,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         from ..self_training.loop import resume_self_training_recipe
 
         saved = resume_self_training_recipe(args.resume)
-        recipe = dataclasses.replace(saved, steps=args.steps or saved.steps)
+        recipe = dataclasses.replace(saved, steps=saved.steps if args.steps is None else args.steps)
         print(f"resuming {args.resume} with its saved recipe ({recipe.steps} steps)", file=sys.stderr)
     else:
         adapter = {"wesam": None, "lora": AdapterConfig(method="lora"), "conv_lora": AdapterConfig(method="conv_lora")}
-        recipe_options = dict(input_size=args.input_size, steps=args.steps or SelfTrainingRecipe().steps, lr=args.lr,
+        steps = SelfTrainingRecipe().steps if args.steps is None else args.steps
+        recipe_options = dict(input_size=args.input_size, steps=steps, lr=args.lr,
                               seed=args.seed, reference_quirks=args.reference_quirks, val_every=args.val_every,
                               grad_clip=args.grad_clip,
                               input=InputSpec(channels=tuple(int(c) for c in args.channels.split(","))
@@ -134,7 +138,9 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
     p.add_argument("--input-size", type=int, default=defaults.input_size, help="SAM input side; crops are this large "
                    "(default 1024, SAM's own; 256 or 512 on a CPU)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps}; with "
-                   "--resume the saved run's, more to continue a finished run)")
+                   "--resume the saved run's, more to continue a finished run); the learning rate warms up over "
+                   f"WeSAM's {defaults.warmup_steps} steps, or the first half of a run shorter than "
+                   f"{2 * defaults.warmup_steps}")
     p.add_argument("--resume", default=None, help="continue the self-training run saved in this adapter file "
                    "(and its .training.pt) exactly, with its own recipe")
     p.add_argument("--lr", type=float, default=defaults.lr)

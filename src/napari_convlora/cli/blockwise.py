@@ -5,8 +5,12 @@ use of ``predict`` is unchanged (and refuses the options below)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from typing import Iterator
 
 from ..errors import ConfigError
 
@@ -53,6 +57,7 @@ def cmd_predict_blockwise(args: argparse.Namespace) -> int:
     from .options import image_layout as _layout, use_run_options
     from ..prediction.blockwise.cluster import dask_client
     from ..io.safety import check_outputs_are_not_inputs, check_writable
+    from ..io.zarr_outputs import clear_interrupted
     from ..io.zarr_stores import open_lazy
 
     image_path = args.image[0]
@@ -70,16 +75,23 @@ def cmd_predict_blockwise(args: argparse.Namespace) -> int:
         check_outputs_are_not_inputs({name: path}, {"--image": image_path, "--model": args.model,
                                                     "--checkpoint": args.checkpoint, **dict(given[i + 1:])})
         check_writable(path, name)
+    cleared = clear_interrupted(outputs)  # a run killed before (SIGKILL) left its temporary stores
+    if cleared:
+        print(cleared, file=sys.stderr, flush=True)
     image = open_lazy(image_path)
     device = use_run_options(args)
     source = ModelSource.of(args.model, args.checkpoint, not args.ignore_base_hash, str(device), args.threads or 1)
     source.config()  # a model file that cannot be used is refused before the cluster starts
     progress = _Progress()
     try:
-        with dask_client(args.scheduler, args.workers or DEFAULT_WORKERS, args.memory_limit or "auto") as client:
+        with _sigterm_as_interrupt(), dask_client(args.scheduler, args.workers or DEFAULT_WORKERS,
+                                                  args.memory_limit or "auto") as client:
             result = predict_blockwise(source, image, args.out, _layout(args), args.probabilities, args.instances,
                                        args.overlap, args.batch_size, args.block_size or DEFAULT_BLOCK_SIZE,
                                        client, progress)
+    except _Terminated:
+        print("stopped by SIGTERM: nothing was written (the outputs appear only when complete)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: nothing was written (the outputs appear only when complete)", file=sys.stderr)
         return 130
@@ -90,6 +102,27 @@ def cmd_predict_blockwise(args: argparse.Namespace) -> int:
             extra = f" ({result.instances} objects)" if kind == "instances" else ""
             print(f"{kind} -> {result.outputs[kind]}{extra}")
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: the local cluster is closed and the temporary stores removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`_Terminated` (in the main thread only: signals are handled there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Progress:

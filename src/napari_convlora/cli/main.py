@@ -24,6 +24,7 @@ from .train import add_train_parser
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..io.images import read_image, write_image
     from ..prediction.planes import predict_image
+    from .progress import TileProgress
 
     if blockwise_requested(args):  # a .zarr store in or out: block by block on dask
         from .blockwise import cmd_predict_blockwise
@@ -41,9 +42,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    {"--image": image, "--model": args.model, "--checkpoint": args.checkpoint})
     device = use_run_options(args)
     model = load_model_from_args(args)
-    result = predict_image(model, read_image(image), image_layout(args), device=device, overlap=args.overlap,
-                           batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
-                           instances=args.instances is not None, instances_3d=args.instances_3d)
+    with TileProgress(f"predicting {Path(image).name}") as progress:
+        result = predict_image(model, read_image(image), image_layout(args), device=device, overlap=args.overlap,
+                               batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
+                               instances=args.instances is not None, instances_3d=args.instances_3d,
+                               progress=progress)
     write_image(args.out, result.labels, like=image)
     print(f"labels {result.labels.shape} {result.labels.dtype} -> {args.out}")
     if args.probabilities:
@@ -128,7 +131,8 @@ def cmd_export_bioimageio(args: argparse.Namespace) -> int:
     image = read_image(args.image) if args.image else None
     model = load_model_from_args(args).to(device)
     path = export_bioimageio(model, args.out, image, image_layout(args), plane=args.plane, name=args.name,
-                             authors=args.author, description=args.description, license=args.license, tags=args.tag)
+                             authors=args.author, description=args.description, license=args.license, tags=args.tag,
+                             model_file=args.model)
     print(f"BioImage Model Zoo package -> {path} (check it with: bioimageio test {path})")
     return 0
 

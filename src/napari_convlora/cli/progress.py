@@ -35,3 +35,26 @@ class TerminalProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class TileProgress:
+    """A bar of tiles on stderr for one prediction in memory: ``progress(done, total)`` as ``predict_image`` calls
+    it. Use it as a context manager, so that the bar is closed before the result lines are printed."""
+
+    def __init__(self, what: str, stream=None) -> None:
+        self.what, self.stream, self.bar = what, stream or sys.stderr, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="tile", desc=self.what, file=self.stream, dynamic_ncols=True)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> TileProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

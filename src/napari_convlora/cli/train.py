@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from .options import (EXIT_FAILURE, add_layout_options, add_run_options, check_o
                       numbered, run_options)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..config import TrainRecipe
 
 
@@ -41,11 +44,30 @@ def recipe_from(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe"
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
         augment=False if args.no_augment else None))
 
+def _read_labels(path: str, option: str) -> np.ndarray:
+    """A label image file; one that holds no integer labels is refused in words about the file, not about numpy."""
+    from ..io.images import read_image
+
+    labels = read_image(path)
+    if labels.dtype.kind not in "biu":
+        raise ConfigError(f"{option} {path}: holds {labels.dtype} values, not integer labels: save the label image "
+                          "with an integer type (uint8 or uint16, as napari saves a Labels layer)")
+    return labels
+
+
+def _stopped_by_torchrun(signum: int, frame: Any) -> None:
+    """SIGTERM in a process of a torchrun group: torchrun ends the others when one fails, and stops them all when
+    asked to (Ctrl+C). Raised as an error, so that the run leaves its group, keeps its last save whole and says so."""
+    from ..training.data_parallel import ParallelError
+
+    raise ParallelError("torchrun stopped this process (another process of the run ended, or the run was stopped)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import TrainRecipe
     from ..data import TrainingPair, prepare_training_data
-    from ..training.data_parallel import end_process, from_environment
-    from ..io.images import read_image
+    from ..training.data_parallel import ParallelError, end_process, from_environment
+    from ..io.images import geometry_mismatch, read_image
     from .progress import TerminalProgress
     from ..training.loop import init_recipe, resume_recipe, train
 
@@ -75,9 +97,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         for note in requested.differences(recipe, "asked", "saved"):
             say(f"resuming {args.resume} with its saved recipe: {note}")
         if recipe != saved:
-            say(f"resuming {args.resume} for longer: {saved.steps or saved.epochs} -> "
-                f"{recipe.steps or recipe.epochs} {'steps' if recipe.steps else 'epochs'}; the learning rate now "
-                "decays over the new length (not the same as a run that long from the start)")
+            before, after = saved.steps or saved.epochs, recipe.steps or recipe.epochs
+            units = ["steps" if r.steps else "epochs" for r in (saved, recipe)]
+            if units[0] == units[1]:
+                how, length = ("for longer" if after > before else "for a shorter run"), f"{before} -> {after} {units[1]}"
+            else:
+                how, length = "with a new length", f"{before} {units[0]} -> {after} {units[1]}"
+            say(f"resuming {args.resume} {how}: {length}; the learning rate now decays over the new length (not the "
+                "same as a run that long from the start)")
     elif args.init_from:  # a new run from a trained model: its settings win; report the options they replace
         recipe, set_aside = init_recipe(args.init_from, recipe_from(args, init_recipe(args.init_from)[0]))
         for note in set_aside:
@@ -86,12 +113,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = recipe_from(args, TrainRecipe())
     processes.check_recipe(recipe.grad_accum, recipe.batch_size)
     layout = image_layout(args)
-    pairs = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.image, args.labels)]
-    val = [TrainingPair(read_image(i), read_image(l), layout) for i, l in zip(args.val_image, args.val_labels)]
+    for image_path, labels_path in [*zip(args.image, args.labels), *zip(args.val_image, args.val_labels)]:
+        mismatch = geometry_mismatch(image_path, labels_path)
+        if mismatch:
+            say(f"napari-convlora train: warning: {mismatch}")
+    pairs = [TrainingPair(read_image(i), _read_labels(l, "--labels"), layout) for i, l in zip(args.image, args.labels)]
+    val = [TrainingPair(read_image(i), _read_labels(l, "--val-labels"), layout)
+           for i, l in zip(args.val_image, args.val_labels)]
     data = prepare_training_data(pairs, recipe, val)
     say(f"label values {list(data.encoding.class_values)}; {data.summary()}")
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
+    if processes.parallel:  # torchrun ends the others with SIGTERM when one process fails: they still say so
+        signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     try:
         for event in train(args.checkpoint, data, args.out, recipe, run, resume_from=args.resume, stop=stop,
                            init_from=args.init_from, processes=processes):
@@ -108,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress.close()
         print(f"napari-convlora train (process {processes.rank} of {processes.world_size}): error: "
               f"{describe_error(e)}", file=sys.stderr)
-        if processes.main:
+        if processes.main or isinstance(e, ParallelError):  # process 0 may be the one that ended
             print(f"the last save is {args.out} (if any): continue with --resume {args.out}, with any number of "
                   "processes", file=sys.stderr)
         return EXIT_FAILURE

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -16,8 +17,9 @@ from .model import AdapterConfig, InputSpec, check_input_size, wesam_adapter
 @dataclass
 class SelfTrainingRecipe:
     """Everything that decides what a WeSAM run computes. Defaults follow WeSAM's released code (METHODS.md 3.5):
-    LoRA rank 4 on q and v, Adam with coupled weight decay 1e-4, lr 1e-4, linear warm-up over 250 steps, at most
-    40 prompted objects per step, 5 positive and 5 negative points drawn afresh in coarse masks at every step.
+    LoRA rank 4 on q and v, Adam with coupled weight decay 1e-4, lr 1e-4, linear warm-up over 250 steps (at most
+    half the run: :meth:`for_new_run`), at most 40 prompted objects per step, 5 positive and 5
+    negative points drawn afresh in coarse masks at every step.
 
     adapter: the encoder adapter (default WeSAM's; Conv-LoRA or LoRA with the plugin's defaults work too).
     input_size: SAM's input side; training crops are this large (objects keep their pixel size).
@@ -61,7 +63,21 @@ class SelfTrainingRecipe:
         if self.val_every is not None and self.val_every < 1:
             raise ConfigError(f"val_every must be >= 1, got {self.val_every}")
 
+    @property
+    def effective_warmup_steps(self) -> int:
+        """The warm-up a new run of ``steps`` makes: ``warmup_steps``, but at most half the run (``steps // 2``), so
+        that every run makes at least half its steps at the full learning rate. WeSAM's 250 steps stay for runs of
+        500 steps (the default) or more; a shorter run would otherwise end partway up the ramp (a 100-step run at
+        40 % of ``lr``)."""
+        return min(self.warmup_steps, self.steps // 2)
+
+    def for_new_run(self) -> SelfTrainingRecipe:
+        """The recipe a new run saves and follows: ``warmup_steps`` set to :attr:`effective_warmup_steps`. A resumed
+        run keeps the saved recipe as it is, so it follows its schedule exactly, also when continued for more steps
+        (and runs saved before the warm-up was scaled resume with theirs)."""
+        return dataclasses.replace(self, warmup_steps=self.effective_warmup_steps)
+
     def lr_factor(self, step: int) -> float:
         """WeSAM's schedule: linear warm-up from 0 over ``warmup_steps``, then constant (its decays start at step
-        60,000, beyond any run here)."""
+        60,000, beyond any run here). Step ``k + 1`` is made at ``lr * lr_factor(k)``."""
         return min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0

@@ -235,15 +235,23 @@ class SamPlanes:
         width = len(range(*cols.indices(self.shape[1])))
         out = np.zeros((height, width, 3), dtype=np.float32)
         for channel, slots, (low, high) in zip(self._used, self._slots, self.ranges):
-            values = self._channels_last[where + (rows, cols, channel)].astype(np.float32)
-            low32, high32 = np.float32(low), np.float32(high)
-            values -= low32
-            if high32 > low32:  # divide in float32 so that ``high`` maps to exactly 255
-                values /= high32 - low32
-                values *= np.float32(255.0)
+            raw = self._channels_last[where + (rows, cols, channel)]
+            with np.errstate(over="ignore"):  # a range beyond float32 is told apart below
+                low32, high32 = np.float32(low), np.float32(high)
+            if high > low and not (np.isfinite(low32) and np.isfinite(high32) and high32 > low32):
+                # a float64 range that float32 cannot hold (beyond 3.4e38, or distinct values that round to one):
+                # normalised in float64, so that the plane is not blank
+                wide = (np.asarray(raw, dtype=np.float64) - low) / (high - low) * 255.0
+                values = np.clip(wide, 0.0, 255.0).astype(np.float32)
             else:
-                values[...] = 0.0
-            np.clip(values, 0.0, 255.0, out=values)
+                values = raw.astype(np.float32)
+                values -= low32
+                if high32 > low32:  # divide in float32 so that ``high`` maps to exactly 255
+                    values /= high32 - low32
+                    values *= np.float32(255.0)
+                else:
+                    values[...] = 0.0
+                np.clip(values, 0.0, 255.0, out=values)
             for slot in slots:
                 out[..., slot] = values
         return out

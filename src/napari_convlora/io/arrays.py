@@ -9,12 +9,15 @@ dask workers.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .zarr_stores import LazyImage, require_large
+from .safety import Claim, check_numeric
+from .zarr_stores import LazyImage, check_stored_claim, require_large, zarr_claim
 
 #: A stored chunk holding more pixels than this many blocks is warned about (see :func:`chunk_warning`).
 CHUNK_WARNING_BLOCKS = 4
@@ -62,10 +65,51 @@ class OpenArrayImage(LazyImage):
 
 def open_array(array: Any, name: str = "the image") -> OpenArrayImage:
     """``array`` (2D, a stack, RGB or with channels, as a napari Image layer holds it) as a lazy image; ``name``
-    names it in messages. Raises ValueError in one line when the ``large`` extra (dask, zarr) is missing."""
+    names it in messages. An array read from local Zarr stores (a Zarr array, or a dask array made from them) over
+    1 GB or 10^6 chunks is believed only when they hold at least 1/1000 of it (:func:`io.safety.check_claim`).
+
+    Raises:
+        ValueError: one line: the ``large`` extra (dask, zarr) missing, values that are not numbers, or a Zarr
+            header that claims far more than its store holds.
+    """
     require_large("dask.array")
     require_large("zarr", "predictions written into Zarr stores")
+    check_numeric(name, array.dtype)
+    sources = _zarr_sources(array)
+    if sources:
+        shape = tuple(int(n) for n in array.shape)
+        chunks = zarr_claim(sources[0][0], shape).chunks if len(sources) == 1 else None
+        check_stored_claim(name, Claim(shape, array.dtype, chunks), [folder for _, folder in sources])
     return OpenArrayImage(OpenArrayReader(array, name))
+
+
+def _zarr_sources(array: Any) -> list[tuple[Any, Path]]:
+    """The Zarr arrays ``array`` reads, each with its folder: itself, or those a dask array was made from
+    (``da.from_zarr``, ``da.from_array``: each held whole in a graph layer named ``original-...``); none when there
+    are none, or when one is not in a local folder (what it holds cannot be counted)."""
+    zarr = sys.modules.get("zarr")
+    if zarr is None:
+        return []
+    if isinstance(array, zarr.Array):
+        sources = [array]
+    else:
+        layers = getattr(getattr(array, "dask", None), "layers", None) or {}
+        sources = [value for name, layer in layers.items() if str(name).startswith("original-") and len(layer) == 1
+                   for value in layer.values() if isinstance(value, zarr.Array)]
+    roots = [_local_root(source.store) for source in sources]
+    if any(root is None for root in roots):
+        return []
+    return [(source, root / source.path) for root, source in zip(roots, sources)]
+
+
+def _local_root(store: Any) -> Path | None:
+    """The folder of a Zarr store on this machine: a ``LocalStore``, or an ``FsspecStore`` on the local file system
+    (what ``da.from_zarr(path)`` opens); else None."""
+    if getattr(store, "root", None) is not None:
+        return Path(store.root)
+    protocol = getattr(getattr(store, "fs", None), "protocol", None)
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
+    return Path(store.path) if "file" in protocols and isinstance(getattr(store, "path", None), str) else None
 
 
 def chunk_warning(array: Any, block_size: int, name: str = "the image", channel_axis: int | None = None

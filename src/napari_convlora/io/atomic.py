@@ -6,6 +6,7 @@ A reader (or a crash, or a Stop pressed mid-save) never sees a half-written file
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -31,13 +32,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp_path
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... enforce fail ...")
-            raise WriteError(f"{path}: could not be written, the previous file is kept ({' '.join(str(e).split())})"
-                             ) from e
+            kept = "the previous file is kept" if path.exists() else "nothing was written"
+            raise WriteError(f"{path}: could not be written, {kept} ({_why(e)})") from e
         os.chmod(tmp_path, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _why(error: BaseException) -> str:
+    """Why a write failed, in the user's words where the library's are cryptic (a full disk)."""
+    text = " ".join(str(error).split())
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in text \
+        or "StorageFull" in text or "enforce fail" in text or "failed writing file" in text
+    return f"the disk is full or failed: {text}" if full else text
 
 
 class WriteError(OSError):

@@ -84,6 +84,27 @@ def _read_medical(path: Path, kind: str, module: str, package: str) -> np.ndarra
         raise ValueError(f"{path}: could not read the {kind} image ({' '.join(str(e).split())[:300]})") from e
 
 
+def geometry_mismatch(image_path: str | os.PathLike, labels_path: str | os.PathLike) -> str | None:
+    """Why a label volume may not lie on its image, when both are NIfTI files whose affines (voxel size, orientation,
+    origin) differ; None when they agree or carry no such geometry. The header alone is read."""
+    paths = [Path(image_path), Path(labels_path)]
+    if not all(_medical_format(p) and _medical_format(p)[0] == "NIfTI" for p in paths):
+        return None
+    try:
+        import nibabel
+
+        image, labels = (nibabel.load(str(p)) for p in paths)
+    except Exception:  # noqa: BLE001 - unreadable files are reported when they are read
+        return None
+    if image.shape[:3] != labels.shape[:3]:
+        return None  # the shape check says so
+    if np.allclose(image.affine, labels.affine, rtol=1e-4, atol=1e-3):
+        return None
+    voxel = [tuple(round(float(v), 4) for v in nib_img.header.get_zooms()[:3]) for nib_img in (image, labels)]
+    return (f"{paths[1]}: its NIfTI geometry differs from {paths[0]}'s (voxel sizes {voxel[1]} and {voxel[0]}, or "
+            "orientation or origin): the labels may not lie on the image; check that they belong to this scan")
+
+
 def memory_bytes() -> int | None:
     """This machine's physical memory in bytes, or None where it cannot be read."""
     try:

@@ -4,27 +4,37 @@ Zarr interface (``tifffile.imread(path, aszarr=True)``).
 Needs the optional ``large`` extra (dask, zarr >= 3: tifffile's Zarr interface requires zarr 3). Nothing is read
 when a source is opened; a region is read when asked for. A source is described by a :class:`ArrayReader`
 that holds only paths, so that it travels to dask workers as a few bytes: each worker thread opens the store
-once and keeps it. An output store is written into a temporary folder next to its final name
-(``.<name>.<random>.tmp``) and renamed at the end: an interrupted run leaves no half output under the final name.
+once and keeps it. An image is opened only when its header is believable (:func:`io.safety.check_claim`: over
+1 GB or 10^6 chunks, at least 1/1000 of it is on disk), numeric, and its OME-Zarr dataset lies inside the store.
+
+Outputs (Zarr stores written block by block) are in :mod:`.zarr_outputs`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
-import shutil
-import tempfile
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from .safety import Claim, check_claim, check_numeric
 
 #: The optional packages of the ``large`` extra: module -> PyPI package.
 LARGE_PACKAGES = {"dask": "dask[array,distributed]", "distributed": "dask[array,distributed]", "zarr": "zarr>=3"}
 LARGE_HINT = "pip install 'napari-convlora[large]'"
 #: Axis names OME-Zarr images use in this order; the default names for images without them.
 OME_AXES = "tczyx"
+#: The file in a temporary output store naming the process that writes it (:func:`io.safety.process_record`;
+#: written by :mod:`.zarr_outputs`, never counted as a chunk here).
+OWNER_FILE = ".convlora-owner.json"
+#: Files of a Zarr store that are not chunks.
+_METADATA_FILES = frozenset({".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json", OWNER_FILE})
 _OPEN = threading.local()
 
 
@@ -42,20 +52,6 @@ def require_large(module: str, what: str = "images larger than memory") -> Any:
 def is_zarr_path(path: str | os.PathLike) -> bool:
     """``.zarr`` (also ``.ome.zarr``), any case, with or without a trailing slash."""
     return str(path).rstrip("/\\").lower().endswith(".zarr")
-
-
-def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse, before any work, a Zarr output that is not named ``*.zarr`` or that exists (never overwritten)."""
-    from ..errors import ConfigError
-
-    for option, path in outputs.items():
-        if path is None:
-            continue
-        if not is_zarr_path(path):
-            raise ConfigError(f"{option} {path}: blockwise prediction writes Zarr stores; name it <name>.zarr")
-        if Path(path).exists():
-            raise ConfigError(f"{option} {path} exists; a Zarr output is never overwritten: remove it or choose "
-                              "another name")
 
 
 @dataclass(frozen=True)
@@ -139,8 +135,14 @@ class LazyImage:
 def open_lazy(path: str | os.PathLike) -> LazyImage:
     """Open a Zarr array, an OME-Zarr image (its level 0) or a TIFF file (series 0, level 0) without reading it.
 
+    Before anything is planned on it, its header is checked against the data present (:func:`io.safety.check_claim`:
+    a claim over 1 GB or 10^6 chunks must be backed by at least 1/1000 of its bytes and chunks in chunk files, or in
+    the strips and tiles of the TIFF's table), its values must be numbers, and an OME-Zarr dataset must be a path
+    inside the store.
+
     Raises:
-        ValueError: one line naming the file: missing, not an image store, or the ``large`` extra missing.
+        ValueError: one line naming the file: missing, not an image store, a header that claims far more than the
+            file holds, not numbers, or the ``large`` extra missing.
     """
     zarr = require_large("zarr", "Zarr and large TIFF images")
     path = Path(path)
@@ -154,7 +156,7 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
         raise ValueError(f"{path}: not a Zarr store ({' '.join(str(e).split())[:200]})") from e
     fmt = int(getattr(node.metadata, "zarr_format", 2))
     if isinstance(node, zarr.Array):
-        return LazyImage(ArrayReader(str(path), "zarr", "", tuple(node.shape), str(node.dtype)), zarr_format=fmt)
+        return LazyImage(_zarr_reader(path, "", node), zarr_format=fmt)
     attrs = dict(node.attrs)
     multiscales = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
     if not multiscales:
@@ -162,28 +164,89 @@ def open_lazy(path: str | os.PathLike) -> LazyImage:
         if len(arrays) != 1:
             raise ValueError(f"{path}: a Zarr group without OME-Zarr 'multiscales' metadata and {len(arrays)} arrays; "
                              "give the path of one array (e.g. store.zarr/0)")
-        array = node[arrays[0]]
-        return LazyImage(ArrayReader(str(path), "zarr", arrays[0], tuple(array.shape), str(array.dtype)),
-                         zarr_format=fmt)
+        return LazyImage(_zarr_reader(path, arrays[0], node[arrays[0]]), zarr_format=fmt)
     ome = _ome_level0(multiscales[0], (attrs.get("ome") or {}).get("version"), path)
-    array = node[ome["path"]]
-    reader = ArrayReader(str(path), "zarr", ome["path"], tuple(array.shape), str(array.dtype))
+    try:
+        array = node[ome["path"]]
+    except (KeyError, ValueError):
+        array = None
+    if not isinstance(array, zarr.Array):
+        held = "a group, not an array" if array is not None else "not in the store"
+        raise ValueError(f"{path}: OME-Zarr 'multiscales' metadata names dataset {ome['path']!r}, which is {held}")
+    reader = _zarr_reader(path, ome["path"], array)
     names = "".join(a["name"][0] for a in ome["axes"]) if len(ome["axes"]) == array.ndim else None
     return LazyImage(reader, names, ome, fmt)
 
 
+def _zarr_reader(path: Path, dataset: str, array: Any) -> ArrayReader:
+    """The reader of ``array`` (at ``dataset`` in the store ``path``), once its values are numbers and its header is
+    backed by its chunk files."""
+    check_numeric(str(path), array.dtype)
+    shape = tuple(int(n) for n in array.shape)
+    check_stored_claim(str(path), zarr_claim(array), [path / dataset])
+    return ArrayReader(str(path), "zarr", dataset, shape, str(array.dtype))
+
+
+def zarr_claim(array: Any, shape: Sequence[int] | None = None) -> Claim:
+    """What a Zarr ``array``'s header claims (of ``shape``, default its own): its chunks counted as the files that
+    hold them (shards, when it has them)."""
+    shape = tuple(int(n) for n in (array.shape if shape is None else shape))
+    stored = getattr(array, "shards", None) or array.chunks
+    chunks = math.prod(-(-n // max(int(c), 1)) for n, c in zip(shape, stored)) if len(stored) == len(shape) else None
+    return Claim(shape, array.dtype, chunks)
+
+
+def check_stored_claim(name: str, claim: Claim, folders: Sequence[Path]) -> None:
+    """:func:`io.safety.check_claim` of an image whose data are the files in ``folders`` (Zarr arrays' folders; their
+    metadata files not counted); files are counted only while the claim needs them.
+
+    Raises:
+        ValueError: one line naming ``name``, the claimed shape and the bytes of chunks present.
+    """
+    need_bytes, need_files = claim.needs()
+    if not need_bytes and not need_files:
+        return
+    held = files = 0
+    for root, _, files_there in (step for folder in folders for step in os.walk(folder)):
+        for file in files_there:
+            if file in _METADATA_FILES:
+                continue
+            try:
+                held += os.stat(os.path.join(root, file)).st_size
+            except OSError:
+                continue
+            files += 1
+            if held >= need_bytes and files >= need_files:
+                return
+    check_claim(name, claim, held, files, f"holds {held:,} bytes of chunks ({files:,} file{'s' * (files != 1)})")
+
+
 def _ome_level0(multiscale: dict[str, Any], version: str | None, path: Path) -> dict[str, Any]:
     """Level 0 of an OME-Zarr ``multiscales`` entry: its path, axes (dicts; plain names of 0.3 and the
-    implicit ``tczyx`` of 0.1/0.2 converted), scale per axis and the image's name."""
+    implicit ``tczyx`` of 0.1/0.2 converted), scale per axis and the image's name.
+
+    Raises:
+        ValueError: no dataset listed, or its path is not a relative path inside the store (absolute, ``..``, empty).
+    """
     datasets = multiscale.get("datasets") or []
     if not datasets or "path" not in datasets[0]:
         raise ValueError(f"{path}: OME-Zarr 'multiscales' metadata lists no dataset")
+    dataset = datasets[0]["path"]
+    dataset = str(dataset) if type(dataset) is int else dataset
+    if (not isinstance(dataset, str) or dataset.startswith(("/", "\\")) or PureWindowsPath(dataset).drive
+            or any(part in ("", ".", "..") for part in dataset.replace("\\", "/").split("/"))):
+        raise ValueError(f"{path}: OME-Zarr 'multiscales' metadata names dataset {dataset!r}, which is not a path "
+                         "inside the store (absolute, '..' or empty)")
     axes = multiscale.get("axes")
     axes = [a if isinstance(a, dict) else {"name": str(a)} for a in axes] if axes else None
     scale = next((t.get("scale") for t in datasets[0].get("coordinateTransformations", [])
                   if t.get("type") == "scale"), None)
-    return {"version": version or multiscale.get("version", "0.4"), "path": str(datasets[0]["path"]),
+    return {"version": version or multiscale.get("version", "0.4"), "path": dataset,
             "axes": axes or [], "scale": scale, "name": multiscale.get("name")}
+
+
+class _RefusedTiff(ValueError):
+    """A TIFF refused for what its header says (passed on as it is, not as a file that could not be opened)."""
 
 
 def _open_tiff(path: Path) -> LazyImage:
@@ -191,10 +254,14 @@ def _open_tiff(path: Path) -> LazyImage:
 
     zarr = require_large("zarr", "large TIFF images")
     try:
-        with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
-            axes = series.axes.lower()
-        node = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+        with _held_tifffile_logs() as complaints:
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                axes = series.axes.lower()
+                _check_tiff_claim(path, series, complaints)
+            node = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+    except _RefusedTiff:
+        raise
     except Exception as e:  # noqa: BLE001 - readers raise many types; name the file
         raise ValueError(f"{path}: could not open the TIFF lazily ({' '.join(str(e).split())[:200]})") from e
     dataset = "" if isinstance(node, zarr.Array) else "0"
@@ -204,117 +271,59 @@ def _open_tiff(path: Path) -> LazyImage:
     return LazyImage(reader, names)
 
 
-def ome_axes_for(image: LazyImage, ndim: int) -> list[dict[str, Any]]:
-    """OME axes of an output with ``ndim`` axes: the image's own (its channel axis dropped), or default names
-    (``yx``, ``zyx``, ``tzyx``) of type space / time."""
-    if image.ome and image.ome["axes"]:
-        axes = [a for a in image.ome["axes"] if a.get("name") != "c"]
-        if len(axes) == ndim:
-            return axes
-    names = [n for n in (image.axes or "") if n != "c"] if image.axes else []
-    if len(names) != ndim or not set(names) <= set(OME_AXES):
-        names = list("tzyx"[4 - ndim:]) if ndim <= 4 else [f"dim_{i}" for i in range(ndim - 2)] + ["y", "x"]
-    return [{"name": n, "type": "time" if n == "t" else "space"} for n in names]
-
-
-def ome_scale_for(image: LazyImage, ndim: int) -> list[float]:
-    scale = (image.ome or {}).get("scale")
-    if scale and image.ome["axes"] and len(scale) == len(image.ome["axes"]):
-        kept = [s for s, a in zip(scale, image.ome["axes"]) if a.get("name") != "c"]
-        if len(kept) == ndim:
-            return [float(s) for s in kept]
-    return [1.0] * ndim
-
-
-@dataclass
-class ZarrOutput:
-    """One output store, written under a temporary name and renamed to ``final`` by :meth:`commit`.
-
-    ``target`` is what workers write to: ``(store folder, array path inside it)``.
-    """
-
-    final: Path
-    tmp: Path
-    dataset: str
-    shape: tuple[int, ...]
-    dtype: str
-    committed: bool = field(default=False)
-
-    @property
-    def target(self) -> tuple[str, str]:
-        return str(self.tmp), self.dataset
-
-    def commit(self) -> Path:
-        """Rename the finished store to its final name (refused if something appeared there meanwhile)."""
-        from .atomic import _umask
-
-        if self.final.exists():
-            raise FileExistsError(f"{self.final}: appeared while predicting; the result is left in {self.tmp}")
-        for folder in [self.tmp, *(p for p in self.tmp.rglob("*") if p.is_dir())]:
-            os.chmod(folder, 0o777 & ~_umask())  # mkdtemp made it private
-        os.replace(self.tmp, self.final)
-        self.committed = True
-        return self.final
-
-    def discard(self) -> None:
-        if not self.committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def create_output(
-    final: str | os.PathLike,
-    shape: Sequence[int],
-    chunks: Sequence[int],
-    dtype: np.dtype | str,
-    ome: dict[str, Any] | None = None,
-    zarr_format: int = 2,
-) -> ZarrOutput:
-    """An empty (all 0) Zarr array under a temporary name next to ``final``.
-
-    ome: None for a bare array; else OME-Zarr metadata of a one-level image (``axes``, ``scale``, ``name``,
-        ``labels``: True to mark it as a label image), written as OME-Zarr 0.4 (Zarr 2) or 0.5 (Zarr 3).
-    """
-    zarr = require_large("zarr", "Zarr outputs")
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+def _check_tiff_claim(path: Path, series: Any, complaints: list[logging.LogRecord]) -> None:
+    """:func:`io.safety.check_claim` of a TIFF series: the data present are the bytes its pages' strip and tile
+    tables list inside their files (a file counted at most its size: strips may point at the same bytes); a
+    compressed file holds fewer bytes than its pixels, so the table is what is compared, not the pixel count."""
     try:
-        options = dict(shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0, zarr_format=zarr_format)
-        if ome is None:
-            zarr.create_array(str(tmp), overwrite=True, **options)
-            dataset = ""
-        else:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
-            group.create_array("0", **{k: v for k, v in options.items() if k != "zarr_format"})
-            group.attrs.update(_ome_attrs(ome, zarr_format))
-            dataset = "0"
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_numeric(str(path), series.dtype)
+    except ValueError as e:
+        raise _RefusedTiff(str(e)) from None
+    claim = Claim(tuple(int(n) for n in series.shape), series.dtype,
+                  math.prod(series.keyframe.chunked) * len(series))
+    need_bytes, need_chunks = claim.needs()
+    if not need_bytes and not need_chunks:
+        return
+    listed: dict[str, int] = {}
+    held_chunks = 0
+    for page in series.pages:
+        if page is None:
+            continue
+        handle = page.parent.filehandle
+        size = int(handle.size)
+        inside = [int(n) for offset, n in zip(page.dataoffsets, page.databytecounts) if 0 < n and offset + n <= size]
+        listed[handle.path] = min(listed.get(handle.path, 0) + sum(inside), size)
+        held_chunks += len(inside)
+        if sum(listed.values()) >= need_bytes and held_chunks >= need_chunks:
+            return
+    held = sum(listed.values())
+    note = f" (tifffile: {' '.join(complaints[0].getMessage().split())[:120]})" if complaints else ""
+    try:
+        check_claim(str(path), claim, held, held_chunks, f"its strip and tile table lists {held:,} bytes in "
+                    f"{held_chunks:,} chunks inside the file{note}")
+    except ValueError as e:
+        raise _RefusedTiff(str(e)) from None
+
+
+@contextlib.contextmanager
+def _held_tifffile_logs() -> Iterator[list[logging.LogRecord]]:
+    """tifffile's complaints while a header is read, held back: a refusal names the first one (one line instead of
+    several log lines); when the file is opened they are passed on as they were."""
+    logger = logging.getLogger("tifffile")
+    held: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = held.append  # type: ignore[method-assign]
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    refused = False
+    try:
+        yield held
+    except _RefusedTiff:
+        refused = True
         raise
-    return ZarrOutput(final, tmp, dataset, tuple(shape), str(np.dtype(dtype)))
-
-
-def _ome_attrs(ome: dict[str, Any], zarr_format: int) -> dict[str, Any]:
-    version = "0.5" if zarr_format == 3 else "0.4"
-    multiscale = {"axes": ome["axes"], "name": ome.get("name") or "labels",
-                  "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": ome["scale"]}]}]}
-    extra = {"image-label": {"version": version}} if ome.get("labels") else {}
-    if zarr_format == 3:
-        return {"ome": {"version": version, "multiscales": [multiscale], **extra}}
-    return {"multiscales": [{"version": version, **multiscale}], **extra}
-
-
-def write_region(target: tuple[str, str], key: tuple[slice | int, ...], values: np.ndarray) -> None:
-    """Write ``values`` at ``key`` into the array ``target`` (:attr:`ZarrOutput.target`); called by workers,
-    each writing only whole chunks of its own."""
-    zarr = require_large("zarr", "Zarr outputs")
-    store, dataset = target
-    node = zarr.open(store, mode="r+")
-    (node[dataset] if dataset else node)[key] = values
-
-
-def read_region(target: tuple[str, str], key: tuple[slice | int, ...]) -> np.ndarray:
-    zarr = require_large("zarr", "Zarr outputs")
-    store, dataset = target
-    node = zarr.open(store, mode="r")
-    return np.asarray((node[dataset] if dataset else node)[key])
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        if not refused:
+            for record in held:
+                logger.handle(record)

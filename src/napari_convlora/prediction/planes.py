@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..checkpoints.model_files import model_file
 from ..data import ImageLayout, LabelEncoding, SamPlanes, label_dtype, rescale_probabilities, validate_pair
 from ..devices import autocast_context, resolve_device
 from ..metrics import ConfusionMatrix, SegmentationMetrics
@@ -58,12 +59,17 @@ def predict_plane_probabilities(
 
     With ``sink`` (and no rescaling) the plane is prepared tile by tile and the probabilities are handed over
     in bands of rows, ``sink(first_row, K x n x X)``, and never held whole: memory beyond the output is then a
-    band of tile rows, whatever the plane's size. With rescaling the bands come from the whole resized plane."""
+    band of tile rows, whatever the plane's size. With rescaling the bands come from the whole resized plane.
+
+    Raises:
+        NonFiniteProbabilities: the model's probabilities are NaN or infinite (one line naming its file), before
+            any band with them reaches ``sink``."""
     view = planes.input_view(index)
     streaming = sink is not None and not isinstance(view, np.ndarray)
     probs = predict_tiled(
         make_prob_fn(model, device), view, model.input_size, model.num_classes, overlap=overlap,
         batch_size=batch_size, progress=progress, should_stop=should_stop, sink=sink if streaming else None,
+        source=model_file(model),
     )
     if streaming:
         return None
@@ -103,6 +109,10 @@ def predict_image(
             across slices or time points), or in 3D with ``instances_3d``.
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
+
+    Raises:
+        NonFiniteProbabilities: (a ValueError) the model's probabilities are NaN or infinite, say a model saved by a
+            training run that diverged: one line naming the model's file (``checkpoints.model_files.model_file``).
     """
     if model.config.promptable is not None:
         raise ValueError(PROMPTABLE_ONLY)

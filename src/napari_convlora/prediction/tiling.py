@@ -11,6 +11,7 @@ tile keeps full weight, so a single tile reproduces ``prob_fn`` exactly.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,19 @@ ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
 class PredictionCancelled(Exception):
     """Raised by :func:`predict_tiled` when ``should_stop()`` returned True."""
+
+
+class NonFiniteProbabilities(ValueError):
+    """The model's probabilities on an image are NaN or infinite (a model saved by a training run that diverged):
+    raised before any band of rows with them is handed over. One line (:meth:`of`), naming the model's file when
+    known; it pickles as its message, so it crosses from a dask worker unchanged."""
+
+    @classmethod
+    def of(cls, source: str | Path | None) -> NonFiniteProbabilities:
+        who = f"{source}: the model" if source else "the model"
+        return cls(f"{who} predicts NaN or infinite probabilities on this image, so it cannot segment it (was it "
+                   "saved by a training run that diverged?): use an earlier file of that run, or train again with a "
+                   "lower learning rate")
 
 
 def _check_tile_overlap(tile: int, overlap: float) -> None:
@@ -112,6 +126,11 @@ class BandSums:
     """The weighted sums that blend tiles, over a band of ``tile`` rows starting at plane row ``top``: ``sums``
     (``K x tile x width``, window x probability) and ``weight`` (``tile x width``, windows), float32.
 
+    Non-finite probabilities raise :class:`NonFiniteProbabilities` (naming ``source``, the model's file) before a
+    band holding them is handed over: on the host each batch is checked as it arrives; on a device a flag stays
+    there (one ``isfinite().all()`` per batch, no wait) and is read when a band is finished, after the band's copy
+    to the host has waited for the device anyway.
+
     They live where the tiles' probabilities are: in torch on the model's device (CUDA, MPS), so no tile
     crosses to the host and each finished band is copied there once, or in numpy on the host (``device`` None,
     the CPU: see ``HOST_BLENDED``). On a device they take ``(K + 1) x tile x width x 4`` bytes, as the host band
@@ -119,15 +138,18 @@ class BandSums:
     the rows that move up (at most ``2 x K x tile x width x 4`` bytes more). Never a whole ``K x Y x X`` plane.
     """
 
-    def __init__(self, num_classes: int, tile: int, width: int, top: int, device: torch.device | None) -> None:
-        self.tile, self.top, self.device = tile, top, device
+    def __init__(self, num_classes: int, tile: int, width: int, top: int, device: torch.device | None,
+                 source: str | Path | None = None) -> None:
+        self.tile, self.top, self.device, self.source = tile, top, device, source
         self.sums = self._zeros((num_classes, tile, width))
         self.weight = self._zeros((tile, width))
+        self.finite: torch.Tensor | None = None  # on a device: every probability added so far was finite
 
     @classmethod
-    def where(cls, probs: torch.Tensor, num_classes: int, tile: int, width: int, top: int = 0) -> BandSums:
+    def where(cls, probs: torch.Tensor, num_classes: int, tile: int, width: int, top: int = 0,
+              source: str | Path | None = None) -> BandSums:
         """Sums on the device of ``probs`` (``tile_probabilities``' output), or on the host for ``HOST_BLENDED``."""
-        return cls(num_classes, tile, width, top, None if probs.device.type in HOST_BLENDED else probs.device)
+        return cls(num_classes, tile, width, top, None if probs.device.type in HOST_BLENDED else probs.device, source)
 
     def _zeros(self, shape: tuple[int, ...]):
         if self.device is None:
@@ -139,8 +161,16 @@ class BandSums:
         return windows if self.device is None else [torch.from_numpy(w).to(self.device) for w in windows]
 
     def batch(self, probs: torch.Tensor):
-        """``N x K x tile x tile`` probabilities (``tile_probabilities``) where the sums are."""
-        return probs.to("cpu").numpy() if self.device is None else probs.to(self.device)
+        """``N x K x tile x tile`` probabilities (``tile_probabilities``) where the sums are, their finiteness noted
+        (see the class)."""
+        if self.device is None:
+            host = probs.to("cpu").numpy()
+            if not np.isfinite(host).all():  # numpy: many times faster than torch's isfinite().all() on a CPU
+                raise NonFiniteProbabilities.of(self.source)
+            return host
+        finite = torch.isfinite(probs).all()
+        self.finite = finite if self.finite is None else self.finite & finite
+        return probs.to(self.device)
 
     def add(self, probs, x: int, y_window, x_window) -> None:
         """Blend one tile's ``K x tile x tile`` probabilities in at band column ``x`` with the outer product of its
@@ -160,6 +190,8 @@ class BandSums:
             done = self.sums[:, a:b, cols] / self.weight[a:b, cols]
             if self.device is not None:
                 done = done.cpu().numpy()
+                if self.finite is not None and not bool(self.finite):  # one byte: the copy has waited already
+                    raise NonFiniteProbabilities.of(self.source)
         for sums in (self.sums, self.weight):
             below = sums[..., rows:, :]
             sums[..., : self.tile - rows, :] = below if self.device is None else below.clone()  # torch: no overlap
@@ -178,6 +210,7 @@ def predict_tiled(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     sink: Callable[[int, np.ndarray], None] | None = None,
+    source: str | Path | None = None,
 ) -> np.ndarray | None:
     """Class probabilities of a whole image from overlapping, blended tiles.
 
@@ -203,11 +236,15 @@ def predict_tiled(
             :class:`PredictionCancelled` is raised.
         sink: called as ``sink(first_row, probabilities)`` with ``K x n x X`` float32 for consecutive bands of
             rows, top to bottom; then nothing is returned and no ``K x Y x X`` array is ever made.
+        source: the model's file, named in the error when its probabilities are not finite.
 
     Returns:
         ``K x Y x X`` float32 probabilities (None with ``sink``): per pixel, the weighted average
         ``sum(w * p) / sum(w)`` over the tiles covering it (still summing to 1 over K).
         A side shorter than ``tile`` is zero-padded to ``tile`` and cropped back.
+
+    Raises:
+        NonFiniteProbabilities: ``prob_fn`` returned NaN or infinity, before any band with them reaches ``sink``.
     """
     if len(image.shape) != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be Y x X x 3, got shape {tuple(image.shape)}")
@@ -249,7 +286,7 @@ def predict_tiled(
         batch = np.stack([image[ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in chunk])
         probs = tile_probabilities(prob_fn, batch, num_classes)
         if band is None:
-            band = BandSums.where(probs, num_classes, tile, pad_w)
+            band = BandSums.where(probs, num_classes, tile, pad_w, source=source)
             y_windows, x_windows = band.windows(y_windows), band.windows(x_windows)
         for (iy, ix), tile_probs in zip(chunk, band.batch(probs)):
             if ys[iy] > band.top:  # a new row of tiles: the rows above it are complete

@@ -31,16 +31,19 @@ import torch.nn.functional as F
 
 from ..checkpoints.model_files import load_model, save_adapter
 from ..checkpoints.sam_files import load_base
-from ..checkpoints.training_state import load_training_state, restore_rng, rng_snapshot, save_training_state, state_path
+from ..checkpoints.training_state import (load_training_state, restore_rng, rng_snapshot, save_training_state,
+                                          state_path, trainable_copy)
 from ..config import HeadConfig, ModelConfig, RunOptions
 from ..config.model import PromptableAdaptation
 from ..config.self_training import SelfTrainingRecipe
-from ..devices import apply_run_options
+from ..devices import apply_run_options, autocast_context
 from ..errors import ConfigError, TrainingError
 from ..io.safety import check_outputs_are_not_inputs, check_writable, run_lock
 from ..modeling import AdaptedSAM, BaseSam
 from ..training.events import TrainingEvent
-from ..training.step import TrainingStep
+from ..training.notes import not_finite_message
+from ..training.run_start import restore_trainable
+from ..training.step import TrainingStep, restore_optimizer
 from .crops import CropPrompt, CropSampler, PromptedCrop
 from .data import WeakData
 from .decoding import decode_prompts
@@ -85,6 +88,23 @@ def step_loss(model: AdaptedSAM, crop: PromptedCrop, recipe: SelfTrainingRecipe,
     teacher = _branch(model, weak, prompts, size)
     student = _branch(model, strong, prompts, size)
     return wesam_loss(student, teacher, anchor, reference_quirks=recipe.reference_quirks)
+
+
+@torch.no_grad()
+def check_finite_prompt_outputs(model: AdaptedSAM, crop: PromptedCrop, device: torch.device,
+                                dtype: torch.dtype | None, step: int, out_path: Path) -> None:
+    """Stop before a save when the model's prompt outputs on ``crop`` (the step's last, as it is: no view drawn, no
+    random number used) are not finite, although its weights are."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_context(device, dtype):
+            features = model.encode(_to_tensor(crop.image, device))
+            low, iou = decode_prompts(model, features.embedding, features.early, crop.prompts)
+        if not bool(torch.isfinite(low).all() & torch.isfinite(iou).all()):
+            raise TrainingError(not_finite_message("the model's outputs became NaN or infinite", step, out_path))
+    finally:
+        model.train(was_training)
 
 
 def model_config_for(base: BaseSam, recipe: SelfTrainingRecipe, data: WeakData) -> ModelConfig:
@@ -134,7 +154,14 @@ def self_train(
     check_outputs_are_not_inputs({"the output": out_path, "its training state": state_path(out_path)},
                                  {"the base checkpoint": base_file})
     check_writable(out_path, "the output")
+    if resume_from is None and recipe.effective_warmup_steps < recipe.warmup_steps:
+        shortened = (f"warm-up {recipe.warmup_steps} -> {recipe.effective_warmup_steps} steps for a "
+                     f"{recipe.steps}-step run (at most half of it)")
+        recipe = recipe.for_new_run()
+    else:
+        shortened = ""
     with run_lock(out_path) as note:
+        note = "; ".join(filter(None, [shortened, note]))
         return (yield from _self_train(base_checkpoint, data, out_path, recipe, run, stop or threading.Event(), note,
                                        Path(resume_from) if resume_from is not None else None))
 
@@ -156,6 +183,8 @@ def _start_model(base_checkpoint: Path | BaseSam, recipe: SelfTrainingRecipe, da
     model = load_model(resume_from, base=base)
     if model.config.promptable is None:
         raise TrainingError(f"{resume_from}: not a self-training run's model")
+    if state.get("trainable") is not None:  # the state's own copy: exact even if the model file is of a later save
+        restore_trainable(model, state["trainable"], resume_from)
     return model, state
 
 
@@ -178,8 +207,7 @@ def _self_train(base_checkpoint: Path | BaseSam, data: WeakData, out_path: Path,
     adaptation = model.config.promptable
     step, history = 0, []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore_optimizer(optimizer, scheduler, state, resume_from)
         stepper.restore_scaler(state.get("scaler"))
         step, history = state["step"], state["history"]
         restore_rng(rng, state["rng"])
@@ -196,11 +224,14 @@ def _self_train(base_checkpoint: Path | BaseSam, data: WeakData, out_path: Path,
                              message=f"step {step}: {describe_metrics(metrics)} on {metrics['objects']} objects")
 
     def save(kind: str, step: int, snapshot: dict[str, Any]) -> TrainingEvent:
+        if last_crop is not None:  # finite weights can still give NaN outputs: never saved as the last good model
+            check_finite_prompt_outputs(model, last_crop, device, dtype, step, out_path)
         adaptation.steps = step
         save_adapter(model, out_path)
         best = adaptation.after["prompt_miou"] if adaptation.after else math.nan
         save_training_state(state_path(out_path), {
-            "step": step, "best": best, "history": history, "rng": snapshot, "optimizer": optimizer.state_dict(),
+            "step": step, "best": best, "history": history, "rng": snapshot, "trainable": trainable_copy(model),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": stepper.scaler.state_dict()}, recipe)
         return TrainingEvent(kind, step, total, path=str(out_path), message=f"saved {out_path}")
 
@@ -212,7 +243,7 @@ def _self_train(base_checkpoint: Path | BaseSam, data: WeakData, out_path: Path,
         event = validate(0)
         if event:
             yield event
-    started, first = time.perf_counter(), step
+    started, first, last_crop = time.perf_counter(), step, None
     while step < total:
         if stop.is_set():
             yield save("stopped", step, rng_snapshot(rng))
@@ -220,6 +251,7 @@ def _self_train(base_checkpoint: Path | BaseSam, data: WeakData, out_path: Path,
         crop = sampler.sample(rng)
         while not crop.prompts:  # every object was cut off at the crop's edge
             crop = sampler.sample(rng)
+        last_crop = crop
         stepper.start()
         stepper.micro_batch(lambda: step_loss(model, crop, recipe, rng, device), step + 1)
         parts = stepper.finish(step + 1)

@@ -25,7 +25,7 @@ import torch
 from ..checkpoints.model_files import save_adapter
 from ..checkpoints.sam_files import load_base
 from ..checkpoints.training_state import (best_path, load_training_state, metrics_path, restore_rng, rng_snapshot,
-                                          save_training_state, state_path, write_metrics_csv)
+                                          save_training_state, state_path, trainable_copy, write_metrics_csv)
 from ..config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from ..data import LabelEncoding, PreparedData
 from ..devices import apply_run_options, autocast_context, resolve_device
@@ -39,10 +39,11 @@ from .data_parallel import start as join_processes
 from .data_parallel import stop as leave_processes
 from .events import TrainingEvent
 from .losses import segmentation_loss
-from .notes import check_finite, check_finite_output, data_notes, hq_note, hq_words, which_file
+from .notes import (check_finite, check_finite_forward, check_finite_output, check_finite_validation, data_notes,
+                    hq_note, hq_words, outputs_finite, which_file)
 from .run_start import (LENGTH_FIELDS, MODEL_FIELDS, check_recipe, init_recipe, load_initial_model, load_resumed_model,
                         resume_recipe, started_from)
-from .step import LossFn, TrainingStep
+from .step import LossFn, TrainingStep, restore_optimizer
 
 __all__ = ["LENGTH_FIELDS", "MODEL_FIELDS", "TrainingEvent", "TrainingError", "init_recipe", "resume_recipe",
            "train", "validate"]
@@ -73,20 +74,30 @@ def _optimizer(model: AdaptedSAM, recipe: TrainRecipe) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def validate(
-    model: AdaptedSAM, data: PreparedData, device: torch.device, dtype: torch.dtype | None = None, batch_size: int = 4
+    model: AdaptedSAM, data: PreparedData, device: torch.device, dtype: torch.dtype | None = None, batch_size: int = 4,
+    step: int = 0, out_path: Path | None = None,
 ) -> dict[str, Any] | None:
     """Per-class IoU/Dice, mIoU, pixel accuracy and HQ-SAM's boundary IoU (each patch an image) on the validation
-    patches (labelled pixels only)."""
+    patches (labelled pixels only).
+
+    Raises:
+        TrainingError: an output (logit) on the validation patches was NaN or infinite; the message names ``step``
+            and the run's ``out_path`` (the argmax of NaN still scores, so such a model must not count as validated).
+    """
     if not data.validation:
         return None
     model.eval()
     matrix = ConfusionMatrix(model.num_classes)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for i in range(0, len(data.validation), batch_size):
         chunk = data.validation[i : i + batch_size]
         images = torch.from_numpy(np.stack([c[0] for c in chunk])).to(device)
         with autocast_context(device, dtype):
-            pred = model.segment(images).cpu().numpy()
+            out = model(images)
+            finite &= outputs_finite(out)
+            pred = model.probabilities_from_output(out).argmax(dim=1).cpu().numpy()  # model.segment(images)
         matrix.update(pred, np.stack([c[1] for c in chunk]))
+    check_finite_validation(finite, step, out_path)
     return matrix.compute().to_dict()
 
 
@@ -225,8 +236,7 @@ def _train(
     step, best, best_step, history = 0, -math.inf, None, {"loss": [], "validation": [], "epochs": {}}
     origin = started_from(init_from)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore_optimizer(optimizer, scheduler, state, resume_from)
         stepper.restore_scaler(state.get("scaler"))
         step, best, history = state["step"], state["best"], state["history"]
         best_step, origin = state.get("best_step"), state.get("started_from")
@@ -245,10 +255,12 @@ def _train(
 
     def save(kind: str, snapshot: dict[str, Any]) -> TrainingEvent:
         check_finite(model, step, out_path)
+        if validated != step and probe is not None:  # weights that no validation has run: their outputs on a batch
+            check_finite_forward(model, probe, device, dtype, step, out_path)
         save_adapter(model, out_path)
         save_training_state(state_path(out_path), {
             "step": step, "best": best, "best_step": best_step, "history": history, "rng": snapshot,
-            "model_sha256": sha256_file(out_path), "started_from": origin,
+            "model_sha256": sha256_file(out_path), "started_from": origin, "trainable": trainable_copy(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
         }, recipe)
         log(None)
@@ -263,9 +275,11 @@ def _train(
                                 + (f", starting from {init_from}" if init_from else "")
                                 + "".join(f"; {line}" for line in [note, hq_note(base, recipe), *data_notes(data)]
                                           if line))
+    validated, probe = None, None  # the step whose weights validation checked; the last micro-batch's images
     if step == 0 and main:
-        metrics = validate(model, data, device, dtype)
+        metrics = validate(model, data, device, dtype, step=0, out_path=out_path)
         if metrics:
+            validated = 0
             log(metrics)
             yield TrainingEvent("validation", 0, total, 0.0, metrics=metrics, message="before fine-tuning")
     val_every = recipe.val_every or max(1, total // 10)
@@ -279,6 +293,7 @@ def _train(
         interrupted = False
         for micro in range(recipe.grad_accum):
             images, targets = data.sampler.sample(rng, recipe.batch_size)  # every process draws every micro-batch
+            probe = images
             if micro not in mine:
                 continue
             torch.manual_seed(micro_seed(recipe.seed, step, micro))  # the same noise whichever process computes it
@@ -300,13 +315,14 @@ def _train(
             lr=scheduler.get_last_lr()[0], images_per_s=rate * recipe.patches_per_step, eta_s=(total - step) / rate,
         )
         if main and (step % val_every == 0 or step == total):
-            metrics = validate(model, data, device, dtype)
+            metrics = validate(model, data, device, dtype, step=step, out_path=out_path)
             if metrics:
+                validated = step
                 log(metrics)
                 better = selection_score(metrics) > best
                 if better:
                     best, best_step = selection_score(metrics), step
-                    save_adapter(model, best_path(out_path))  # weights checked above
+                    save_adapter(model, best_path(out_path))  # weights and validation outputs checked above
                 yield TrainingEvent("validation", step, total, step / steps_per_epoch, metrics=metrics,
                                     message=f"best so far: saved to {best_path(out_path).name}" if better else "")
             yield save("saved", rng_snapshot(rng))

@@ -12,6 +12,7 @@ from ..checkpoints.training_state import best_path
 from ..config import TrainRecipe
 from ..constants import IGNORE_INDEX
 from ..data import PreparedData
+from ..devices import autocast_context
 from ..errors import TrainingError
 from ..metrics import class_labels
 from ..modeling import AdaptedSAM, BaseSam, SegmentationOutput
@@ -90,8 +91,39 @@ def check_finite(model: AdaptedSAM, step: int, out_path: Path) -> None:
                                             f"{len(bad) - 1} more)", step, out_path))
 
 
+def outputs_finite(out: SegmentationOutput) -> torch.Tensor:
+    """Whether every logit of ``out`` is finite: a 0-d bool tensor on the outputs' device (no wait for the GPU until
+    it is read)."""
+    return torch.stack([torch.isfinite(logits).all() for logits in (out.mask_logits, out.class_logits)
+                        if logits is not None]).all()
+
+
 def check_finite_output(out: SegmentationOutput, step: int, out_path: Path) -> None:
     """Non-finite outputs stop training before the loss (the matching of the multi-class loss fails on them)."""
-    for logits in (out.mask_logits, out.class_logits):
-        if logits is not None and not bool(torch.isfinite(logits).all()):
-            raise TrainingError(not_finite_message("the model's outputs became NaN or infinite", step, out_path))
+    if not bool(outputs_finite(out)):
+        raise TrainingError(not_finite_message("the model's outputs became NaN or infinite", step, out_path))
+
+
+def check_finite_validation(finite: torch.Tensor, step: int, out_path: Path | None) -> None:
+    """Stop before anything is logged or saved when validation saw a non-finite output (``finite``: the
+    :func:`outputs_finite` of all its batches, combined): finite weights can output NaN (a learning rate far too
+    high), and the argmax of NaN still scores. ``out_path`` None: a validation outside a run."""
+    if bool(finite):
+        return
+    if out_path is None:
+        raise TrainingError("the model's outputs on the validation data are NaN or infinite")
+    raise TrainingError(not_finite_message("the model's outputs on the validation data became NaN or infinite", step,
+                                           out_path))
+
+
+@torch.no_grad()
+def check_finite_forward(model: AdaptedSAM, images: np.ndarray, device: torch.device, dtype: torch.dtype | None,
+                         step: int, out_path: Path) -> None:
+    """Before a save that no validation of these weights preceded: their outputs on ``images`` (B x 3 x S x S
+    float32 0..255, the step's last micro-batch) must be finite. The step's own forward ran before its update, so
+    it does not vouch for the weights being saved. One forward in eval mode; it draws no random numbers and
+    records no routing (no gradients), so the run goes on exactly as without it."""
+    model.eval()
+    with autocast_context(device, dtype):
+        out = model(torch.from_numpy(images).to(device))
+    check_finite_output(out, step, out_path)

@@ -12,6 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoints.model_files import load_model, model_config, read_record
 from ..checkpoints.training_state import load_training_state, state_path
 from ..config import DATA_FIELDS, ModelConfig, TrainRecipe
@@ -127,9 +129,17 @@ def _differing_fields(found: ModelConfig, expected: ModelConfig) -> list[str]:
 
 def load_resumed_model(resume_from: Path, state: dict[str, Any], base: BaseSam, expected: ModelConfig,
                        encoding: LabelEncoding) -> AdaptedSAM:
-    """The model of the run being resumed, checked against its training state, the base and the labels."""
-    _check_pair(resume_from, state)
+    """The model of the run being resumed, checked against its training state, the base and the labels.
+
+    The weights are the training state's own copy when it holds one (since 0.3), so that a run killed between
+    writing its model file and its state resumes exactly from the state's step; otherwise the model file's, which
+    must then come from the same save."""
+    own = state.get("trainable")
+    if own is None:
+        _check_pair(resume_from, state)
     model = load_model(resume_from, base=base)
+    if own is not None:
+        restore_trainable(model, own, resume_from)
     _check_class_values(model.config.head.class_values, encoding)
     differ = _differing_fields(model.config, expected)
     if differ:
@@ -160,6 +170,17 @@ def load_initial_model(init_from: Path, base: BaseSam, expected: ModelConfig, en
         raise TrainingError(f"{init_from}: the model differs from the one this recipe trains (in {differ}); take "
                             "its settings with train.init_recipe")
     return model
+
+
+def restore_trainable(model: AdaptedSAM, saved: dict[str, Any], resume_from: Path) -> None:
+    """Load the training state's copy of the trained tensors into ``model`` (built from the run's model file)."""
+    mine = model.trainable_state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(mine) or any(
+            not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape for k, v in mine.items()):
+        raise CheckpointError(f"{state_path(resume_from)}: its copy of the trained weights does not fit the model of "
+                              f"{resume_from.name} (was one of them replaced?); the model file itself is complete: "
+                              "predict with it, or train anew")
+    model.load_state_dict(saved, strict=False)
 
 
 def _check_pair(resume_from: Path, state: dict[str, Any]) -> None:

@@ -32,6 +32,18 @@ def loss_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device.type == "cuda")
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], run: Path) -> None:
+    """The optimizer's and the schedule's state of the run saved at ``run``; one of another model (another method,
+    rank or set of trained tensors) is refused in one line naming the file, not in torch's words."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise TrainingError(f"{run}: its training state holds the optimizer of another model (its state does not fit "
+                            "the trained tensors of this one): resume with the model file saved with that state, or "
+                            "start a new run") from e
+
+
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any] | None) -> None:
     """The fp16 loss scale of the run being resumed, when it had one; a run started without fp16 (CPU, fp32,
     bf16) and resumed in fp16 starts from a fresh scale."""

@@ -24,6 +24,9 @@ from .points import weak_labels_from_points
 from .shapes import weak_labels_from_shapes
 
 SHAPES_COLUMNS = ("index", "shape-type", "vertex-index")
+#: The most shapes (or points) one CSV is read with: far beyond hand-made weak labels, and each object costs a
+#: prompt; a file with more is refused in seconds rather than read for minutes.
+MAX_SHAPES = 100_000
 _AXIS = re.compile(r"^axis-(\d+)$")
 
 
@@ -34,6 +37,9 @@ def _read_table(path: str | Path, kind: str) -> pd.DataFrame:
         raise WeakLabelError(f"{kind} CSV {str(path)!r} is empty; expected the header napari writes") from None
     except pd.errors.ParserError as error:
         raise WeakLabelError(f"{kind} CSV {str(path)!r} cannot be parsed: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError:
+        raise WeakLabelError(f"{kind} CSV {str(path)!r} is not UTF-8 text (a spreadsheet's export in another encoding, "
+                             f"or not a CSV file): save the {kind} layer from napari as .csv") from None
     table.columns = [str(c).strip() for c in table.columns]
     return table
 
@@ -60,16 +66,23 @@ def read_shapes_csv(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
         raise WeakLabelError(f"Shapes CSV {str(path)!r} lacks column(s) {', '.join(missing)}{hint}; expected "
                              "index, shape-type, vertex-index, axis-0, axis-1, ...")
     axes = _axis_columns(table, path, "Shapes", "index, shape-type, vertex-index, axis-0, axis-1, ...")
-    data, types = [], []
-    for index, rows in table.groupby("index", sort=False):
-        rows = rows.sort_values("vertex-index", kind="stable")
-        kinds = rows["shape-type"].astype(str).str.strip().unique()
-        if len(kinds) != 1:
-            raise WeakLabelError(f"Shapes CSV {str(path)!r}: shape {index} has several shape types "
-                                 f"({', '.join(kinds)})")
-        data.append(rows[axes].to_numpy(np.float64))
-        types.append(kinds[0])
-    return data, types
+    if table.empty:
+        return [], []
+    codes, shape_ids = pd.factorize(table["index"], sort=False)  # the shapes in the file's order
+    if len(shape_ids) > MAX_SHAPES:
+        raise WeakLabelError(f"Shapes CSV {str(path)!r} holds {len(shape_ids):,} shapes; at most {MAX_SHAPES:,} are "
+                             "read as weak labels: split the layer, or give a coarse label image instead")
+    order = np.lexsort((table["vertex-index"].to_numpy(), codes))  # by shape, then vertex (stable)
+    codes = codes[order]
+    coords = table[axes].to_numpy(np.float64)[order]
+    kinds = table["shape-type"].astype(str).str.strip().to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    mixed = kinds != np.repeat(kinds[starts], np.diff(np.r_[starts, len(codes)]))
+    if mixed.any():
+        code = codes[np.argmax(mixed)]
+        found = ", ".join(pd.unique(kinds[codes == code]))
+        raise WeakLabelError(f"Shapes CSV {str(path)!r}: shape {shape_ids[code]} has several shape types ({found})")
+    return np.split(coords, starts[1:]), [str(k) for k in kinds[starts]]
 
 
 def read_points_csv(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -80,6 +93,9 @@ def read_points_csv(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
         raise WeakLabelError(f"Points CSV {str(path)!r} is a Shapes CSV (it has a 'shape-type' column); give it as "
                              "shapes")
     axes = _axis_columns(table, path, "Points", "index, axis-0, axis-1, ..., then feature columns such as label")
+    if len(table) > MAX_SHAPES:
+        raise WeakLabelError(f"Points CSV {str(path)!r} holds {len(table):,} points; at most {MAX_SHAPES:,} are read "
+                             "as weak labels: split the layer, or give a coarse label image instead")
     features = table.drop(columns=[*axes, *(["index"] if "index" in table.columns else [])])
     return table[axes].to_numpy(np.float64), features.reset_index(drop=True)
 

@@ -36,8 +36,9 @@ from ...config import InputSpec
 from ...data import ImageLayout, SamPlanes, label_dtype, spatial_shape
 from ...data.images import _channel_axis, check_image_dtype
 from ...errors import ConfigError
-from ...io.zarr_stores import (ArrayReader, LazyImage, ZarrOutput, check_outputs, create_output, ome_axes_for,
-                               ome_scale_for, read_region, write_region)
+from ...io.zarr_outputs import (ZarrOutput, check_outputs, create_output, ome_axes_for, ome_scale_for, read_region,
+                                write_region)
+from ...io.zarr_stores import ArrayReader, LazyImage
 from .cluster import run_tasks
 from .instances import BlockEdges, border_pairs, id_offsets, merge_ids
 from .ranges import intensity_ranges
@@ -101,6 +102,7 @@ def _output_key(job: BlockJob, block: Block) -> tuple[Any, ...]:
 
 def predict_one_block(job: BlockJob, block: Block) -> BlockOutcome:
     """A worker's task: predict ``block`` and write it into the outputs (see the module)."""
+    from ...checkpoints.model_files import model_file
     from ..planes import make_prob_fn
     from ..tiling import instances_from_labels, probabilities_to_labels
 
@@ -125,8 +127,9 @@ def predict_one_block(job: BlockJob, block: Block) -> BlockOutcome:
         if probabilities is not None:
             probabilities[:, rows] = band
 
+    source = model_file(model) or job.model.path  # the dock's model (LoadedModel): its file if it has one
     predict_block(make_prob_fn(model, next(model.parameters()).device), view, grid, block, model.num_classes,
-                  job.batch_size, sink=write_rows, should_stop=job.should_stop)
+                  job.batch_size, sink=write_rows, should_stop=job.should_stop, source=source)
     key = _output_key(job, block)
     write_region(job.labels, key, labels)
     if probabilities is not None:
@@ -214,6 +217,8 @@ def predict_blockwise(
 
     Raises:
         ConfigError / ValueError: one line naming the option or file; nothing is left under the output names.
+            Among them ``prediction.tiling.NonFiniteProbabilities``: the first block whose probabilities are NaN or
+            infinite stops the prediction before it writes that block.
     """
     from ..planes import PROMPTABLE_ONLY
 

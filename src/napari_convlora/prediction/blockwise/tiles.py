@@ -15,6 +15,7 @@ is the tiles that touch two blocks, predicted by both: about one extra row and c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -136,6 +137,7 @@ def predict_block(
     batch_size: int = 4,
     sink: Callable[[int, np.ndarray], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    source: str | Path | None = None,
 ) -> np.ndarray | None:
     """Class probabilities of the pixels ``block`` owns, equal to ``predict_tiled`` on the whole plane there.
 
@@ -148,6 +150,8 @@ def predict_block(
             the plane's rows) for consecutive bands of the block's rows; then nothing is returned.
         should_stop: polled before each batch of tiles; when it returns True, ``prediction.tiling.PredictionCancelled``
             is raised.
+        source: the model's file, named in the error when its probabilities are not finite
+            (``prediction.tiling.NonFiniteProbabilities``, raised before a band with them reaches ``sink``).
 
     Returns:
         ``K x block height x block width`` float32, or None with ``sink``.
@@ -181,7 +185,7 @@ def predict_block(
                                grid.xs[ix] - left : grid.xs[ix] - left + tile] for iy, ix in chunk])
         probs = tile_probabilities(prob_fn, batch, num_classes)
         if band is None:
-            band = BandSums.where(probs, num_classes, tile, width, top)
+            band = BandSums.where(probs, num_classes, tile, width, top, source)
             y_windows, x_windows = band.windows(y_windows), band.windows(x_windows)
         for (iy, ix), tile_probs in zip(chunk, band.batch(probs)):
             if grid.ys[iy] > band.top:  # a new row of tiles: the rows above it are complete
