@@ -377,7 +377,7 @@ def test_sampler_shapes_dtypes_and_determinism():
 
 def test_augmentation_keeps_image_and_targets_aligned_and_really_transforms():
     image, targets = _coded_pair((32, 32))
-    sampler = PatchSampler([(image, targets)], patch_size=32, augment=True)
+    sampler = PatchSampler([(image, targets)], patch_size=32, augment=True, border=0)  # whole-image patches
     images, batch_targets = sampler.sample(np.random.default_rng(0), 64)
     dihedral = [np.rot90(t, k) for t in (targets, targets[::-1]) for k in range(4)]
     seen = set()
@@ -389,12 +389,16 @@ def test_augmentation_keeps_image_and_targets_aligned_and_really_transforms():
 
 
 def test_small_images_are_padded_with_zero_and_ignore():
+    """A 24 x 40 image in 64 px patches: its 8 px mirror border around it (targets ignored there), then zeros."""
     image, targets = _coded_pair((24, 40))
     sampler = PatchSampler([(image, targets)], patch_size=64, augment=False)
     images, batch_targets = sampler.sample(np.random.default_rng(0), 2)
-    assert np.array_equal(batch_targets[0, :24, :40], targets) and (batch_targets[:, 24:] == IGNORE_INDEX).all()
-    assert (batch_targets[:, :, 40:] == IGNORE_INDEX).all() and (images[:, :, 24:] == 0).all()
-    np.testing.assert_array_equal(images[0, :, :24, :40], image.transpose(2, 0, 1))
+    expected_targets = np.full((64, 64), IGNORE_INDEX)
+    expected_targets[8:32, 8:48] = targets
+    expected_image = np.zeros((64, 64, 3), np.float32)
+    expected_image[:40, :56] = np.pad(image, ((8, 8), (8, 8), (0, 0)), mode="reflect")
+    assert all(np.array_equal(t, expected_targets) for t in batch_targets)
+    assert all(np.array_equal(i, expected_image.transpose(2, 0, 1)) for i in images)
 
 
 def test_patches_are_never_unlabelled_and_weighting_favours_labelled_regions():
@@ -444,8 +448,11 @@ def test_validation_patches_count_every_val_pixel_exactly_once():
     seen = np.concatenate(seen)
     expected = np.concatenate([pixel_ids[labelled], small[1][small[1] != IGNORE_INDEX]])
     assert np.array_equal(np.sort(seen), np.sort(expected))
-    last_image, last_targets = patches[-1]  # the 20 x 30 pair is padded
-    assert (last_targets[20:] == IGNORE_INDEX).all() and (last_image[:, 20:] == 0).all()
+    last_image, last_targets = patches[-1]  # the 20 x 30 pair: its 8 px mirror border (64 // 8), then zeros
+    assert (last_targets[:8] == IGNORE_INDEX).all() and (last_targets[28:] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(last_image[:, :36, :46], np.pad(small[0], ((8, 8), (8, 8), (0, 0)),
+                                                                   mode="reflect").transpose(2, 0, 1))
+    assert (last_image[:, 36:] == 0).all() and (last_image[:, :, 46:] == 0).all()
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(patches, validation_patches([(image, targets), small], 64)))
 
 
@@ -480,11 +487,13 @@ def test_data_package_imports_no_torch_napari_or_qt():
         assert f"'{forbidden}'" not in loaded
 
 
-def test_training_patches_pad_only_bottom_and_right_as_prediction_does():
+def test_training_patches_show_image_borders_as_prediction_tiles_do():
     """A patch larger than its image was padded at the bottom and right and then flipped and rotated, so the
-    model was trained with black padding on every side, while prediction (like SAM) pads only the bottom and
-    right: a lead for the false foreground seen along one real image's top border (issue 9, item 12). The
-    crop is now flipped and rotated first and padded after."""
+    model was trained with black padding on every side, while prediction pads only the bottom and right (issue 9,
+    item 12); then image borders were a patch's edge in training and a tile's edge in prediction, where a model
+    leans to foreground (issue 21, item 8). Now the image continues past its border as its mirror image, 4 px for
+    32 px patches (``mirror_margin``), as prediction extends a plane, and is flipped and rotated with that border
+    before the rest is padded: content at (4, 4), mirror around it, zeros only at the bottom and right."""
     from napari_convlora.constants import IGNORE_INDEX
     from napari_convlora.data import PatchSampler
 
@@ -497,10 +506,12 @@ def test_training_patches_pad_only_bottom_and_right_as_prediction_does():
         images, patch_targets = sampler.sample(rng, 1)
         labelled = patch_targets[0] != IGNORE_INDEX
         rows, cols = np.flatnonzero(labelled.any(axis=1)), np.flatnonzero(labelled.any(axis=0))
-        assert rows[0] == 0 and cols[0] == 0  # the content starts at the top-left corner
-        assert labelled[: rows[-1] + 1, : cols[-1] + 1].all()
-        assert (images[0][:, ~labelled] == 0).all() and (images[0][:, labelled] > 0).all()
-        shapes.add((rows[-1] + 1, cols[-1] + 1))
+        assert rows[0] == 4 and cols[0] == 4  # the content starts after the mirror border
+        assert labelled[4 : rows[-1] + 1, 4 : cols[-1] + 1].all()
+        shown = images[0][0] > 0
+        assert shown[: rows[-1] + 5, : cols[-1] + 5].all() and not shown[rows[-1] + 5 :].any()
+        assert not shown[:, cols[-1] + 5 :].any()
+        shapes.add((rows[-1] - 3, cols[-1] - 3))
     assert shapes == {(20, 12), (12, 20)}  # rotations still happen
 
 

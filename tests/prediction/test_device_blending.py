@@ -84,7 +84,7 @@ def test_blocks_blended_in_torch_equal_the_whole_plane(overlap, torch_on_cpu):
     """Block-wise prediction shares the sums: with torch sums the blocks still equal the whole plane bitwise."""
     image = _image(150, 170, seed=3)
     whole = predict_tiled(content_and_position_prob_fn, image, 64, 4, overlap=overlap, batch_size=1)
-    grid = TileGrid.of(150, 170, 64, overlap)
+    grid = TileGrid.of(150, 170, 64, overlap, border=0)  # the whole plane above has none
     for rows, cols in (((0, 70), (0, 70)), ((70, 140), (70, 140)), ((140, 150), (140, 170))):
         block = Block(0, 0, 0, 0, rows, cols)
         (r0, r1), (c0, c1) = block_input_region(grid, block)
@@ -159,7 +159,7 @@ def test_on_a_device_only_each_finished_band_comes_to_the_host_once(with_sink):
 
 
 def test_a_block_on_a_device_copies_only_its_owned_bands():
-    grid = TileGrid.of(300, 230, 64, 0.25)
+    grid = TileGrid.of(300, 230, 64, 0.25, border=0)
     block = Block(0, 0, 1, 1, (100, 200), (100, 200))
     (r0, r1), (c0, c1) = block_input_region(grid, block)
     with HostCopies() as copies:

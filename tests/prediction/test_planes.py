@@ -39,13 +39,14 @@ def test_2d_prediction_shape_dtype_and_values(model):
 
 
 def test_single_tile_equals_direct_model_output(model):
-    image = _image((64, 64), seed=1)
+    """A 48 px plane with its 8 px mirror border on every side (``mirror_margin(64)``) is one 64 px tile."""
+    image = _image((48, 48), seed=1)
     planes = SamPlanes(image, ImageLayout(), model.config.input)
-    plane = planes.model_input(0)
+    plane = np.pad(planes.model_input(0), ((8, 8), (8, 8), (0, 0)), mode="reflect")
     probs = predict_plane_probabilities(model, planes, 0, torch.device("cpu"))
     with torch.no_grad():
         direct = model.class_probabilities(torch.from_numpy(plane).permute(2, 0, 1)[None])[0].numpy()
-    np.testing.assert_allclose(probs, direct, atol=1e-6)
+    np.testing.assert_allclose(probs, direct[:, 8:56, 8:56], atol=1e-6)
 
 
 def test_stack_slices_and_chosen_planes(model):
@@ -96,8 +97,9 @@ def test_evaluate_against_own_prediction_is_perfect(model):
 
 def test_training_and_prediction_prepare_an_image_identically(tmp_path, tiny_checkpoint):
     """Channels, RGB slots, percentiles and rescaling are stored with the model and applied by the same code:
-    the tile prediction feeds the model equals the plane training cut its patches from. (Training resized with
-    scikit-image and prediction with torch, and the channel choice had to be repeated by hand.)"""
+    the tiles prediction feeds the model are windows of the plane training cut its patches from, with the same
+    mirror border (8 px for 64 px tiles). (Training resized with scikit-image and prediction with torch, and the
+    channel choice had to be repeated by hand.)"""
     from napari_convlora import load_model
     from napari_convlora.config import RunOptions, TrainRecipe
     from napari_convlora.data import TrainingPair, prepare_training_data
@@ -121,9 +123,11 @@ def test_training_and_prediction_prepare_an_image_identically(tmp_path, tiny_che
     real = model.class_probabilities
     model.class_probabilities = lambda x: (seen.append(x.clone()), real(x))[1]
     result = predict_image(model, image, layout, device="cpu")
-    assert result.labels.shape == (120, 100) and len(seen) == 1
-    tile = seen[0][0].permute(1, 2, 0).numpy()  # 64 x 64: the plane at the top left, zero padding
-    assert np.array_equal(tile[:60, :50], plane) and not tile[60:].any() and not tile[:, 50:].any()
+    assert result.labels.shape == (120, 100) and len(seen) == 1 and len(seen[0]) == 4
+    extended = np.pad(plane, ((8, 8), (8, 8), (0, 0)), mode="reflect")  # 76 x 66: tiles at rows 0, 12, cols 0, 2
+    corners = [(0, 0), (0, 2), (12, 0), (12, 2)]
+    for tile, (y, x) in zip(seen[0].permute(0, 2, 3, 1).numpy(), corners):
+        assert np.array_equal(tile, extended[y : y + 64, x : x + 64])
 
 
 def test_label_values_above_65535_train_predict_and_evaluate(tmp_path, tiny_checkpoint):

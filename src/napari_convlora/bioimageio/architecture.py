@@ -26,6 +26,7 @@ from torch import nn
 from napari_convlora.config import ModelConfig, from_record
 from napari_convlora.data import rescale_image, rescale_probabilities, scaled_shape
 from napari_convlora.data.images import rgb_slots
+from napari_convlora.data.sampling import mirror_margin
 from napari_convlora.modeling import AdaptedSAM
 from napari_convlora.modeling.sam_build import build_sam
 from napari_convlora.prediction.tiling import predict_tiled
@@ -85,6 +86,7 @@ class AdaptedSamSegmenter(nn.Module):
             seen = rescale_image(rgb, scaled_shape(rgb.shape[:2], config.input.rescale))
             with strict_float32():
                 probs = predict_tiled(prob_fn, seen, config.input_size, config.head.num_classes,
-                                      overlap=self.overlap, batch_size=self.batch_size)
+                                      overlap=self.overlap, batch_size=self.batch_size,
+                                      border=mirror_margin(config.input_size))
             out.append(rescale_probabilities(probs, rgb.shape[:2]))
         return torch.from_numpy(np.stack(out)).to(image.device)

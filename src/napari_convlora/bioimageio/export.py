@@ -35,6 +35,7 @@ import torch
 from ..config import InputSpec, to_record
 from ..config.choices import FORMAT_VERSION
 from ..data import ImageLayout, SamPlanes, rescale_probabilities, validate_image
+from ..data.sampling import mirror_margin
 from ..errors import ConfigError
 from ..io.atomic import atomic_path, sha256_file
 from ..modeling import AdaptedSAM
@@ -205,7 +206,8 @@ def reference_probabilities(model: AdaptedSAM, crop: np.ndarray, overlap: float 
     try:
         with strict_float32():
             probs = predict_tiled(lambda batch: model.class_probabilities(batch.to(device)).float(),
-                                  planes.input_view(0), model.input_size, model.num_classes, overlap=overlap)
+                                  planes.input_view(0), model.input_size, model.num_classes, overlap=overlap,
+                                  border=mirror_margin(model.input_size))  # as the package's architecture
     finally:
         model.train(was_training)
     return rescale_probabilities(probs, planes.shape)

@@ -2,7 +2,8 @@
 
 Images are prepared exactly as for training: the model's :class:`~.config.InputSpec` (channels, percentiles,
 rescale) through ``data.SamPlanes``, one plane at a time, so predicting one plane of a large stack makes no
-float copy of the others.
+float copy of the others; and a plane continues past its border as its mirror image, ``mirror_margin`` pixels
+wide, as training patches do (``data.sampling``), so that no pixel is predicted from a tile's edge.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..checkpoints.model_files import model_file
 from ..data import ImageLayout, LabelEncoding, SamPlanes, label_dtype, rescale_probabilities, validate_pair
+from ..data.sampling import mirror_margin
 from ..devices import autocast_context, resolve_device
 from ..metrics import ConfusionMatrix, SegmentationMetrics
 from ..modeling import AdaptedSAM
@@ -55,7 +57,8 @@ def predict_plane_probabilities(
     sink: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray | None:
     """Plane ``index`` of ``planes`` -> K x Y x X float32 probabilities at the plane's own size, by blended tiles
-    over the plane as the model sees it (rescaled by the input spec), resized back.
+    over the plane as the model sees it (rescaled by the input spec, extended by ``mirror_margin(input size)``
+    pixels of its mirror image on every side), resized back.
 
     With ``sink`` (and no rescaling) the plane is prepared tile by tile and the probabilities are handed over
     in bands of rows, ``sink(first_row, K x n x X)``, and never held whole: memory beyond the output is then a
@@ -69,7 +72,7 @@ def predict_plane_probabilities(
     probs = predict_tiled(
         make_prob_fn(model, device), view, model.input_size, model.num_classes, overlap=overlap,
         batch_size=batch_size, progress=progress, should_stop=should_stop, sink=sink if streaming else None,
-        source=model_file(model),
+        source=model_file(model), border=mirror_margin(model.input_size),
     )
     if streaming:
         return None

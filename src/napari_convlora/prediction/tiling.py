@@ -5,7 +5,9 @@ go through plain callbacks, so a napari worker, the CLI and the tests drive the 
 
 Overlapping tiles are blended with weights that fall smoothly to (almost) zero at a tile
 edge shared with a neighbouring tile, so the result has no seams; at the image border a
-tile keeps full weight, so a single tile reproduces ``prob_fn`` exactly.
+tile keeps full weight, so a single tile reproduces ``prob_fn`` exactly. With ``border``, the image is first
+extended by that many pixels of its mirror image on every side (``data.sampling.MirroredBorder``, as training
+patches are) and the result cropped back, so that no image pixel is predicted from a tile's first or last rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from skimage.measure import label as connected_components
 
 from ..data.labels import label_dtype
+from ..data.sampling import MirroredBorder
 
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -211,6 +214,7 @@ def predict_tiled(
     should_stop: Callable[[], bool] | None = None,
     sink: Callable[[int, np.ndarray], None] | None = None,
     source: str | Path | None = None,
+    border: int = 0,
 ) -> np.ndarray | None:
     """Class probabilities of a whole image from overlapping, blended tiles.
 
@@ -237,11 +241,15 @@ def predict_tiled(
         sink: called as ``sink(first_row, probabilities)`` with ``K x n x X`` float32 for consecutive bands of
             rows, top to bottom; then nothing is returned and no ``K x Y x X`` array is ever made.
         source: the model's file, named in the error when its probabilities are not finite.
+        border: pixels of mirror image added on every side before tiling (``data.sampling.mirror_margin`` of the
+            tile for a model trained with such borders, as ``prediction.planes`` does); the tiles then cover the
+            extended image, and only the image's own pixels are returned. 0: tiles start at the image's border.
 
     Returns:
         ``K x Y x X`` float32 probabilities (None with ``sink``): per pixel, the weighted average
         ``sum(w * p) / sum(w)`` over the tiles covering it (still summing to 1 over K).
-        A side shorter than ``tile`` is zero-padded to ``tile`` and cropped back.
+        A side shorter than ``tile`` (after the border is added) is zero-padded to ``tile`` at the bottom or right
+        and cropped back.
 
     Raises:
         NonFiniteProbabilities: ``prob_fn`` returned NaN or infinity, before any band with them reaches ``sink``.
@@ -251,11 +259,15 @@ def predict_tiled(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_tile_overlap(tile, overlap)
-    height, width = image.shape[:2]
-    pad_h, pad_w = max(height, tile), max(width, tile)
-    if (pad_h, pad_w) != (height, width):  # a side shorter than a tile: small enough to hold padded
+    if border < 0:
+        raise ValueError(f"border must be >= 0, got {border}")
+    height, width = image.shape[:2]  # the image's own pixels, rows and columns [border, border + size) below
+    if border:
+        image = MirroredBorder(image, border)
+    pad_h, pad_w = max(image.shape[0], tile), max(image.shape[1], tile)
+    if (pad_h, pad_w) != image.shape[:2]:  # a side shorter than a tile: small enough to hold padded
         padded = np.zeros((pad_h, pad_w, 3), dtype=np.float32)
-        padded[:height, :width] = image[:, :]
+        padded[: image.shape[0], : image.shape[1]] = image[:, :]
         image = padded
 
     ys, xs = tile_starts(pad_h, tile, overlap), tile_starts(pad_w, tile, overlap)
@@ -269,15 +281,16 @@ def predict_tiled(
     band: BandSums | None = None  # rows band.top .. band.top + tile, where prob_fn's output is
 
     def finish(rows: int) -> None:
-        """Hand over the band's top ``rows`` rows (no later tile covers them) and move the band down."""
-        top = band.top
-        done = band.finish(rows, top, min(top + rows, height), slice(0, width))
+        """Hand over the image's pixels among the band's top ``rows`` rows (no later tile covers them) and move the
+        band down."""
+        first = max(band.top, border) - border  # in the image's rows
+        done = band.finish(rows, first + border, min(band.top + rows, border + height), slice(border, border + width))
         if done is None:
             return
         if sink is not None:
-            sink(top, done)
+            sink(first, done)
         else:
-            out[:, top : top + done.shape[1]] = done
+            out[:, first : first + done.shape[1]] = done
 
     for first in range(0, total, batch_size):
         if should_stop is not None and should_stop():

@@ -35,6 +35,7 @@ import numpy as np
 from ...config import InputSpec
 from ...data import ImageLayout, SamPlanes, label_dtype, spatial_shape
 from ...data.images import _channel_axis, check_image_dtype
+from ...data.sampling import MirroredBorder
 from ...errors import ConfigError
 from ...io.zarr_outputs import (ZarrOutput, check_outputs, create_output, ome_axes_for, ome_scale_for, read_region,
                                 write_region)
@@ -110,13 +111,18 @@ def predict_one_block(job: BlockJob, block: Block) -> BlockOutcome:
     model = job.model.load()
     loaded = time.perf_counter() - start
     grid = job.grid
-    (r0, r1), (c0, c1) = block_input_region(grid, block)
-    inside = (r0, min(r1, grid.height)), (c0, min(c1, grid.width))  # beyond: padding of a plane < one tile
+    region = block_input_region(grid, block)  # in the plane extended by its mirror border (and padded)
+    border, mirrored, inside = grid.border, [], []
+    for (start, stop), length in zip(region, (grid.height, grid.width)):
+        inside.append((max(start - border, 0), min(stop - border, length)))  # the plane's own pixels
+        mirrored.append((max(border - start, 0), max(min(stop, length + 2 * border) - (length + border), 0)))
     planes = SamPlanes(job.reader[_input_key(job, block, *inside)], job.layout, job.spec, job.ranges)
-    view = planes.input_view(0)
-    if inside != ((r0, r1), (c0, c1)):
-        view = np.zeros((r1 - r0, c1 - c0, 3), dtype=np.float32)
-        view[: inside[0][1] - r0, : inside[1][1] - c0] = planes.normalised(0)
+    view = MirroredBorder(planes.input_view(0), tuple(mirrored))  # the mirror of the plane's border, where cut
+    (r0, r1), (c0, c1) = region
+    if view.shape[:2] != (r1 - r0, c1 - c0):  # beyond the extended plane: padding of a plane < one tile
+        padded = np.zeros((r1 - r0, c1 - c0, 3), dtype=np.float32)
+        padded[: view.shape[0], : view.shape[1]] = view[:, :]
+        view = padded
     height, width = block.shape
     labels = np.zeros((height, width), dtype=label_dtype(job.class_values))
     probabilities = np.zeros((model.num_classes, height, width), np.float32) if job.probabilities else None

@@ -20,14 +20,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ...data.sampling import mirror_margin
 from ..tiling import (BandSums, PredictionCancelled, ProbFn, axis_windows, overlap_pixels, tile_probabilities,
                       tile_starts)
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The tile grid ``predict_tiled`` lays over a ``height`` x ``width`` plane (a side shorter than a tile is
-    padded to one tile): ``ys`` and ``xs`` are the tiles' start rows and columns."""
+    """The tile grid ``predict_tiled`` lays over a ``height`` x ``width`` plane extended by ``border`` pixels of its
+    mirror image on every side (a side still shorter than a tile is padded to one tile): ``ys`` and ``xs`` are the
+    tiles' start rows and columns in the extended plane, where the plane's pixel (r, c) is at (r + border,
+    c + border)."""
 
     height: int
     width: int
@@ -35,16 +38,24 @@ class TileGrid:
     overlap: float
     ys: tuple[int, ...]
     xs: tuple[int, ...]
+    border: int = 0
 
     @classmethod
-    def of(cls, height: int, width: int, tile: int, overlap: float) -> "TileGrid":
-        pad_h, pad_w = max(height, tile), max(width, tile)
+    def of(cls, height: int, width: int, tile: int, overlap: float, border: int | None = None) -> "TileGrid":
+        """The grid of ``prediction.planes``: ``border`` None is ``mirror_margin(tile)``, as it predicts."""
+        border = mirror_margin(tile) if border is None else border
+        pad_h, pad_w = max(height + 2 * border, tile), max(width + 2 * border, tile)
         return cls(height, width, tile, overlap, tuple(tile_starts(pad_h, tile, overlap)),
-                   tuple(tile_starts(pad_w, tile, overlap)))
+                   tuple(tile_starts(pad_w, tile, overlap)), border)
+
+    @property
+    def extended(self) -> tuple[int, int]:
+        """The plane's size with its mirror border."""
+        return self.height + 2 * self.border, self.width + 2 * self.border
 
     @property
     def padded(self) -> tuple[int, int]:
-        return max(self.height, self.tile), max(self.width, self.tile)
+        return max(self.extended[0], self.tile), max(self.extended[1], self.tile)
 
     def windows(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The 1-D float32 blending windows of every tile row and column (``prediction.tiling.axis_windows``)."""
@@ -54,14 +65,16 @@ class TileGrid:
                 axis_windows(list(self.xs), self.tile, margin, pad_w))
 
     def touching(self, axis: int, start: int, stop: int) -> range:
-        """Indices of the tiles along ``axis`` (0: rows, 1: columns) that overlap pixels ``[start, stop)``."""
+        """Indices of the tiles along ``axis`` (0: rows, 1: columns) that overlap pixels ``[start, stop)`` of the
+        extended plane."""
         starts = self.ys if axis == 0 else self.xs
         hits = [i for i, s in enumerate(starts) if s < stop and s + self.tile > start]
         return range(hits[0], hits[-1] + 1)
 
     def tiles_for(self, rows: tuple[int, int], cols: tuple[int, int]) -> int:
-        """How many tiles overlap the pixels ``rows`` x ``cols`` (``[start, stop)`` each)."""
-        return len(self.touching(0, *rows)) * len(self.touching(1, *cols))
+        """How many tiles overlap the plane's pixels ``rows`` x ``cols`` (``[start, stop)`` each)."""
+        b = self.border
+        return len(self.touching(0, rows[0] + b, rows[1] + b)) * len(self.touching(1, cols[0] + b, cols[1] + b))
 
     @property
     def unique_tiles(self) -> int:
@@ -123,8 +136,11 @@ class BlockPlan:
 
 
 def block_input_region(grid: TileGrid, block: Block) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The pixels (rows, cols; ``[start, stop)``, in the padded plane) of the whole tiles that ``block`` needs."""
-    iys, ixs = grid.touching(0, *block.rows), grid.touching(1, *block.cols)
+    """The pixels (rows, cols; ``[start, stop)``, in the extended and padded plane) of the whole tiles that ``block``
+    needs."""
+    b = grid.border
+    iys = grid.touching(0, block.rows[0] + b, block.rows[1] + b)
+    ixs = grid.touching(1, block.cols[0] + b, block.cols[1] + b)
     return ((grid.ys[iys[0]], grid.ys[iys[-1]] + grid.tile), (grid.xs[ixs[0]], grid.xs[ixs[-1]] + grid.tile))
 
 
@@ -144,8 +160,9 @@ def predict_block(
     Args:
         prob_fn: as for ``predict_tiled`` (``B x 3 x tile x tile`` 0..255 -> ``B x K x tile x tile``).
         view: the block's input region (:func:`block_input_region`) as ``h x w x 3`` float32 in 0..255: an
-            array, or an object whose ``[rows, cols]`` slices are such arrays (``data.PlaneView``); pixels of the
-            padding beyond a plane smaller than a tile hold 0.
+            array, or an object whose ``[rows, cols]`` slices are such arrays (``data.PlaneView`` in a
+            ``data.sampling.MirroredBorder``); the grid's mirror border where the region passes the plane's
+            border, then 0 where it passes the extended plane (a plane smaller than a tile).
         sink: called as ``sink(first_row, probabilities)`` (``K x n x block width`` float32, ``first_row`` in
             the plane's rows) for consecutive bands of the block's rows; then nothing is returned.
         should_stop: polled before each batch of tiles; when it returns True, ``prediction.tiling.PredictionCancelled``
@@ -157,7 +174,8 @@ def predict_block(
         ``K x block height x block width`` float32, or None with ``sink``.
     """
     (top, _), (left, _) = block_input_region(grid, block)
-    (y0, y1), (x0, x1) = block.rows, block.cols
+    b = grid.border
+    (y0, y1), (x0, x1) = (block.rows[0] + b, block.rows[1] + b), (block.cols[0] + b, block.cols[1] + b)
     tile = grid.tile
     y_windows, x_windows = grid.windows()
     iys, ixs = grid.touching(0, y0, y1), grid.touching(1, x0, x1)
@@ -173,7 +191,7 @@ def predict_block(
         if done is None:
             return
         if sink is not None:
-            sink(first, done)
+            sink(first - b, done)
         else:
             out[:, first - y0 : last - y0] = done
 
