@@ -160,10 +160,8 @@ class WeakForm(QWidget):
     # ---- the recipe and the buttons' state ---------------------------------------------------------------
     def recipe(self, input_size: int) -> SelfTrainingRecipe:
         """The self-training recipe chosen here, at the Model tab's ``input_size`` (ConfigError when not allowed)."""
-        steps = self.steps.value()
-        warmup = min(SelfTrainingRecipe().warmup_steps, steps // 2)
-        return SelfTrainingRecipe(adapter=_adapter(self.method.currentData()), input_size=input_size, steps=steps,
-                                  warmup_steps=warmup)
+        return SelfTrainingRecipe(adapter=_adapter(self.method.currentData()), input_size=input_size,
+                                  steps=self.steps.value())  # a short run's warm-up is scaled by the run itself
 
     def set_busy(self, what: str | None, has_model: bool, resumable: bool = False) -> None:
         idle = what is None

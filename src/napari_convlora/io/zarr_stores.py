@@ -1,4 +1,4 @@
-"""Images larger than memory, read and written lazily: Zarr and OME-Zarr stores, and TIFF through tifffile's
+"""Images larger than memory, read lazily: Zarr and OME-Zarr stores, and TIFF through tifffile's
 Zarr interface (``tifffile.imread(path, aszarr=True)``).
 
 Needs the optional ``large`` extra (dask, zarr >= 3: tifffile's Zarr interface requires zarr 3). Nothing is read
