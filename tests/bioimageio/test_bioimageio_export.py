@@ -133,6 +133,7 @@ def test_options_that_cannot_work_are_refused_before_any_work(tmp_path, tiny_che
     for extra, message in ((["--out", str(tmp_path / "m.safetensors")], "is a .zip file"),
                            (["--out", str(link)], "--out .* is the same file as --model"),
                            (["--out", str(tmp_path / "m.zip"), "--name", "a/b"], "bioimageio name"),
+                           (["--out", str(tmp_path / "m.zip"), "--author", "Lab A/B"], r"author 'Lab A/B' \(--author\)"),
                            (["--out", str(tmp_path / "m.zip"), "--license", "not-a-license"], "not an SPDX license id"),
                            (["--out", str(tmp_path / "m.zip"), "--plane", "5"], r"plane 5 \(--plane\) does not exist")):
         capsys.readouterr()

@@ -114,6 +114,21 @@ def test_foreign_and_truncated_files(tmp_path, tiny_checkpoint):
         load_model(tmp_path / "cut.safetensors")
 
 
+def test_a_model_file_that_may_not_be_read_says_so_not_no_such_file(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """safetensors calls a file without read permission "No such file or directory"; the user is told the truth."""
+    import napari_convlora.io.safety as safety
+    from napari_convlora.cli import main
+
+    locked = save_bundle(_trained_model(tiny_checkpoint), tmp_path / "locked.safetensors")
+    real_access = safety.os.access
+    monkeypatch.setattr(safety.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(CheckpointError, match="locked.safetensors: no permission to read it"):
+        load_model(locked)
+    assert main(["info", str(locked)]) != 0
+    err = capsys.readouterr().err
+    assert "no permission to read it" in err and "No such file" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_failed_save_leaves_previous_file_intact(tmp_path, tiny_checkpoint, monkeypatch):
     model = _trained_model(tiny_checkpoint)
     path = save_adapter(model, tmp_path / "a.safetensors")

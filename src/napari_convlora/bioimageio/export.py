@@ -95,7 +95,7 @@ def export_bioimageio(
             an input spec the format cannot express, a sample image that does not fit the model.
     """
     check_prompt_free(model, model_file)
-    path = check_export(path, name, license)
+    path = check_export(path, name, license, authors)
     spec = model.config.input
     if spec.percentiles[1] <= 1.0:
         raise ConfigError(f"the model's high percentile {spec.percentiles[1]} cannot be written in a bioimageio "
@@ -130,9 +130,10 @@ def check_prompt_free(model: AdaptedSAM, model_file: str | os.PathLike | None = 
                          f"{PROMPTABLE_ONLY}")
 
 
-def check_export(path: str | os.PathLike, name: str | None = None, license: str = DEFAULT_LICENSE) -> Path:
+def check_export(path: str | os.PathLike, name: str | None = None, license: str = DEFAULT_LICENSE,
+                 authors: Sequence[str] = ()) -> Path:
     """Refuse, before any work, what cannot be exported: a ``path`` that is not ``.zip``, bioimageio.spec not
-    installed, a ``name`` or ``license`` the format rejects. Returns ``path`` as a Path.
+    installed, a ``name``, ``license`` or author name the format rejects. Returns ``path`` as a Path.
 
     Raises:
         ConfigError: naming the option.
@@ -145,6 +146,10 @@ def check_export(path: str | os.PathLike, name: str | None = None, license: str 
         if bad or not 5 <= len(name) <= 128:
             raise ConfigError(f"name {name!r}: a bioimageio name has 5 to 128 letters, digits, spaces or _+-()"
                               + (f", not {''.join(bad)!r}" if bad else ""))
+    for author in authors or ():
+        if not author.strip() or "/" in author or "\\" in author:
+            raise ConfigError(f"author {author!r} (--author): a bioimageio author name is not empty and has no / "
+                              "or \\ (give one --author per person)")
     try:
         import bioimageio.spec  # noqa: F401
     except ImportError:

@@ -27,6 +27,7 @@ from ..config import ModelConfig, from_record, to_record
 from ..config.choices import ADAPTER_FORMAT, BUNDLE_FORMAT, FORMAT_VERSION, MODEL_SUFFIX, SAM_CHECKPOINT_FORMAT
 from ..errors import CheckpointError, ConfigError
 from ..io.atomic import atomic_path
+from ..io.safety import unreadable_reason
 from ..modeling import AdaptedSAM, BaseSam
 from ..modeling.hq import split_hq_state
 from ..modeling.sam_build import build_sam, infer_architecture
@@ -121,6 +122,9 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     ``format_version`` still says 1), or None for any other safetensors file."""
     from safetensors import SafetensorError, safe_open
 
+    reason = unreadable_reason(path)  # safetensors says "No such file" for a file it may not read
+    if reason:
+        raise CheckpointError(f"{path}: {reason}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

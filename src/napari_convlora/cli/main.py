@@ -125,7 +125,7 @@ def cmd_export_bioimageio(args: argparse.Namespace) -> int:
     from ..bioimageio.export import check_export, export_bioimageio
     from ..io.images import read_image
 
-    check_export(args.out, args.name, args.license)
+    check_export(args.out, args.name, args.license, args.author)
     check_outputs({"--out": args.out}, {"--model": args.model, "--checkpoint": args.checkpoint, "--image": args.image})
     device = use_run_options(args)
     image = read_image(args.image) if args.image else None
