@@ -1,8 +1,11 @@
 """Adaptation to unseen target domains: held-out quality after the same number of steps, over seeds (issue 11).
 
 From a base SAM (default: the built-in small SAM, ``src/napari_convlora/models/small_sam_256.pth``, 256 px), each
-row adapts to each target family (``adaptation_data.py``: real nuclei, sparse cells, sparse EM membranes, and
-synthetic scenes under five shifts that pretraining never showed) with the project's own API
+row adapts to each target family (``adaptation_data.py``: real nuclei, sparse cells, sparse EM membranes,
+synthetic scenes under five shifts that pretraining never showed, and, by name or ``--families '*'``, three generated
+families where a pixel classifier and the plugin should differ: ``anatomy`` (6 classes of alike textures),
+``tiny_lesions`` (lesions of 0.15-0.4 % of the pixels) and ``thin_structures`` (curves 1-3 px wide); see
+``generated_families.py``) with the project's own API
 (``prepare_training_data``, ``training.loop.train``, ``predict_image``, ``metrics.ConfusionMatrix``), then the held-out part
 is predicted and scored. Every (family, row, seed) is an independent run, deterministic given its seed: the seed is
 the recipe's (adapter initialisation, patch sampling, augmentation, Conv-LoRA's gate noise), and for the
@@ -16,17 +19,27 @@ is scored as the foreground, and ``box IoU`` is the mean IoU of the objects' mas
 plus the head's tokens train; "SAM + HQ" output), ``conv_lora_hq`` / ``conv_lora_hq_only`` (Conv-LoRA with HQ-SAM's
 fusion on the head, SAM + HQ or HQ only; the built-in SAM is a plain SAM, so the HQ parts start new as in HQ-SAM's
 training), and ``random_decoder`` / ``random_lora`` / ``random_conv_lora`` (the same from a random-weight SAM of the
-base's geometry: does pretraining matter?).
+base's geometry: does pretraining matter?), and ``random_forest``: no SAM at all, ilastik's pixel classification
+(``random_forest.py``: ilastik's default filter features at sigmas 0.7-10 of the same normalised image, a
+scikit-learn forest of ``--rf-trees`` trees fitted on at most ``--rf-max-pixels`` training pixels, stratified; its
+seed draws the subsample and the forest), trained on the same training annotations. Every row trains a K-class model
+where a family has K > 2 classes (``anatomy``: ``prepare_training_data`` gives it a K-class head, the recipe's
+``multiclass_head`` from ``--multiclass-head``: ``matched``, the default, Conv-LoRA's mask classification with
+Hungarian matching, or ``per_class``, SAMed's K tokens with cross-entropy + Dice; its own loss whatever
+``--mask-loss`` says).
 
 Training, the same for every row: ``TrainRecipe(input_size=256, steps, batch_size, grad_accum=1, lr, seed,
 val_fraction=0)`` and the recipe's other defaults (AdamW, weight decay 1e-4, linear decay, clipping at 1.0, flips,
 90-degree rotations and an intensity jitter); no validation: the model after the last step is scored. Every image
 goes through the same ``InputSpec()`` normalisation (percentiles 1 and 99.8), for the zero-shot row too.
 
-Scores (pooled over the family's held-out images, only on held-out annotated pixels):
-- mIoU: mean over the two classes (background included) of IoU from the pooled confusion matrix;
-- fg Dice: Dice of the foreground class;
-- BF: boundary F-score with a 2 px tolerance. Boundary pixels of a mask: its pixels with a 4-neighbour outside it
+Scores (pooled over the family's held-out images, only on held-out annotated pixels; one function, ``score``, for
+every trained row and the forest; ``per_class_iou`` / ``per_class_dice`` of every run in the JSON):
+- mIoU: mean over all K classes (background included) of IoU from the pooled confusion matrix;
+- fg Dice: Dice of the foreground class (``tiny_lesions``: the lesion Dice); for K > 2, the mean Dice of the
+  non-background classes;
+- BF (binary families only; "n/a" for K > 2): boundary F-score with a 2 px tolerance. Boundary pixels of a mask:
+  its pixels with a 4-neighbour outside it
   (``skimage.segmentation.find_boundaries(mode="inner")``). Ground-truth boundaries come from the complete
   annotation's foreground (training and held-out parts; unannotated pixels count as outside), predicted ones from
   the whole predicted foreground. Precision: the predicted boundary pixels on scored pixels that lie within 2 px
@@ -35,17 +48,26 @@ Scores (pooled over the family's held-out images, only on held-out annotated pix
 - bIoU: HQ-SAM's boundary IoU of the foreground (``napari_convlora.boundary``): the band of a mask is its pixels
   within d = max(1, round(0.02 x image diagonal)) px of a pixel outside it or of the image border; bIoU = |Gb & Pb|
   / |Gb | Pb|, intersections and unions pooled over images (``metrics.ConfusionMatrix``), on held-out annotated
-  pixels only (an unannotated pixel is in neither band and does not create one);
+  pixels only (an unannotated pixel is in neither band and does not create one); for K > 2, the mean over the
+  non-background classes of each class's boundary IoU (``metrics.ConfusionMatrix``: a class's band against the rest);
+- per-class IoU: for K > 2, one more table under the main one (mean ± std over seeds);
 - s/step: median wall time of an optimizer step (steps after the first two), with the thread count;
-- params: trainable parameters (adapters and head).
+- params: trainable parameters (adapters and head); train s / predict s: wall time of training (the forest: its
+  features, subsample and fit) and of predicting the held-out part.
 
 ``--mask-loss hq_points`` trains every row with HQ-SAM's point-sampled BCE + dice instead of the structure loss
 (``TrainRecipe.mask_loss``); each run records the loss terms the loop reported, and a run whose loop did not use the
 asked loss stops the benchmark.
 
-Full run (CPU, 2 cores)::
+Default families: the original eight (nuclei, sparse_*, shift_*); default rows: all, the forest included.
+Full run (CPU, 2 cores, one thread per process)::
 
-    python benchmarks/adaptation.py --threads 2 --json adaptation.json --markdown adaptation.md
+    OMP_NUM_THREADS=1 python benchmarks/adaptation.py --threads 1 --steps 150 --json adaptation.json \
+        --markdown adaptation.md
+    OMP_NUM_THREADS=1 python benchmarks/adaptation.py --threads 1 --rows random_forest --families '*' \
+        --json benchmarks/adaptation_results/random_forest.json
+    OMP_NUM_THREADS=1 python benchmarks/adaptation.py --threads 1 --steps 150 --rows conv_lora \
+        --families anatomy tiny_lesions thin_structures --json benchmarks/adaptation_results/new_families_conv_lora.json
 
 Prints one line per run, then a markdown table (mean ± std [min, max] over seeds) and writes the JSON record
 with every per-seed number (rewritten after every run, so an interrupted run keeps what it finished).
@@ -60,6 +82,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +95,7 @@ from skimage.segmentation import find_boundaries
 
 from napari_convlora.boundary import DILATION_RATIO
 from napari_convlora.config import AdapterConfig, InputSpec, RunOptions, TrainRecipe
-from napari_convlora.config.choices import MASK_LOSSES
+from napari_convlora.config.choices import MASK_LOSSES, MULTICLASS_HEADS
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import ImageLayout, LabelEncoding, TrainingPair, prepare_training_data, to_sam_planes
 from napari_convlora.metrics import ConfusionMatrix
@@ -83,26 +106,33 @@ from napari_convlora.checkpoints.sam_files import checkpoint_identity, load_base
 from napari_convlora.training.loop import train
 
 from bench_report import choose, summarise, write_json
-from adaptation_data import SPARSE_BACKGROUND, SPARSE_FOREGROUND, Family, FamilyUnavailable, HeldOut, family_loaders
+from adaptation_data import Family, FamilyUnavailable, HeldOut, family_loaders
+from random_forest import MAX_PIXELS, TREES, fit_forest
 
 BOUNDARY_TOLERANCE = 2.0
 RANDOM_BASE_SEED = 1000  # random bases use 1000 + seed, so that none equals a random_sam(..., seed) test base
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "src" / "napari_convlora" / "models" / "small_sam_256.pth"
-METRICS = ("miou", "fg_dice", "boundary_f", "boundary_iou", "box_iou", "step_s", "trainable_params")
+#: The families run when --families is not given: all but the generated ones (add them by name or with '*').
+DEFAULT_FAMILIES = ("nuclei", "sparse_*", "shift_*")
+METRICS = ("miou", "fg_dice", "boundary_f", "boundary_iou", "box_iou", "step_s", "train_s", "predict_s",
+           "trainable_params")
 
 
 @dataclass(frozen=True)
 class Row:
-    """A method: ``adapter`` is an AdapterConfig's keyword arguments, None for the zero-shot row."""
+    """A method. kind: ``"train"`` (adapts the base SAM; ``adapter`` is an AdapterConfig's keyword arguments),
+    ``"zero_shot"`` or ``"random_forest"`` (``adapter`` None)."""
 
     label: str
     adapter: dict | None
     random_base: bool = False
     hq: str = "off"
+    kind: str = "train"
 
 
 ROWS: dict[str, Row] = {
-    "zero_shot": Row("zero-shot SAM + GT boxes (different task)", None),
+    "zero_shot": Row("zero-shot SAM + GT boxes (different task)", None, kind="zero_shot"),
+    "random_forest": Row("random forest, ilastik features", None, kind="random_forest"),
     "decoder": Row("decoder-only", {"method": "decoder"}),
     "lora": Row("LoRA", {"method": "lora"}),
     "conv_lora": Row("Conv-LoRA (defaults, top-1)", {"method": "conv_lora"}),
@@ -146,28 +176,48 @@ def boundary_f(counts: np.ndarray) -> dict[str, float]:
 
 
 class Scorer:
-    """Pools the confusion matrix and the boundary counts of a family's held-out images (binary tasks)."""
+    """Pools the confusion matrix of a family's held-out images (K classes), and for binary tasks the boundary
+    counts of the foreground."""
 
-    def __init__(self) -> None:
-        self.matrix = ConfusionMatrix(2)
+    def __init__(self, num_classes: int = 2) -> None:
+        self.matrix = ConfusionMatrix(num_classes)
         self.counts = np.zeros(4, dtype=np.int64)
 
-    def add(self, pred_fg: np.ndarray, target: np.ndarray, truth_fg: np.ndarray) -> None:
-        """pred_fg: Y x X bool; target: class indices 0 / 1 or IGNORE_INDEX (not scored)."""
-        self.matrix.update(pred_fg.astype(np.int64), target)
-        self.counts += boundary_counts(pred_fg, truth_fg, target != IGNORE_INDEX)
+    def add(self, pred: np.ndarray, target: np.ndarray, truth_fg: np.ndarray) -> None:
+        """pred: Y x X class indices 0..K-1 (bool for binary); target: class indices or IGNORE_INDEX (not scored);
+        truth_fg: Y x X bool, the complete annotation's foreground (binary boundary F-score only)."""
+        self.matrix.update(pred.astype(np.int64), target)
+        if self.matrix.num_classes == 2:
+            self.counts += boundary_counts(pred.astype(bool), truth_fg, target != IGNORE_INDEX)
 
     def result(self) -> dict[str, Any]:
         m = self.matrix.compute()
-        return {"miou": m.mean_iou, "fg_dice": m.per_class_dice[1], "per_class_iou": m.per_class_iou,
-                "pixels": m.num_pixels, **boundary_f(self.counts), "boundary_counts": self.counts.tolist(),
+        binary = self.matrix.num_classes == 2
+        boundary = boundary_f(self.counts) if binary else \
+            {"boundary_precision": math.nan, "boundary_recall": math.nan, "boundary_f": math.nan}
+        fg_dice = m.per_class_dice[1] if binary else float(np.nanmean(np.array(m.per_class_dice[1:], float)))
+        return {"miou": m.mean_iou, "fg_dice": fg_dice, "per_class_iou": m.per_class_iou,
+                "per_class_dice": m.per_class_dice, "per_class_boundary_iou": m.per_class_boundary_iou,
+                "pixels": m.num_pixels, **boundary, "boundary_counts": self.counts.tolist() if binary else None,
                 "boundary_iou": m.boundary_iou}
 
 
-def _targets(family: Family, held: HeldOut) -> np.ndarray:
-    """The held-out labels as class indices 0 / 1, IGNORE_INDEX where not scored."""
-    values = (SPARSE_BACKGROUND, SPARSE_FOREGROUND) if family.label_mode == "sparse" else (0, 1)
-    return LabelEncoding(family.label_mode, values, values[0]).encode(held.labels)
+def _encoding(family: Family) -> LabelEncoding:
+    values = family.class_values()
+    return LabelEncoding(family.label_mode, values, values[0])
+
+
+def score(family: Family, predict: Callable[[HeldOut], np.ndarray]) -> dict[str, Any]:
+    """Every row's scores: ``predict(held)`` gives the Y x X label values (the family's, see
+    ``Family.class_values``) of each held-out image; scored on its annotated pixels and pooled (:class:`Scorer`)."""
+    encoding, scorer = _encoding(family), Scorer(family.num_classes)
+    for held in family.held_out:
+        labels = predict(held)
+        unknown = set(np.unique(labels).tolist()) - set(family.class_values())
+        if unknown:
+            raise ValueError(f"{family.name}: predicted label values {sorted(unknown)} are not classes")
+        scorer.add(encoding.encode(labels), encoding.encode(held.labels), held.truth_foreground)
+    return scorer.result()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +263,8 @@ def zero_shot(family: Family, sam, max_boxes: int = 32) -> dict[str, Any]:
                     inter, union = (pred & chunk).sum((1, 2)), (pred | chunk).sum((1, 2))
                     ious += (inter / np.maximum(union, 1)).tolist()
                     foreground[tile] |= pred.any(0)
-        scorer.add(foreground[:ny, :nx], _targets(family, held), held.truth_foreground)
+        if family.zero_shot_pixels:  # a binary task whose foreground is the union of the objects
+            scorer.add(foreground[:ny, :nx], _encoding(family).encode(held.labels), held.truth_foreground)
     out: dict[str, Any] = {"box_iou": float(np.mean(ious)) if ious else math.nan, "objects": len(ious),
                            "predict_s": time.perf_counter() - started, "trainable_params": 0}
     if family.zero_shot_pixels:
@@ -223,9 +274,12 @@ def zero_shot(family: Family, sam, max_boxes: int = 32) -> dict[str, Any]:
 
 def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train ``row`` on ``family`` from ``base`` with ``seed``, predict and score the held-out part."""
+    multi = family.num_classes > 2  # mask classification: the binary mask losses do not apply
+    mask_loss = "structure" if multi else args.mask_loss
     recipe = TrainRecipe(adapter=AdapterConfig(**row.adapter), input_size=args.input_size, label_mode=family.label_mode,
                          val_fraction=0.0, steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
-                         val_every=args.steps, seed=seed, hq=row.hq, mask_loss=args.mask_loss)
+                         val_every=args.steps, seed=seed, hq=row.hq, mask_loss=mask_loss,
+                         multiclass_head=args.multiclass_head)
     data = prepare_training_data([TrainingPair(im, lab, ImageLayout(rgb=rgb)) for im, lab, rgb in family.train], recipe)
     run = RunOptions(device=args.device, num_threads=args.threads)
     out_path = work / f"{family.name}-{seed}.safetensors"
@@ -244,17 +298,33 @@ def adapt(family: Family, row: Row, seed: int, base: Path, args: argparse.Namesp
     except StopIteration as done:
         model = done.value
     train_s = time.perf_counter() - started
-    if ({"hq_points": "dice", "structure": "structure"}[args.mask_loss]) not in terms:
+    expected = {"matched": "class", "per_class": "ce"}[args.multiclass_head] if multi else \
+        {"hq_points": "dice", "structure": "structure"}[args.mask_loss]
+    if expected not in terms:
         raise SystemExit(f"mask loss {args.mask_loss} asked but the loop reported the terms {sorted(terms)}")
-    started, scorer = time.perf_counter(), Scorer()
-    foreground = model.config.head.class_values[1]
-    for held in family.held_out:
-        labels = predict_image(model, held.image, ImageLayout(rgb=held.rgb), device=args.device).labels
-        scorer.add(labels == foreground, _targets(family, held), held.truth_foreground)
+    if tuple(model.config.head.class_values) != family.class_values():
+        raise SystemExit(f"{family.name}: the model's classes {model.config.head.class_values} are not the family's")
+    started = time.perf_counter()
+    scores = score(family, lambda held: predict_image(model, held.image, ImageLayout(rgb=held.rgb),
+                                                      device=args.device).labels)
     timed = intervals[2:] or intervals
-    return {**scorer.result(), "step_s": float(np.median(timed)), "train_s": train_s,
-            "predict_s": time.perf_counter() - started, "mask_loss": args.mask_loss, "loss_terms": sorted(terms),
+    return {**scores, "step_s": float(np.median(timed)), "train_s": train_s,
+            "predict_s": time.perf_counter() - started,
+            "mask_loss": f"multiclass_head {args.multiclass_head}" if multi else mask_loss,
+            "loss_terms": sorted(terms),
             "trainable_params": int(sum(p.numel() for p in model.trainable_parameters()))}
+
+
+def forest(family: Family, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The random-forest row (``random_forest.py``): fit on the training annotations, predict and score the held-out
+    part like every row. train_s: features of the training images, subsample and fit; predict_s: features and
+    prediction of the held-out images."""
+    started = time.perf_counter()
+    fitted = fit_forest(family.train, family.label_mode, seed, trees=args.rf_trees, max_pixels=args.rf_max_pixels)
+    train_s, started = time.perf_counter() - started, time.perf_counter()
+    scores = score(family, lambda held: fitted.predict(held.image, held.rgb))
+    return {**scores, "train_s": train_s, "predict_s": time.perf_counter() - started, "trainable_params": 0,
+            "forest": fitted.info()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,23 +340,51 @@ def _cell(stats: dict[str, Any] | None, digits: int = 3, spread: bool = True, ke
     return text
 
 
-def markdown(summary: dict, threads: int, seeds: int) -> str:
-    """The table: one line per family and row, mean ± std [min, max] over seeds; then what the columns are."""
-    lines = [f"| family | row | mIoU | fg Dice | BF (2 px) | bIoU | box IoU | s/step ({threads} thr) | trainable params |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def per_class_summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """family -> row -> one {mean, median, std, min, max, n} per class of the per-class IoU over seeds, for the
+    families of more than two classes."""
+    flat = [{"family": r["family"], "row": r["row"], **{f"iou_{i}": v for i, v in enumerate(r["per_class_iou"])}}
+            for r in runs if len(r.get("per_class_iou") or []) > 2]
+    out: dict = {}
+    for family, rows in summarise(flat, [f"iou_{i}" for i in range(256)]).items():
+        out[family] = {row: [stats[f"iou_{i}"] for i in range(len(stats))] for row, stats in rows.items()}
+    return out
+
+
+def markdown(summary: dict, threads: int, seeds: int, per_class: dict | None = None) -> str:
+    """The table: one line per family and row, mean ± std [min, max] over seeds; then the per-class IoU of the
+    multi-class families (``per_class``, from :func:`per_class_summary`); then what the columns are."""
+    lines = [f"| family | row | mIoU | fg Dice | BF (2 px) | bIoU | box IoU | s/step ({threads} thr) "
+             "| trainable params | train s | predict s |", "| --- | --- |" + " ---: |" * 9]
     for family, rows in summary.items():
         for row, stats in rows.items():
-            params = int(stats["trainable_params"]["mean"]) if "trainable_params" in stats else 0
-            step = _cell(stats.get("step_s"), spread=False, key="median") if ROWS[row].adapter is not None else "-"
+            trains = ROWS[row].kind == "train"
+            params = f"{int(stats['trainable_params']['mean']):,}" if "trainable_params" in stats and \
+                ROWS[row].kind != "random_forest" else "-"
+            step = _cell(stats.get("step_s"), spread=False, key="median") if trains else "-"
             cells = [_cell(stats.get(m)) for m in ("miou", "fg_dice", "boundary_f", "boundary_iou", "box_iou")]
-            lines.append(f"| {family} | {ROWS[row].label} | {' | '.join(cells)} | {step} | {params:,} |")
-    legend = (f"\nHeld-out scores: mean ± sample std [min, max] over {seeds} seed(s), binary tasks, mIoU over background "
-              f"and foreground. BF: boundary F-score, {BOUNDARY_TOLERANCE:g} px tolerance. bIoU: HQ-SAM's boundary IoU "
-              f"of the foreground (band width {DILATION_RATIO:g} of the image diagonal). box IoU and the zero-shot row: "
-              "the base SAM's promptable decoder with a box around each ground-truth object, a different task from the "
+            times = [_cell(stats.get(m), 1, spread=False, key="median") for m in ("train_s", "predict_s")]
+            lines.append(f"| {family} | {ROWS[row].label} | {' | '.join(cells)} | {step} | {params} | "
+                         f"{' | '.join(times)} |")
+    for family, rows in (per_class or {}).items():
+        classes = max(len(v) for v in rows.values())
+        lines += ["", f"Per-class IoU, {family} (class 0 = background):", "",
+                  "| row | " + " | ".join(f"class {i}" for i in range(classes)) + " |",
+                  "| --- |" + " ---: |" * classes]
+        for row, stats in rows.items():
+            lines.append(f"| {ROWS[row].label} | " + " | ".join(_cell(c, spread=False) + (
+                f" ± {c['std']:.3f}" if c and c["std"] is not None else "") for c in stats) + " |")
+    legend = (f"\nHeld-out scores: mean ± sample std [min, max] over {seeds} seed(s). mIoU: mean IoU over all "
+              "classes, background included; fg Dice: Dice of the foreground (tiny_lesions: the lesion Dice), the "
+              "mean Dice of the non-background classes for multi-class families. BF: boundary F-score, "
+              f"{BOUNDARY_TOLERANCE:g} px tolerance, binary families only (n/a for multi-class). bIoU: HQ-SAM's "
+              f"boundary IoU of the foreground (band width {DILATION_RATIO:g} of the image diagonal), for multi-class "
+              "families the mean over the non-background classes of each class's. box IoU and the zero-shot row: the "
+              "base SAM's promptable decoder with a box around each ground-truth object, a different task from the "
               "prompt-free rows (its pixel scores are those of the union of the box-prompted masks), one deterministic "
-              "run. s/step: median over seeds of each run's median optimizer-step time, "
-              f"{threads} thread(s).\n")
+              f"run. s/step: median over seeds of each run's median optimizer-step time, {threads} thread(s). "
+              "train s / predict s: median over seeds of the training (random forest: features, subsample and fit) and the "
+              "held-out prediction wall times (the forest runs on one core).\n")
     return "\n".join(lines) + "\n" + legend
 
 
@@ -298,16 +396,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default=str(DEFAULT_BASE), help="the base SAM checkpoint (default: the built-in "
                         "small SAM)")
-    parser.add_argument("--families", nargs="+", default=["*"], help="family names or patterns (default: all)")
+    parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), help="family names or patterns "
+                        f"(default: {' '.join(DEFAULT_FAMILIES)}; '*' adds the generated ones)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows (default: all): {', '.join(ROWS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps, the same for every row")
     parser.add_argument("--batch", type=int, default=1, help="patches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--mask-loss", default="structure", choices=MASK_LOSSES, help="the binary loss of every row")
+    parser.add_argument("--multiclass-head", default="matched", choices=MULTICLASS_HEADS, help="the head of every "
+                        "row on families of more than two classes (TrainRecipe.multiclass_head; default: the recipe's)")
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--generated-size", type=int, help="make the generated families at this size in px "
+                        "(default: their own, 320 / 512 / 256)")
+    parser.add_argument("--rf-trees", type=int, default=TREES, help="trees of the random_forest row")
+    parser.add_argument("--rf-max-pixels", type=int, default=MAX_PIXELS, help="the random_forest row's training "
+                        "pixels at most (a stratified subsample above it)")
     parser.add_argument("--json", help="write every per-seed number and the summary here")
     parser.add_argument("--markdown", help="write the table here too")
     return parser.parse_args(argv)
@@ -320,14 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     if not base_path.is_file():
         raise SystemExit(f"no base checkpoint at {base_path}: pretrain it (scripts/pretrain_small_sam.py) or give --base")
     base = load_base(base_path)
-    loaders = family_loaders()
+    loaders = family_loaders(args.generated_size)
     families = choose(args.families, list(loaders), "families")
     rows = choose(args.rows, list(ROWS), "rows")
     record: dict[str, Any] = {
         "benchmark": "adaptation (benchmarks/adaptation.py)",
         "config": {"base": str(base_path), "base_sha256": checkpoint_identity(base_path).sha256,
                    "steps": args.steps, "batch": args.batch, "lr": args.lr, "input_size": args.input_size,
-                   "mask_loss": args.mask_loss,
+                   "mask_loss": args.mask_loss, "generated_size": args.generated_size, "rf_trees": args.rf_trees,
+                   "multiclass_head": args.multiclass_head,
+                   "rf_max_pixels": args.rf_max_pixels,
                    "threads": args.threads, "device": args.device, "seeds": args.seeds, "rows": rows,
                    "boundary_tolerance_px": BOUNDARY_TOLERANCE, "boundary_dilation_ratio": DILATION_RATIO,
                    "torch": torch.__version__,
@@ -349,9 +457,11 @@ def main(argv: list[str] | None = None) -> int:
             record["families"][name] = family.summary()
             for row_name in rows:
                 row = ROWS[row_name]
-                for seed in [None] if row.adapter is None else args.seeds:
-                    if row.adapter is None:
+                for seed in [None] if row.kind == "zero_shot" else args.seeds:
+                    if row.kind == "zero_shot":
                         result = zero_shot(family, base.sam)
+                    elif row.kind == "random_forest":
+                        result = forest(family, seed, args)
                     else:
                         checkpoint = base_path
                         if row.random_base:
@@ -366,13 +476,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"Dice {result.get('fg_dice', math.nan):.3f} BF {result.get('boundary_f', math.nan):.3f} "
                           f"bIoU {result.get('boundary_iou', math.nan):.3f}"
                           + (f" box IoU {result['box_iou']:.3f}" if "box_iou" in result else
-                             f" {result['step_s']:.3f} s/step") + f"; {elapsed:.0f} s, about "
+                             f" {result['step_s']:.3f} s/step" if "step_s" in result else
+                             f" fit {result['train_s']:.1f} s") + f"; {elapsed:.0f} s, about "
                           f"{elapsed / done * (total - done):.0f} s left", flush=True)
                     if args.json:
                         write_json(Path(args.json), record)
     record["summary"] = summarise(record["runs"], METRICS)
+    record["per_class_iou_summary"] = per_class_summary(record["runs"])
     record["seconds"] = time.perf_counter() - started
-    table = markdown(record["summary"], args.threads, len(args.seeds))
+    table = markdown(record["summary"], args.threads, len(args.seeds), record["per_class_iou_summary"])
     print(table)
     if args.json:
         write_json(Path(args.json), record)

@@ -1,7 +1,6 @@
 """Target domains for ``adaptation.py``: training pairs and held-out images, as numpy arrays (no torch).
 
-Every family is a binary task, foreground against background, so that all rows (the zero-shot one included) are
-scored the same way. A loader returns a :class:`Family`, or raises :class:`FamilyUnavailable` with the reason
+A loader returns a :class:`Family`, or raises :class:`FamilyUnavailable` with the reason
 (an optional package that is not installed).
 
 - ``nuclei``: stardist's 512 x 512 fluorescence image of nuclei (DSB 2018, CC0) with its expert instance mask.
@@ -22,6 +21,17 @@ scored the same way. A loader returns a :class:`Family`, or raises :class:`Famil
   i = 0..3 train, 100..107 held out), a range that pretraining never draws (it seeds one generator with its
   ``--seed`` and its held-out scenes with 10,000,000 + i). Dense labels, foreground = any object.
 
+- ``anatomy``, ``tiny_lesions``, ``thin_structures``: generated (``generated_families.py``, issue 22), images of
+  seeds ``GENERATED_SEED + 1000 * k + i`` (k: the family's index in :data:`GENERATED`; i = 0.. train, 100.. held
+  out), dense labels. ``anatomy``: 320 px, 6 classes (background + 5 organs of alike textures), 3 train, 6 held
+  out. ``tiny_lesions``: 512 px, binary, lesions 0.15-0.4 % of each image's pixels, 4 train (the first without a
+  lesion), 8 held out. ``thin_structures``: 256 px, binary, curves 1-3 px wide among unlabelled dark spots,
+  4 train, 8 held out. ``family_loaders(generated_size=...)`` makes them at another size (lengths scale with it).
+
+Every family but ``anatomy`` is binary (foreground against background), so that all rows, the zero-shot one
+included, are scored alike; ``anatomy`` has ``num_classes`` 6 (label values 0..5) and its zero-shot row reports
+only its box IoU (organs).
+
 For sparse families the model trains on the whole plane with only the training annotations, and the whole plane is
 predicted; only held-out annotated pixels are scored (the image pixels of the held-out part are seen in training,
 their labels are not).
@@ -37,6 +47,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from generated_families import ANATOMY_CLASSES, ANATOMY_SIZE, LESION_SIZE, THIN_SIZE, GeneratedImage, \
+    anatomy_image, lesion_image, thin_image
+
 #: Seeds of the shifted scenes: far from anything pretraining draws (see the module docstring).
 SHIFT_SEED = 20_000_000
 SHIFT_TRAIN_SCENES = 4
@@ -47,6 +60,8 @@ SPARSE_FOREGROUND = 2
 CELLS_SPLIT_COLUMN = 384  # half the labelled cell area lies on each side
 EM_SPLIT_COLUMN = 320
 EM_MEMBRANE_RADIUS = 2
+#: Seeds of the generated families' images (the family's index in GENERATED times 1000 added).
+GENERATED_SEED = 30_000_000
 
 
 class FamilyUnavailable(RuntimeError):
@@ -58,7 +73,7 @@ class HeldOut:
     """One held-out image and what it is scored against.
 
     image: as napari holds it (Y x X, or Y x X x 3 with ``rgb``). labels: Y x X in the family's label mode (dense:
-    0 background, 1 foreground; sparse: 0 not scored, 1 background, 2 foreground), only held-out pixels.
+    0 background, 1 foreground, or 0..K-1; sparse: 0 not scored, 1 background, 2 foreground), only held-out pixels.
     truth_foreground: Y x X bool, the foreground of the complete annotation (training and held-out parts), where the
     boundary F-score finds ground-truth boundaries. instances: Y x X int, the ground-truth objects of the held-out
     part (0 none) for the zero-shot box prompts.
@@ -74,7 +89,8 @@ class HeldOut:
 @dataclass
 class Family:
     """A target domain: what trains and what is scored. label_mode: ``"dense"`` or ``"sparse"``.
-    train: (image, labels, rgb) triples in that label mode."""
+    train: (image, labels, rgb) triples in that label mode. num_classes: K, background included; the label values
+    of the classes are :meth:`class_values`."""
 
     name: str
     label_mode: str
@@ -85,21 +101,26 @@ class Family:
     #: False where the union of the box-prompted objects is not the task's foreground (the zero-shot row then
     #: reports only its box IoU).
     zero_shot_pixels: bool = True
+    num_classes: int = 2
+
+    def class_values(self) -> tuple[int, ...]:
+        """The label value of each class 0..K-1: dense 0..K-1, sparse 1..K (0 is not annotated)."""
+        first = SPARSE_BACKGROUND if self.label_mode == "sparse" else 0
+        return tuple(range(first, first + self.num_classes))
 
     def summary(self) -> dict:
-        """Pixel counts of the split, for the JSON record."""
-        fg = SPARSE_FOREGROUND if self.label_mode == "sparse" else 1
-        bg = SPARSE_BACKGROUND if self.label_mode == "sparse" else 0
+        """Pixel counts of the split, for the JSON record (binary: "background" and "foreground"; else "class i")."""
+        names = ("background", "foreground") if self.num_classes == 2 else \
+            tuple(f"class {i}" for i in range(self.num_classes))
 
-        def count(arrays: list[np.ndarray], value: int) -> int:
-            return int(sum(int((a == value).sum()) for a in arrays))
+        def count(arrays: list[np.ndarray]) -> dict[str, int]:
+            return {name: int(sum(int((a == value).sum()) for a in arrays))
+                    for name, value in zip(names, self.class_values())}
 
-        train_labels = [t[1] for t in self.train]
-        held_labels = [h.labels for h in self.held_out]
         return {"label_mode": self.label_mode, "description": self.description, "notes": self.notes,
-                "train_images": len(self.train), "held_out_images": len(self.held_out),
-                "train_pixels": {"background": count(train_labels, bg), "foreground": count(train_labels, fg)},
-                "held_out_pixels": {"background": count(held_labels, bg), "foreground": count(held_labels, fg)},
+                "num_classes": self.num_classes, "train_images": len(self.train), "held_out_images": len(self.held_out),
+                "train_pixels": count([t[1] for t in self.train]),
+                "held_out_pixels": count([h.labels for h in self.held_out]),
                 "held_out_objects": sum(len(np.unique(h.instances[h.instances > 0])) for h in self.held_out)}
 
 
@@ -210,8 +231,49 @@ def load_shift(shift: str) -> Family:
                   "foreground = any object (dense)")
 
 
-def family_loaders() -> dict[str, Callable[[], Family]]:
-    """Every family name -> its loader (shift families named from ``SHIFTS`` when the module is importable)."""
+@dataclass(frozen=True)
+class Generated:
+    """How a generated family is made: ``make(seed, size, index)`` draws image ``index`` (0.. train, 100.. held
+    out) at ``size`` px; ``size`` is the default."""
+
+    make: Callable[[int, int, int], GeneratedImage]
+    size: int
+    train: int
+    held_out: int
+    num_classes: int
+    what: str
+
+
+GENERATED: dict[str, Generated] = {
+    "anatomy": Generated(lambda seed, size, i: anatomy_image(seed, size), ANATOMY_SIZE, 3, 6, ANATOMY_CLASSES,
+                         "background + 5 organ classes of alike textures (dense, 6 classes)"),
+    "tiny_lesions": Generated(lambda seed, size, i: lesion_image(seed, size, lesions=i != 0), LESION_SIZE, 4, 8, 2,
+                              "lesions of 0.15-0.4 % of the pixels in a textured organ (dense; training image 0 "
+                              "without lesions); foreground = lesion"),
+    "thin_structures": Generated(lambda seed, size, i: thin_image(seed, size), THIN_SIZE, 4, 8, 2,
+                                 "dark curves 1-3 px wide among unlabelled dark spots (dense); foreground = curve"),
+}
+
+
+def load_generated(name: str, size: int | None = None) -> Family:
+    """A generated family (``GENERATED[name]``) at its own size or ``size`` px."""
+    spec = GENERATED[name]
+    size = size or spec.size
+    base = GENERATED_SEED + 1000 * list(GENERATED).index(name)
+    train = [spec.make(base + i, size, i) for i in range(spec.train)]
+    held = [spec.make(base + i, size, i) for i in range(100, 100 + spec.held_out)]
+    multi = spec.num_classes > 2
+    return Family(name, "dense", [(g.image, g.labels, False) for g in train],
+                  [HeldOut(g.image, g.labels, g.labels > 0, g.instances) for g in held],
+                  f"generated_families {name} at {size} px, seeds {base} + i: i = 0..{spec.train - 1} train, "
+                  f"100..{99 + spec.held_out} held out; {spec.what}",
+                  ["zero-shot box prompts segment single organs: the zero-shot row has only its box IoU"] if multi
+                  else [], zero_shot_pixels=not multi, num_classes=spec.num_classes)
+
+
+def family_loaders(generated_size: int | None = None) -> dict[str, Callable[[], Family]]:
+    """Every family name -> its loader (shift families named from ``SHIFTS`` when the module is importable; the
+    generated families at ``generated_size`` px when given, else at their own sizes)."""
     loaders: dict[str, Callable[[], Family]] = {"nuclei": load_nuclei, "sparse_cells": load_sparse_cells,
                                                 "sparse_em": load_sparse_em}
     try:
@@ -220,4 +282,6 @@ def family_loaders() -> dict[str, Callable[[], Family]]:
         SHIFTS = ("blur", "noise", "low_contrast", "inverted", "new_texture")
     for shift in SHIFTS:
         loaders[f"shift_{shift}"] = lambda shift=shift: load_shift(shift)
+    for name in GENERATED:
+        loaders[name] = lambda name=name: load_generated(name, generated_size)
     return loaders

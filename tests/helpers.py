@@ -11,7 +11,7 @@ from napari_convlora import AdaptedSAM, load_base
 from napari_convlora.config import AdapterConfig, HeadConfig, InputSpec, ModelConfig
 from napari_convlora.checkpoints.sam_files import BaseSam
 
-HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq"}
+HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq", "multiclass"}
 
 
 def make_model(

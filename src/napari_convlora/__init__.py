@@ -29,6 +29,7 @@ _EXPORTS = {
     "InputSpec": "config",
     "TrainRecipe": "config",
     "RunOptions": "config",
+    "recipe_for": "training.recipes",
     "CheckpointError": "errors",
     "ConfigError": "errors",
     "TrainingError": "errors",

@@ -66,7 +66,8 @@ def test_whole_loop(dock, viewer, qtbot, tmp_path):
     (x0, x1), _ = dock.plot.loss_plot.viewRange()
     assert x0 <= 0 and STEPS <= x1 < 1.1 * STEPS  # the step axis spans the whole run
     lines = dock.log.toPlainText().splitlines()  # lines gathered during training are all shown, in order
-    assert lines[-1].startswith("finished") and any(line.startswith("training new adapters into") for line in lines)
+    assert lines[-2].startswith("finished") and any(line.startswith("training new adapters into") for line in lines)
+    assert lines[-1].startswith("Predict uses the")  # which model Predict uses: the best or the last (issue 22)
     assert "validation mIoU" in dock.log.toPlainText() and f"{CLASS_NAMES[2]} " in dock.log.toPlainText()
     runs = sorted(p.name for p in (tmp_path / "runs").glob("*.safetensors"))
     assert dock.run_path and Path(dock.run_path).name in runs and len(runs) == 2  # the run and its best
@@ -219,6 +220,8 @@ def test_forms_build_the_core_config_objects(dock, tmp_path):
     assert dock.recipe().mask_loss == "hq_points"
     data.class_names.setText(", ".join(CLASS_NAMES))
     data.options.mask_loss.value = "structure"
+    data.options.multiclass_head.value = "matched"  # Conv-LoRA's matched tokens instead of the per-class default
+    assert dock.recipe().multiclass_head == "matched"
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
     data.options.low_memory.value = True  # the dock's switch for small GPUs
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions(

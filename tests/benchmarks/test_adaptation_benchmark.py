@@ -111,3 +111,121 @@ def test_boundary_iou_is_hq_sams_pooled_over_the_held_out_images(adaptation):
     unannotated = np.where(np.arange(20)[None, :] < 10, target, adaptation.IGNORE_INDEX)  # left half annotated
     sparse.add(truth, unannotated, truth)  # the cut through the square is no boundary
     assert sparse.result()["boundary_iou"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 22: the generated families, multi-class scoring and the random-forest row
+
+
+@pytest.fixture
+def data(monkeypatch):
+    """``adaptation_data`` (the families; numpy, scipy and scikit-image only)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("adaptation_data", "generated_families"):
+        sys.modules.pop(name, None)
+    import adaptation_data
+
+    return adaptation_data
+
+
+def _thick_share(labels: list[np.ndarray]) -> float:
+    """The share of foreground pixels farther than 2 px from the background (a structure wider than ~4 px there)."""
+    from scipy import ndimage
+
+    thick = sum(int((ndimage.distance_transform_edt(lab > 0) > 2).sum()) for lab in labels)
+    return thick / sum(int((lab > 0).sum()) for lab in labels)
+
+
+@pytest.mark.parametrize("name", ["anatomy", "tiny_lesions", "thin_structures"])
+def test_generated_family_is_deterministic_and_as_promised(data, name):
+    family = data.family_loaders()[name]()
+    spec, base = data.GENERATED[name], data.GENERATED_SEED + 1000 * list(data.GENERATED).index(name)
+    assert (len(family.train), len(family.held_out)) == (spec.train, spec.held_out) and family.label_mode == "dense"
+    again_train, again_held = spec.make(base, spec.size, 0), spec.make(base + 100, spec.size, 100)
+    np.testing.assert_array_equal(family.train[0][0], again_train.image)
+    np.testing.assert_array_equal(family.train[0][1], again_train.labels)
+    np.testing.assert_array_equal(family.held_out[0].image, again_held.image)
+    np.testing.assert_array_equal(family.held_out[0].labels, again_held.labels)
+    assert not np.array_equal(family.held_out[0].image, family.held_out[1].image)
+    labels = [t[1] for t in family.train] + [h.labels for h in family.held_out]
+    for image, lab in zip([t[0] for t in family.train] + [h.image for h in family.held_out], labels):
+        assert image.dtype == np.uint8 and lab.dtype == np.uint8 and image.shape == lab.shape == (spec.size,) * 2
+    if name == "anatomy":
+        assert family.num_classes == 6 and family.class_values() == tuple(range(6)) and 256 <= spec.size <= 384
+        assert all(set(np.unique(lab).tolist()) == set(range(6)) for lab in labels)
+        assert family.summary()["train_pixels"]["class 5"] > 0
+    else:
+        assert family.num_classes == 2 and all(set(np.unique(lab).tolist()) <= {0, 1} for lab in labels)
+    if name == "tiny_lesions":
+        assert spec.size == 512 and not family.train[0][1].any()  # a training image without lesions
+        shares = [float((lab > 0).mean()) for lab in labels[1:]]
+        assert all(0.001 <= share <= 0.005 for share in shares), shares
+    if name == "thin_structures":
+        assert all(0.005 < (lab > 0).mean() < 0.15 for lab in labels)
+        assert _thick_share(labels) < 0.02  # 1-3 px wide but where curves cross
+
+
+def test_multi_class_scores_pool_every_class(adaptation):
+    """3 classes, 2 x 4 pixels, one unannotated: IoU 1/3, 2/3, 2/3; fg Dice: the mean of classes 1 and 2; no BF."""
+    target = np.array([[0, 0, 1, 1], [2, 2, 2, adaptation.IGNORE_INDEX]])
+    pred = np.array([[0, 1, 1, 1], [2, 2, 0, 0]])
+    scorer = adaptation.Scorer(3)
+    scorer.add(pred, target, target > 0)
+    result = scorer.result()
+    assert result["per_class_iou"] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert result["miou"] == pytest.approx(5 / 9)
+    assert result["fg_dice"] == pytest.approx((4 / 5 + 4 / 5) / 2)
+    assert math.isnan(result["boundary_f"]) and result["boundary_counts"] is None
+
+
+def test_forest_features_and_subsample(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import random_forest
+
+    grey = np.random.default_rng(0).integers(0, 255, (24, 32), dtype=np.uint8)
+    assert random_forest.pixel_features(grey, False).shape == (24, 32, 42)
+    assert random_forest.pixel_features(np.stack([grey] * 3, -1), True).shape == (24, 32, 126)
+    classes = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    chosen = random_forest.stratified_subsample(classes, 100, np.random.default_rng(0))
+    assert len(chosen) == 100 and (classes[chosen] == 2).sum() == 10  # the rare class whole (10 <= 100 / 6)
+    assert len(np.unique(chosen)) == 100
+    assert random_forest.stratified_subsample(classes, 5000, np.random.default_rng(0)).tolist() == list(range(1000))
+
+
+@pytest.mark.parametrize("family", ["anatomy", "tiny_lesions"])
+def test_forest_and_conv_lora_rows_on_generated_families(adaptation, family, tiny_checkpoint, tmp_path):
+    """The random_forest row and conv_lora on a generated family at 128 px: the JSON has per-class IoU (and its
+    summary over seeds for the 6 anatomy classes), the forest's record and finite scores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "generated.json"
+    try:
+        assert adaptation.main(["--base", str(tiny_checkpoint), "--families", family, "--rows", "random_forest",
+                                "conv_lora", "--seeds", "0", "1", "--steps", "2", "--threads", "1",
+                                "--generated-size", "128", "--rf-trees", "4", "--rf-max-pixels", "5000",
+                                "--json", str(out), "--markdown", str(tmp_path / "table.md")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(out.read_text())
+    classes = 6 if family == "anatomy" else 2
+    assert record["families"][family]["num_classes"] == classes and record["config"]["generated_size"] == 128
+    runs = record["runs"]
+    assert [(r["row"], r["seed"]) for r in runs] == [("random_forest", 0), ("random_forest", 1), ("conv_lora", 0),
+                                                    ("conv_lora", 1)]
+    for run in runs:
+        assert len(run["per_class_iou"]) == classes and _finite(run["miou"]) and _finite(run["fg_dice"])
+        assert _finite(run["train_s"]) and _finite(run["predict_s"])
+        assert (run["boundary_f"] is None) == (classes > 2)
+    forest = runs[0]["forest"]
+    assert forest["trees"] == 4 and forest["features"] == 42 and sum(forest["training_pixels"].values()) <= 5000
+    assert runs[0]["miou"] != runs[1]["miou"] or runs[0]["forest"]["tree_nodes"] != runs[1]["forest"]["tree_nodes"]
+    table = (tmp_path / "table.md").read_text()
+    assert "random forest, ilastik features" in table
+    if classes > 2:
+        per_class = record["per_class_iou_summary"][family]
+        assert set(per_class) == {"random_forest", "conv_lora"} and len(per_class["conv_lora"]) == 6
+        assert per_class["random_forest"][0]["n"] == 2
+        assert "Per-class IoU, anatomy" in table and "| class 5 |" in table
+    else:
+        assert record["per_class_iou_summary"] == {}

@@ -70,7 +70,8 @@ def test_a_trained_model_exported_from_the_cli_passes_the_bioimageio_model_test(
             "cover.png", "README.md"} <= names
     assert rdf["format_version"].startswith("0.5") and rdf["name"] == "Nuclei and rods (test)"
     assert [a["name"] for a in rdf["authors"]] == ["A. Tester"] and "nuclei" in rdf["tags"]
-    assert {c["doi"] for c in rdf["cite"]} == {"10.48550/arXiv.2304.02643", "10.48550/arXiv.2401.17868"}
+    assert {c["doi"] for c in rdf["cite"]} == {"10.48550/arXiv.2304.02643", "10.48550/arXiv.2401.17868",
+                                               "10.48550/arXiv.2304.13785"}  # 3 classes: the per-class head, SAMed's
     (inp,), (out,) = rdf["inputs"], rdf["outputs"]
     assert [a.get("type") for a in inp["axes"]] == ["batch", "channel", "space", "space"]
     assert [p["id"] for p in inp["preprocessing"] if p["id"] != "ensure_dtype"] == ["scale_range", "clip"]
@@ -180,6 +181,24 @@ def test_an_hq_model_passes_and_cites_hq_sam(tmp_path, tiny_hq_checkpoint, offli
         readme = z.read("README.md").decode()
     assert "Conv-LoRA + HQ" in rdf["name"] and "10.48550/arXiv.2306.01567" in {c["doi"] for c in rdf["cite"]}
     assert "HQ-SAM's output token and feature fusion: SAM's mask plus the HQ mask" in readme
+
+
+def test_a_per_class_model_passes_and_cites_samed(tmp_path, tiny_checkpoint, offline):
+    """SAMed's one-token-per-class head (no class head) is rebuilt from the package's config and predicts the
+    softmax of its K masks, as napari-convlora does."""
+    from helpers import make_model, perturb_trainable
+
+    from napari_convlora.bioimageio.export import export_bioimageio
+
+    model = perturb_trainable(make_model(tiny_checkpoint, num_classes=3, input_size=64, multiclass="per_class"))
+    package = export_bioimageio(model.eval(), tmp_path / "per_class.zip")
+    bioimageio_test(package)
+    with zipfile.ZipFile(package) as z:
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+        readme = z.read("README.md").decode()
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]["config"]["head"]["multiclass"] == "per_class"
+    assert "10.48550/arXiv.2304.13785" in {c["doi"] for c in rdf["cite"]}
+    assert "3 mask tokens" in readme and "one token per class (SAMed)" in readme
 
 
 def test_a_model_adapted_from_weak_labels_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, capsys):

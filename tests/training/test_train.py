@@ -284,7 +284,7 @@ def test_non_finite_outputs_stop_a_multi_class_run_with_a_message(tmp_path, tiny
     """With 3 classes a NaN was not detected: the Hungarian matching failed first with scipy's ValueError."""
     from napari_convlora.modeling import AdaptedSAM
 
-    recipe = _recipe(label_mode="dense", steps=2, val_every=2)
+    recipe = _recipe(label_mode="dense", steps=2, val_every=2, multiclass_head="matched")  # the matching's head
     data = _prepare(recipe)
     assert data.encoding.num_classes == 3
     real_forward = AdaptedSAM.forward

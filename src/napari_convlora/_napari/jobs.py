@@ -51,6 +51,9 @@ class TrainResult:
     stopped: bool
     resumable: bool
     config: dict[str, Any] | None = None  # the model's configuration record (what ``checkpoints.model_files.describe`` shows)
+    #: The model Predict uses: the best on validation where the run kept one (else ``model``), and what it is.
+    predict_model: Any = None
+    predict_note: str = ""
 
 
 @dataclass
@@ -229,13 +232,37 @@ def train_job(
     except ValueError as e:  # "image 2: ..." -> the layers the user knows
         raise ValueError(name_layers(str(e), pairs)) from None
     yield Message(f"label values {list(data.encoding.class_values)}; {data.summary()}")
+    for line in data.warnings:
+        yield Message("warning: " + name_layers(line, pairs))
     if stop.is_set():
         return None
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     kinds: set[str] = set()
     events = train(base, data, out_path, recipe, run, resume_from=resume_from, init_from=init_from, stop=stop)
     model = yield from batch_steps(events, seen=kinds)
-    return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file(), to_record(model.config))
+    chosen, note = _model_to_predict_with(model, base, out_path)
+    return TrainResult(model, out_path, "stopped" in kinds, state_path(out_path).is_file(), to_record(model.config),
+                       chosen, note)
+
+
+def _model_to_predict_with(model: Any, base: str, out_path: str) -> tuple[Any, str]:
+    """The best model on validation where the run kept one and it is not the last, else the last; and a line
+    saying which one Predict uses."""
+    from ..checkpoints.model_files import load_model
+    from ..checkpoints.training_state import best_path, load_training_state, state_path
+
+    best = best_path(out_path)
+    try:
+        state, _ = load_training_state(state_path(out_path))
+    except CheckpointError:
+        return model, f"Predict uses the last model, {Path(out_path).name}"
+    best_step, step = state.get("best_step"), state["step"]
+    if best_step is None or best_step == step or not best.is_file():
+        return model, f"Predict uses the last model, {Path(out_path).name} (step {step})"
+    chosen = load_model(best, base=base)
+    return chosen, (f"Predict uses the best model on validation, {best.name} (step {best_step}, mean IoU "
+                    f"{100 * state['best']:.1f}%); the last one, {Path(out_path).name} (step {step}), is what "
+                    "training continues from")
 
 
 def predict_job(

@@ -1,5 +1,5 @@
-"""The dock's Advanced tab: optimisation details, the binary models' loss, CPU threads, the low-memory switch and
-where runs are saved, a plain form built with magicgui."""
+"""The dock's Advanced tab: optimisation details, the binary models' loss, the multi-class head, CPU threads, the
+low-memory switch and where runs are saved, a plain form built with magicgui."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, SpinBox
 
 from ..config import RunOptions, TrainRecipe
-from ..config.choices import MASK_LOSS_LABELS, MASK_LOSSES
+from ..config.choices import MASK_LOSS_LABELS, MASK_LOSSES, MULTICLASS_HEAD_LABELS, MULTICLASS_HEADS
+from ..config.suggestions import suggested_lr
 from .fields import settings
 
 #: Where training runs are saved unless the user chose a folder (remembered in the settings).
@@ -23,6 +24,7 @@ class AdvancedOptions(Container):
         self.lr = FloatSpinBox(value=defaults.lr, min=1e-6, max=1.0, step=1e-4, label="learning rate",
                                tooltip="AdamW learning rate (decays linearly to 0 over the run)")
         self.lr.native.setDecimals(6)
+        self.suggested_lr = defaults.lr  # the rate proposed last: one the user has not changed follows the base
         self.batch_size = SpinBox(value=defaults.batch_size, min=1, max=64, label="batch size",
                                   tooltip="patches per forward pass")
         self.grad_accum = SpinBox(value=defaults.grad_accum, min=1, max=64, label="accumulate",
@@ -32,6 +34,12 @@ class AdvancedOptions(Container):
                                   tooltip="binary models: PraNet's structure loss over every pixel, or HQ-SAM's "
                                           "BCE + dice on 12,544 points (75 % where the model is least sure); "
                                           "multi-class models use their own loss")
+        self.multiclass_head = ComboBox(value=defaults.multiclass_head, label="multi-class head",
+                                        choices=[(MULTICLASS_HEAD_LABELS[n], n) for n in MULTICLASS_HEADS],
+                                        tooltip="3 classes or more: one token per class trained with "
+                                                "cross-entropy + Dice (SAMed's; the default: it learns many alike "
+                                                "regions where the other does not), or tokens matched to classes by "
+                                                "a class head (Conv-LoRA's); binary models ignore it")
         self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
                                tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
                                        "processes keep the CPUs busy, which would slow training down many times)")
@@ -45,9 +53,18 @@ class AdvancedOptions(Container):
                                    tooltip="folder where training runs are saved (remembered)")
         self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
         self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
-        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.mask_loss, self.threads,
-                                  self.low_memory, self.run_folder])
+        super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.mask_loss, self.multiclass_head,
+                                  self.threads, self.low_memory, self.run_folder])
         self.margins = (0, 0, 0, 0)
+
+    def suggest_lr(self, parameters: int) -> None:
+        """Propose the learning rate of a base SAM of ``parameters`` parameters, unless the user chose one; the
+        tooltip says why."""
+        lr, why = suggested_lr(parameters)
+        if self.lr.value == self.suggested_lr:
+            self.lr.value = lr
+        self.suggested_lr = lr
+        self.lr.tooltip = f"AdamW learning rate (decays linearly to 0 over the run); proposed for this base: {why}"
 
     def run_options(self, device: str, precision: str) -> RunOptions:
         return RunOptions(device=device, precision=precision, num_threads=self.threads.value or None,

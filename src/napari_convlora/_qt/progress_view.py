@@ -141,6 +141,8 @@ class ProgressView(QWidget):
             where = "before fine-tuning" if event.step == 0 else f"at step {event.step}"
             best = f" Best so far: step {self.best[0]}, saved as {self.best_file}." if self.best else ""
             self.scores.show_metrics(event.metrics, class_names, f"Validation {where}.{best}")
+        elif event.kind == "note":
+            self.say(event.message)
         elif event.kind in ("stopped", "finished"):
             self.say(event.message + (" — Resume continues from here" if event.kind == "stopped" else ""))
 

@@ -220,6 +220,7 @@ class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
             self.model_form.info.setText(f"{kind} {info.get('model_type') or 'custom'}, {arch.get('image_size')} px, "
                                          f"{info['parameters'] / 1e6:.1f} M parameters")
             self.model_form.suggest_input_size(int(arch.get("image_size") or 1024))
+            self.data_form.options.suggest_lr(int(info["parameters"]))
             self.model_form.base_has_hq(bool(info.get("hq")))
             return
         self.model, config = loaded.model, info["config"]
@@ -280,7 +281,9 @@ class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
     def _trained(self, result: jobs.TrainResult | None) -> None:
         if result is None:
             return
-        self.model = result.model
+        self.model = result.predict_model or result.model
+        if result.predict_note:
+            self.say(result.predict_note)
         self.run_path, self.resumable = result.path, result.resumable and result.stopped
         self.model_form.finetuned.set_path(result.path, emit=False)
         self.model_form.set_model(result.config, Path(result.path).name)

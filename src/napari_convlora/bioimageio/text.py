@@ -13,15 +13,20 @@ MIN_SIDE = 16
 SAM_DOI = "10.48550/arXiv.2304.02643"
 CONV_LORA_DOI = "10.48550/arXiv.2401.17868"
 HQ_SAM_DOI = "10.48550/arXiv.2306.01567"
+SAMED_DOI = "10.48550/arXiv.2304.13785"
 
 
 def citations(config) -> list[tuple[str, str]]:
-    """(text, DOI) of the papers a model rests on: SAM, Conv-LoRA, and HQ-SAM when its head uses HQ."""
+    """(text, DOI) of the papers a model rests on: SAM, Conv-LoRA, HQ-SAM when its head uses HQ, SAMed when its
+    head has one token per class."""
     cited = [("Kirillov et al., Segment Anything, ICCV 2023", SAM_DOI),
              ("Zhong et al., Convolution Meets LoRA: Parameter Efficient Finetuning for Segment Anything Model, "
               "ICLR 2024", CONV_LORA_DOI)]
     if config.head.uses_hq:
         cited.append(("Ke et al., Segment Anything in High Quality, NeurIPS 2023", HQ_SAM_DOI))
+    if config.head.per_class:
+        cited.append(("Zhang and Liu, Customized Segment Anything Model for Medical Image Segmentation, arXiv 2023",
+                      SAMED_DOI))
     return cited
 
 
@@ -56,7 +61,8 @@ def readme(model: AdaptedSAM, crop_shape: tuple[int, ...]) -> str:
     base = config.base_checkpoint
     base_text = f"`{base.file_name}` (sha256 `{base.sha256}`)" if base else "a SAM built in memory (no file)"
     tokens = f"{head.num_mask_tokens} mask token{'s' if head.num_mask_tokens > 1 else ''}"
-    kind = "binary" if head.binary else "multi-class"
+    kind = "binary" if head.binary else "multi-class, one token per class (SAMed)" if head.per_class else \
+        "multi-class, tokens matched to classes with a class head (Conv-LoRA)"
     return f"""# {default_name(model)}
 
 Semantic segmentation into {head.num_classes} classes with Segment Anything (SAM, image encoder

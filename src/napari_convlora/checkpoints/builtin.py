@@ -16,6 +16,8 @@ from typing import Any
 from ..errors import CheckpointError
 
 BUILTIN_FILE = "small_sam_256.pth"
+#: The name that stands for the built-in model wherever a SAM checkpoint is asked for (``--checkpoint builtin``).
+BUILTIN_NAME = "builtin"
 OFFICIAL_CHECKPOINTS = "github.com/facebookresearch/segment-anything#model-checkpoints"
 
 
@@ -30,6 +32,23 @@ def builtin_checkpoint() -> Path:
         raise CheckpointError(f"{path}: the built-in small SAM is missing from this installation; reinstall "
                               f"napari-convlora, or choose a SAM checkpoint ({OFFICIAL_CHECKPOINTS})")
     return path
+
+
+def resolve_base(checkpoint: str | Path | None) -> Path:
+    """The file of a base SAM given by path, by the name ``"builtin"``, or None (the built-in model)."""
+    if checkpoint is None or str(checkpoint) == BUILTIN_NAME:
+        return builtin_checkpoint()
+    return Path(checkpoint)
+
+
+def is_builtin(checkpoint: str | Path | None) -> bool:
+    """Whether ``checkpoint`` names the built-in model (by name, None, or its file)."""
+    if checkpoint is None or str(checkpoint) == BUILTIN_NAME:
+        return True
+    try:
+        return Path(checkpoint).resolve() == builtin_checkpoint()
+    except (OSError, CheckpointError):
+        return False
 
 
 def builtin_provenance() -> dict[str, Any]:

@@ -264,6 +264,16 @@ def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
                 for name in f.keys()}
 
 
+def _is_builtin_base(expected: Any) -> bool:
+    """Whether an adapter's recorded base is the built-in model of this installation (same file name and sha256)."""
+    from .builtin import BUILTIN_FILE, builtin_provenance
+
+    try:
+        return expected.file_name == BUILTIN_FILE and expected.sha256 == builtin_provenance().get("sha256")
+    except (OSError, CheckpointError, ValueError):
+        return False
+
+
 def _check_bundle_or_adapter(path: Path, record: dict[str, Any], config: ModelConfig,
                              tensors: dict[str, torch.Tensor], base: str | os.PathLike | BaseSam | None,
                              check_base_hash: bool) -> AdaptedSAM:
@@ -282,6 +292,10 @@ def _check_bundle_or_adapter(path: Path, record: dict[str, Any], config: ModelCo
         return model
 
     expected = config.base_checkpoint
+    if base is None and _is_builtin_base(expected):
+        from .builtin import builtin_checkpoint
+
+        base = builtin_checkpoint()  # trained on the built-in model: it ships with the package
     if base is None:
         raise CheckpointError(
             f"{path}: an adapter file needs its base SAM checkpoint "

@@ -61,12 +61,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for i, image in enumerate(args.image):
         if not any(columns[o][i] for o in ("boxes", "points", "coarse")):
             raise ConfigError(f"--image {image} has no weak labels: give --boxes, --points or --coarse for it")
+    from ..checkpoints.builtin import BUILTIN_NAME, builtin_checkpoint, describe_builtin
+
+    if args.checkpoint is None and not args.resume:
+        print(f"base model: {describe_builtin()} (--checkpoint builtin; give --checkpoint FILE for another)",
+              file=sys.stderr)
+    if args.checkpoint in (None, BUILTIN_NAME):
+        args.checkpoint = str(builtin_checkpoint())
     inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image)}  # --out may be --resume
     for option, values in columns.items():
         inputs.update(_numbered("--" + option.replace("_", "-"), [v for v in values if v]))
     from ..checkpoints.training_state import state_path
 
     _check_outputs({"--out": args.out, "the training state of --out": state_path(args.out)}, inputs)
+    base_notes: list[str] = []  # what a new run takes from its base
     if args.resume:  # the saved recipe continues (for longer with a larger --steps)
         from ..self_training.loop import resume_self_training_recipe
 
@@ -76,7 +84,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     else:
         adapter = {"wesam": None, "lora": AdapterConfig(method="lora"), "conv_lora": AdapterConfig(method="conv_lora")}
         steps = SelfTrainingRecipe().steps if args.steps is None else args.steps
-        recipe_options = dict(input_size=args.input_size, steps=steps, lr=args.lr,
+        from ..training.recipes import BASE_FIELDS, base_defaults, defaults_notes
+
+        run = _run_options(args)
+        given = {name: getattr(args, name) for name in BASE_FIELDS}
+        base_notes = defaults_notes(args.checkpoint, run.device, given, {"input_size": "--input-size", "lr": "--lr"},
+                                    self_training=True)  # said once the data are read: a refusal stays one line
+        chosen = {name: given[name] if given[name] is not None else value
+                  for name, (value, _) in base_defaults(args.checkpoint, run.device, self_training=True).items()}
+        recipe_options = dict(**chosen, steps=steps,
                               seed=args.seed, reference_quirks=args.reference_quirks, val_every=args.val_every,
                               grad_clip=args.grad_clip,
                               input=InputSpec(channels=tuple(int(c) for c in args.channels.split(","))
@@ -96,6 +112,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             print(f"{path}: {line}", file=sys.stderr)
         pairs.append(WeakPair(image, weak, layout, path))
     data = prepare_weak_data(pairs, recipe)
+    for note in base_notes:
+        print(note, file=sys.stderr)
     stop = threading.Event()
     progress = TerminalProgress()
     try:
@@ -120,7 +138,8 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
         description="Boxes and points as napari saves Shapes and Points layers (.csv), or a coarse label image; "
                     "each option once per --image in the same order ('-' for none). The adapted model (an adapter "
                     "on --checkpoint) segments prompts better on such images.")
-    p.add_argument("--checkpoint", required=True, help="base SAM checkpoint (.pth), or the built-in model's file")
+    p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (.pth), or 'builtin' (the built-in small "
+                   "SAM; the default)")
     p.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     p.add_argument("--boxes", action="append", default=[], help="a Shapes layer saved as .csv: rectangles are box "
                    "prompts, polygons and ellipses give their boxes")
@@ -135,15 +154,16 @@ def add_adapt_parser(sub: Any, add_layout_options: Any, add_run_options: Any) ->
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--method", default="wesam", choices=("wesam", "lora", "conv_lora"),
                    help="wesam (default): LoRA rank 4 on q and v, as the paper; lora / conv_lora: the plugin's")
-    p.add_argument("--input-size", type=int, default=defaults.input_size, help="SAM input side; crops are this large "
-                   "(default 1024, SAM's own; 256 or 512 on a CPU)")
+    p.add_argument("--input-size", type=int, default=None, help="SAM input side; crops are this large "
+                   "(default: the base's own on a GPU, at most 256 on a CPU and 512 on Apple MPS)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {defaults.steps}; with "
                    "--resume the saved run's, more to continue a finished run); the learning rate warms up over "
                    f"WeSAM's {defaults.warmup_steps} steps, or the first half of a run shorter than "
                    f"{2 * defaults.warmup_steps}")
     p.add_argument("--resume", default=None, help="continue the self-training run saved in this adapter file "
                    "(and its .training.pt) exactly, with its own recipe")
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr:g} (WeSAM's) for SAM's checkpoints, "
+                   "1e-3 for small bases such as the built-in one")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip, metavar="NORM",
                    help="clip the gradient norm at NORM (default: no clipping, as WeSAM's released code)")

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description="Channels, intensity percentiles and rescaling come "
                                                            "from the model, as it was trained.")
         p.add_argument("--model", required=True, help="adapter or bundle file (.safetensors)")
-        p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files)")
+        p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files), or 'builtin'")
         p.add_argument("--ignore-base-hash", action="store_true", help="accept a base with another sha256")
         p.add_argument("--image", required=True, action="append" if name == "predict" else "store",
                        help="an image file, or a folder of images (repeatable)" if name == "predict" else None)
@@ -178,12 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="describe a SAM checkpoint, adapter or bundle file")
-    p.add_argument("path")
+    p.add_argument("path", help="the file, or 'builtin' for the built-in small SAM")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="fine-tune, predict and evaluate on built-in sample data")
     p.add_argument("--out-dir", default="napari-convlora-demo")
-    p.add_argument("--checkpoint", default=None, help="a SAM checkpoint instead of the built-in small SAM")
+    p.add_argument("--checkpoint", default=None, help="a SAM checkpoint instead of the built-in small SAM ('builtin', "
+                                                       "the default)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--input-size", type=int, default=None)
     add_run_options(p)
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(model spec 0.5), with a test input/output pair cut from --image (default: a "
                                    "built-in synthetic sample). Needs the 'bioimageio' extra.")
     p.add_argument("--model", required=True, help="adapter or bundle file (.safetensors)")
-    p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files)")
+    p.add_argument("--checkpoint", default=None, help="base SAM checkpoint (for adapter files), or 'builtin'")
     p.add_argument("--ignore-base-hash", action="store_true", help="accept a base with another sha256")
     p.add_argument("--out", required=True, help="the package to write (.zip)")
     p.add_argument("--image", default=None, help="an image like those the model segments, for the test input")
@@ -212,9 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_builtin(args: argparse.Namespace) -> None:
+    """``--checkpoint builtin`` (and ``info builtin``) name the built-in model's file."""
+    from ..checkpoints.builtin import BUILTIN_NAME, builtin_checkpoint
+
+    if getattr(args, "checkpoint", None) == BUILTIN_NAME:
+        args.checkpoint = str(builtin_checkpoint())
+    if args.command == "info" and args.path == BUILTIN_NAME:
+        args.path = str(builtin_checkpoint())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _name_builtin(args)
         code = args.func(args)
     except ConfigError as e:
         print(f"napari-convlora {args.command}: error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..config.choices import HQ_MODES, LABEL_MODES, MASK_LOSSES, METHODS, PRECISIONS, UNPAINTED_PLANES
+from ..config.choices import HQ_MODES, LABEL_MODES, MASK_LOSSES, METHODS, MULTICLASS_HEADS, PRECISIONS, UNPAINTED_PLANES
 from ..errors import ConfigError, TrainingError, describe_error
 from .options import (EXIT_FAILURE, add_layout_options, add_run_options, check_outputs, end_process_with, image_layout,
                       numbered, run_options)
@@ -39,7 +39,8 @@ def recipe_from(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe"
         input_size=args.input_size, label_mode=args.label_mode, background_value=args.background_value,
         unpainted_planes=args.unpainted_planes,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-        num_mask_tokens=args.mask_tokens, hq=args.hq, mask_loss=args.mask_loss, val_fraction=args.val_fraction,
+        num_mask_tokens=args.mask_tokens, hq=args.hq, mask_loss=args.mask_loss, multiclass_head=args.multiclass_head,
+        val_fraction=args.val_fraction,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
         augment=False if args.no_augment else None))
@@ -78,8 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
     if len(args.val_image) != len(args.val_labels):
         raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
+    from ..checkpoints.builtin import BUILTIN_NAME, builtin_checkpoint, describe_builtin
     from ..checkpoints.training_state import best_path, metrics_path, state_path
 
+    builtin_by_default = args.checkpoint is None
+    if builtin_by_default or args.checkpoint == BUILTIN_NAME:
+        args.checkpoint = str(builtin_checkpoint())
     inputs = {"--checkpoint": args.checkpoint, **numbered("--image", args.image), **numbered("--labels", args.labels),
               **numbered("--val-image", args.val_image), **numbered("--val-labels", args.val_labels),
               "--init-from": args.init_from}
@@ -90,6 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     processes = from_environment(args.process_timeout)
     end_process_with(end_process)  # a process that joined a torchrun group ends through end_process
     say = (lambda line: print(line, file=sys.stderr)) if processes.main else (lambda line: None)  # once, not N times
+    if builtin_by_default:
+        say(f"base model: {describe_builtin()} (--checkpoint builtin; give --checkpoint FILE for another)")
+    base_notes: list[str] = []  # what a new run takes from its base, said once the data are read (a refusal of
+    # the data stays one line)
     if args.resume:  # the saved recipe continues, for longer if asked; report what other options would change
         saved, _ = resume_recipe(args.resume)
         requested = recipe_from(args, saved)
@@ -109,8 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe, set_aside = init_recipe(args.init_from, recipe_from(args, init_recipe(args.init_from)[0]))
         for note in set_aside:
             say(f"starting from {args.init_from} with its own settings: {note}")
-    else:
-        recipe = recipe_from(args, TrainRecipe())
+    else:  # a new run: the input size and learning rate follow the base unless given
+        from ..training.recipes import BASE_FIELDS, defaults_notes, recipe_for
+
+        recipe = recipe_from(args, recipe_for(args.checkpoint, run.device))
+        base_notes = defaults_notes(args.checkpoint, run.device, {f: getattr(args, f) for f in BASE_FIELDS},
+                                    {"input_size": "--input-size", "lr": "--lr"})
     processes.check_recipe(recipe.grad_accum, recipe.batch_size)
     layout = image_layout(args)
     for image_path, labels_path in [*zip(args.image, args.labels), *zip(args.val_image, args.val_labels)]:
@@ -121,7 +134,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = [TrainingPair(read_image(i), _read_labels(l, "--val-labels"), layout)
            for i, l in zip(args.val_image, args.val_labels)]
     data = prepare_training_data(pairs, recipe, val)
+    for note in base_notes:
+        say(note)
     say(f"label values {list(data.encoding.class_values)}; {data.summary()}")
+    for line in data.warnings:
+        say(f"napari-convlora train: warning: {line}")
     stop = threading.Event()
     progress = TerminalProgress(class_names=recipe.class_names)
     if processes.parallel:  # torchrun ends the others with SIGTERM when one process fails: they still say so
@@ -155,7 +172,9 @@ def add_train_parser(sub) -> None:
                        description="Options left out take the recipe's defaults; with --resume the saved run's "
                                    "recipe is kept and the options that would change it are reported; with "
                                    "--init-from the model's adapter, input and label settings are kept likewise.")
-    p.add_argument("--checkpoint", required=True, help="base SAM checkpoint (.pth), e.g. sam_vit_b_01ec64.pth")
+    p.add_argument("--checkpoint", default=None,
+                   help="base SAM checkpoint (.pth), e.g. sam_vit_b_01ec64.pth, or 'builtin' (the built-in small SAM; "
+                        "the default)")
     p.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
     p.add_argument("--labels", action="append", required=True, help="its label image (same order as --image)")
     p.add_argument("--val-image", action="append", default=[], help="explicit validation image (repeatable)")
@@ -179,13 +198,16 @@ def add_train_parser(sub) -> None:
     p.add_argument("--unpainted-planes", default=None, choices=UNPAINTED_PLANES,
                    help="stacks: a plane where nothing is painted is not annotated (skip, default) or background")
     p.add_argument("--class-names", default=None, help="comma-separated, background first")
-    p.add_argument("--input-size", type=int, default=None, help="SAM input side (default 1024, SAM's own; 512/256 faster)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="SAM input side (default: the base's own on a GPU, at most 256 on a CPU and 512 on Apple MPS; "
+                        "the log says which)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps")
     length.add_argument("--epochs", type=float, default=None, help="passes over the labelled planes (default 10)")
     p.add_argument("--batch-size", type=int, default=None, help="default 1")
     p.add_argument("--grad-accum", type=int, default=None, help="default 4")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-4 for SAM's checkpoints, 1e-3 for small bases such as the built-in one")
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--rescale", type=float, default=None, help="resize factor for objects too large/small for SAM")
@@ -196,6 +218,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--weight-by-gate", action="store_true")
     p.add_argument("--mask-tokens", type=int, default=None, help="multi-class: number of mask tokens")
+    p.add_argument("--multiclass-head", default=None, choices=MULTICLASS_HEADS,
+                   help="3 classes or more: per_class (SAMed's: one token per class, cross-entropy + Dice; default) "
+                        "or matched (Conv-LoRA's: 2K tokens, a class head, Hungarian matching); binary ignores it")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--channels", default=None, help="channels to use, e.g. 0,2 (for more than 3 channels)")
     p.add_argument("--low-percentile", type=float, default=None, help="default 1.0")

@@ -20,9 +20,16 @@ QKV_SLICES = ("q", "k", "v")
 HQ_MODES = ("off", "sam+hq", "hq")
 HQ_MODE_LABELS = {"off": "off", "sam+hq": "SAM + HQ", "hq": "HQ only"}
 
+#: How a multi-class head (3 classes or more) ties mask tokens to classes: "matched", Conv-LoRA's Mask2Former-style
+#: mask classification (2K tokens, a class head, Hungarian matching in the loss; METHODS.md 1.6), or "per_class",
+#: SAMed's fixed tokens (K tokens, token k always class k, no class head: softmax over the K mask logits, trained with
+#: cross-entropy + Dice). Binary heads have one token either way.
+MULTICLASS_HEADS = ("matched", "per_class")
+MULTICLASS_HEAD_LABELS = {"matched": "matched tokens (Conv-LoRA)", "per_class": "one token per class (SAMed)"}
+
 #: The supervised loss of a binary model: PraNet's structure loss (weighted BCE + weighted IoU over every pixel;
 #: Conv-LoRA's) or HQ-SAM's point-sampled BCE + dice (12,544 points, 75 % chosen by uncertainty). Multi-class
-#: models always use the Mask2Former-style mask-classification loss, which is point-sampled already.
+#: models always use their head's own loss (``MULTICLASS_HEADS``) and refuse "hq_points".
 MASK_LOSSES = ("structure", "hq_points")
 MASK_LOSS_LABELS = {"structure": "structure (PraNet)", "hq_points": "HQ-SAM points"}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from ..errors import ConfigError
-from .choices import HQ_MODES, LABEL_MODES, METHODS, NO_ENCODER_ADAPTER, QKV_SLICES, WEAK_LABEL_KINDS
+from .choices import HQ_MODES, LABEL_MODES, METHODS, MULTICLASS_HEADS, NO_ENCODER_ADAPTER, QKV_SLICES, WEAK_LABEL_KINDS
 from .records import ADDED_LATER
 from .sam import SamArchitecture
 
@@ -97,8 +97,10 @@ def wesam_adapter() -> AdapterConfig:
 class HeadConfig:
     """The prompt-free segmentation head and the labels it was trained on.
 
-    num_classes counts background as class 0 (binary = 2). A binary head has one mask token; a multi-class
-    head has ``num_mask_tokens`` tokens (default ``2 * num_classes``) and a class head.
+    num_classes counts background as class 0 (binary = 2). A binary head has one mask token. A multi-class head
+    is ``multiclass``: ``"matched"`` (Conv-LoRA's): ``num_mask_tokens`` tokens (default ``2 * num_classes``) and a
+    class head, tokens matched to classes in the loss; ``"per_class"`` (SAMed's): exactly ``num_classes`` tokens,
+    token k always class k, no class head. Binary heads ignore ``multiclass``.
     class_values: the label value written into napari Labels for each class (default 0..K-1).
     label_mode and background_value: how the training labels were read (see ``data.LabelEncoding``), so that
     ground truth for evaluation is read the same way.
@@ -114,18 +116,24 @@ class HeadConfig:
     label_mode: str = "dense"
     background_value: int = 0
     hq: str = field(default="off", metadata=ADDED_LATER)
+    multiclass: str = field(default="matched", metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.hq not in HQ_MODES:
             raise ConfigError(f"unknown HQ mode {self.hq!r}; expected one of {HQ_MODES}")
+        if self.multiclass not in MULTICLASS_HEADS:
+            raise ConfigError(f"unknown multi-class head {self.multiclass!r}; expected one of {MULTICLASS_HEADS}")
         if not 2 <= self.num_classes <= 256:
             raise ConfigError(f"num_classes (background included) must be in 2..256, got {self.num_classes}")
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
         if self.num_mask_tokens is None:
-            self.num_mask_tokens = 1 if self.binary else 2 * self.num_classes
+            self.num_mask_tokens = 1 if self.binary else self.num_classes if self.per_class else 2 * self.num_classes
         if self.binary and self.num_mask_tokens != 1:
             raise ConfigError("a binary head (num_classes=2) has exactly one mask token")
+        if self.per_class and self.num_mask_tokens != self.num_classes:
+            raise ConfigError(f"a per-class head has one mask token per class ({self.num_classes}), got "
+                              f"num_mask_tokens={self.num_mask_tokens}")
         if not self.binary and self.num_mask_tokens < self.num_classes:
             raise ConfigError(
                 f"num_mask_tokens ({self.num_mask_tokens}) must be >= num_classes ({self.num_classes}) "
@@ -144,6 +152,16 @@ class HeadConfig:
     @property
     def binary(self) -> bool:
         return self.num_classes == 2
+
+    @property
+    def per_class(self) -> bool:
+        """A multi-class head whose token k is always class k (no class head, no matching)."""
+        return not self.binary and self.multiclass == "per_class"
+
+    @property
+    def has_class_head(self) -> bool:
+        """A multi-class head with matched tokens and a ``Linear(D, K+1)`` class head."""
+        return not self.binary and self.multiclass == "matched"
 
     @property
     def uses_hq(self) -> bool:

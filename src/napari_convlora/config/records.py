@@ -29,6 +29,12 @@ T = TypeVar("T")
 ADDED_LATER = {"added_later": True}
 
 
+def added_later(before: Any) -> dict[str, Any]:
+    """Field metadata of a setting added after a format was released whose default has changed since: older records
+    lack it and mean ``before`` (what they were trained with), not the current default."""
+    return {"added_later": True, "before": before}
+
+
 def to_record(obj: Any) -> Any:
     """A dataclass (or a value inside one) as JSON-serialisable Python: dict, list, str, int, float, bool, None."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -76,7 +82,9 @@ def from_record(cls: type[T], record: Any, where: str, path: str = "") -> T:
     nested = _nested_types(cls)
     values = {}
     for name in fields:
-        if name not in record:  # added later: the dataclass's default
+        if name not in record:  # added later: the dataclass's default, or what older records meant
+            if "before" in fields[name].metadata:
+                values[name] = fields[name].metadata["before"]
             continue
         value = record[name]
         if name in nested:

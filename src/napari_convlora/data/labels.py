@@ -46,7 +46,7 @@ def check_labels_dtype(labels: np.ndarray) -> None:
         )
 
 
-def _present_values(labels: np.ndarray) -> np.ndarray:
+def present_values(labels: np.ndarray) -> np.ndarray:
     """Sorted distinct values of an integer/bool array (int64); linear time for small dtypes."""
     flat = labels.reshape(-1)
     if labels.dtype == bool or (labels.dtype.kind == "u" and labels.dtype.itemsize <= 2):
@@ -184,7 +184,7 @@ def make_label_encoding(
     for labels in labels_list:
         labels = np.asarray(labels)
         check_labels_dtype(labels)
-        values = _present_values(labels)
+        values = present_values(labels)
         if values.size and values[0] < 0:
             raise ValueError(f"labels contain negative values (min {int(values[0])}); label values must be >= 0")
         present.update(_plain_ints(values))

@@ -2,8 +2,9 @@
 :class:`~napari_convlora.config.TrainRecipe` says.
 
 Validates every pair before anything trains, encodes labels (dense / sparse / instances), keeps the
-2D planes of stacks that carry labels, holds out part of the labelled area for validation, and
-builds the patch sampler and the validation patches.
+2D planes of stacks that carry labels, holds out part of the labelled area for validation (a block of every class
+that can spare one), builds the patch sampler (class-balanced in the class modes) and the validation patches, and
+collects warnings: classes too rare to learn or left without validation, instance ids in a class mode.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from ..config import TrainRecipe
 from ..constants import IGNORE_INDEX
 from .images import ImageLayout
 from ..metrics import class_labels
+from .label_checks import instance_id_warning, pixels_per_class, rare_class_warnings, unvalidated_class_warnings
 from .labels import SPARSE_MODES, LabelEncoding, make_label_encoding, validate_pair
 from .pairs import labelled_plane_pairs
 from .sampling import PatchSampler, validation_patches
-from .split import split_pairs
+from .split import split_by_class
+
+#: Label modes whose patches are class-balanced (``PatchSampler(class_balanced=True)``): the modes with classes of
+#: their own, where a rare class (a lesion on 0.65 % of the pixels) is in almost no uniformly placed patch. The
+#: instance modes have one object class, placed as before.
+CLASS_BALANCED_MODES = ("dense", "sparse")
 
 
 @dataclass
@@ -46,13 +53,15 @@ class PreparedData:
     train_planes: list[tuple[np.ndarray, np.ndarray]]
     #: For each image (training images, then validation images): (planes with labels used, planes in all).
     plane_counts: list[tuple[int, int]] = field(default_factory=list)
+    #: Class indices with training pixels but no validation pixels (empty without validation).
+    unvalidated_classes: tuple[int, ...] = ()
+    #: One line each, to show before training: rare classes, classes left without validation, instance ids.
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """What trains, before it trains: the planes used of each image and the pixels of each class."""
         names = class_labels(self.recipe.class_names, self.encoding.num_classes)
-        train = np.zeros(self.encoding.num_classes, dtype=np.int64)
-        for _, targets in self.train_planes:
-            train += np.bincount(targets[targets != IGNORE_INDEX], minlength=self.encoding.num_classes)
+        train = pixels_per_class(self.train_planes, self.encoding.num_classes)
         parts = []
         for index, (used, total) in enumerate(self.plane_counts):
             if total > 1:
@@ -65,11 +74,7 @@ class PreparedData:
 
     def validation_pixels(self) -> np.ndarray:
         """Labelled validation pixels per class (int64, K)."""
-        counts = np.zeros(self.encoding.num_classes, dtype=np.int64)
-        for _, targets in self.validation:
-            labelled = targets[targets != IGNORE_INDEX]
-            counts += np.bincount(labelled, minlength=self.encoding.num_classes)
-        return counts
+        return pixels_per_class(self.validation, self.encoding.num_classes)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps for as many patches as it takes to tile every training plane once."""
@@ -122,19 +127,30 @@ def prepare_training_data(
 
     if validation_pairs:
         train_planes, val_planes = planes_of(pairs), planes_of(validation_pairs)
+        val_pixels = pixels_per_class(val_planes, encoding.num_classes)
+        unvalidated = {c: "not_in_validation_images" for c in range(encoding.num_classes) if val_pixels[c] == 0}
     else:
         block = max(16, round(recipe.input_size / 4))
-        train_planes, val_planes = split_pairs(planes_of(pairs), recipe.val_fraction, recipe.seed, block)
+        split = split_by_class(planes_of(pairs), recipe.val_fraction, recipe.seed, block)
+        train_planes, val_planes, unvalidated = split.train_pairs, split.val_pairs, split.unvalidated
     train_planes = [(im, t) for im, t in train_planes if (t != IGNORE_INDEX).any()]
     if not train_planes:
         raise ValueError("no labelled pixel is left for training after the validation split; lower the fraction")
     size = recipe.input_size
+    train_pixels = pixels_per_class(train_planes, encoding.num_classes)
+    unvalidated = {c: why for c, why in unvalidated.items() if train_pixels[c] > 0}
+    warnings = [line for index, pair in enumerate([*pairs, *validation_pairs], start=1)
+                if (line := instance_id_warning(pair.labels, encoding, index)) is not None]
+    warnings += rare_class_warnings(train_planes, encoding, recipe.class_names, size)
+    warnings += unvalidated_class_warnings(unvalidated, train_pixels, encoding, recipe.class_names)
     return PreparedData(
         recipe=recipe,
         encoding=encoding,
         sampler=PatchSampler(train_planes, size, labelled_weighting=recipe.label_mode in SPARSE_MODES,
-                             augment=recipe.augment),
+                             augment=recipe.augment, class_balanced=recipe.label_mode in CLASS_BALANCED_MODES),
         validation=validation_patches([(im, t) for im, t in val_planes if (t != IGNORE_INDEX).any()], size),
         train_planes=train_planes,
         plane_counts=plane_counts,
+        unvalidated_classes=tuple(sorted(unvalidated)),
+        warnings=warnings,
     )

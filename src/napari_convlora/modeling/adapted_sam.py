@@ -6,7 +6,7 @@ Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_de
 - encoder adapters (LoRA or Conv-LoRA) that wrap the target Linear layers of SAM's image encoder and can be
   switched off or taken out again (``adapters/``); none for ``method="decoder"``;
 - ``head``: the prompt-free head of the config (``heads.PromptFreeHead``), holding SAM's decoder parts by
-  reference and owning its tokens and class head;
+  reference and owning its tokens and (matched multi-class heads) its class head;
 - ``prompt_head``: SAM's own promptable decoding on the same adapted encoder (``heads.PromptableHead``);
 - ``hq``: HQ-SAM's token, MLP and fusion convolutions (``hq.HQParts``) when the head uses HQ (``config.head.hq``),
   from an HQ-SAM checkpoint or new; both heads borrow them.
@@ -172,16 +172,21 @@ class AdaptedSAM(nn.Module):
     def probabilities_from_output(self, out: SegmentationOutput, size: int | None = None) -> torch.Tensor:
         """Class probabilities B x K x size x size (sum 1 over K) from raw outputs.
 
-        Binary: [1 - p, p] with p = sigmoid(mask). Multi-class: sum_q softmax(class_q)[c] * sigmoid(mask_q)
-        over the K real classes (no-object dropped), normalised over c. Per pixel the sigmoids are divided by
-        the largest one before they are mixed (the normalisation cancels that factor), so that pixels where
-        every mask logit is very negative still get probabilities that sum to 1 instead of underflowing.
+        The mask logits are first upsampled bilinearly (align_corners=False) to size x size.
+        Binary: [1 - p, p] with p = sigmoid(mask). Per-class head (SAMed): softmax over the K mask logits.
+        Matched multi-class head: sum_q softmax(class_q)[c] * sigmoid(mask_q) over the K real classes (no-object
+        dropped), normalised over c. Per pixel the sigmoids are divided by the largest one before they are mixed
+        (the normalisation cancels that factor), so that pixels where every mask logit is very negative still get
+        probabilities that sum to 1 instead of underflowing.
         """
         size = size or self.config.input_size
+        head = self.config.head
         masks = F.interpolate(out.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
-        if out.class_logits is None:
+        if head.binary:
             p = torch.sigmoid(masks[:, 0])
             return torch.stack([1 - p, p], dim=1)
+        if head.per_class:
+            return torch.softmax(masks, dim=1)
         cls = torch.softmax(out.class_logits.float(), dim=-1)[..., :-1]  # B x Q x K
         log_sigmoid = F.logsigmoid(masks)  # B x Q x S x S
         relative = torch.exp(log_sigmoid - log_sigmoid.amax(dim=1, keepdim=True))  # largest token = 1

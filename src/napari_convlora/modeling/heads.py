@@ -3,7 +3,8 @@ what it adds, so SAM's own promptable decoder keeps working next to every head.
 
 - :class:`PromptFreeHead`: Conv-LoRA's head. No prompts; the prompt encoder gives only its "no mask"
   embedding. Binary: one mask token. Multi-class: Q mask tokens (copies of SAM's token 0) sharing SAM's
-  hypernetwork MLP 0, and a ``Linear(D, K+1)`` class head (last logit = no object).
+  hypernetwork MLP 0, and a ``Linear(D, K+1)`` class head (last logit = no object); or, with SAMed's per-class
+  head (``HeadConfig.multiclass="per_class"``), exactly K tokens, token k's mask being class k's logit, no class head.
 - :class:`PromptableHead`: SAM's own prompt encoder and mask decoder, with its IoU head, on the adapted
   encoder (WeSAM adapts the encoder through it).
 
@@ -68,7 +69,7 @@ class PromptFreeHead(nn.Module):
         self.mask_tokens = nn.Embedding(config.num_mask_tokens, dim)
         with torch.no_grad():
             self.mask_tokens.weight.copy_(mask_decoder.mask_tokens.weight[0].expand(config.num_mask_tokens, -1))
-        self.class_head = None if config.binary else nn.Linear(dim, config.num_classes + 1)
+        self.class_head = nn.Linear(dim, config.num_classes + 1) if config.has_class_head else None
 
     def trainable_parameters(self, sam_decoder: bool = True) -> list[nn.Parameter]:
         """Its own tokens and class head, and (``sam_decoder``) the SAM decoder parts it uses; HQ parts belong to
@@ -82,7 +83,8 @@ class PromptFreeHead(nn.Module):
 
     def forward(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features (embedding B x D x g x g; with HQ also ``early`` B x g x g x C) ->
-        (mask logits B x Q x 4g x 4g, class logits B x Q x (K+1) or None)."""
+        (mask logits B x Q x 4g x 4g, class logits B x Q x (K+1); None for binary and per-class heads, whose
+        Q = 1 or K masks are the logits themselves)."""
         embedding = features.embedding
         decoder, b = self.decoder, embedding.shape[0]
         tokens = torch.cat([decoder.iou_token.weight, self.mask_tokens.weight], dim=0)

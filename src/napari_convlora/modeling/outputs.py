@@ -11,8 +11,9 @@ import torch
 class SegmentationOutput:
     """Raw model outputs for a batch of B images of side S.
 
-    mask_logits: B x Q x S/4 x S/4 low-resolution mask logits (Q = 1 for binary models).
-    class_logits: B x Q x (K+1) class logits, the last being "no object"; None for binary models.
+    mask_logits: B x Q x S/4 x S/4 low-resolution mask logits (Q = 1 for binary models; Q = K for per-class heads,
+        whose token k is class k).
+    class_logits: B x Q x (K+1) class logits, the last being "no object"; None for binary and per-class models.
     balance_loss: scalar, Conv-LoRA's gate load-balancing loss summed over blocks (0 without Conv-LoRA).
     """
 

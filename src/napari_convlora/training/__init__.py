@@ -1,6 +1,6 @@
 """Supervised training: the loop (``loop.train``), the step both loops share (``step``), its events (``events``),
 where a run starts (``run_start``), its notes and finite checks (``notes``), several processes
-(``data_parallel``) and the losses (``losses``). Public names are imported lazily (torch)."""
+(``data_parallel``), recipes that follow the base (``recipes``) and the losses (``losses``). Public names are imported lazily (torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"train": "loop", "validate": "loop", "TrainingEvent": "events", "init_recipe": "run_start",
-            "resume_recipe": "run_start"}
+            "resume_recipe": "run_start", "recipe_for": "recipes"}
 __all__ = sorted(_EXPORTS)
 
 

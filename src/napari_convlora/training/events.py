@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class TrainingEvent:
-    """What the loop reports. kind: start, step, validation, saved, stopped, finished."""
+    """What the loop reports. kind: start, step, validation, note (advice in ``message``, e.g. a run that has not
+    learned), saved, stopped, finished."""
 
     kind: str
     step: int

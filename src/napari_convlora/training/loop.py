@@ -40,7 +40,7 @@ from .data_parallel import stop as leave_processes
 from .events import TrainingEvent
 from .losses import segmentation_loss
 from .notes import (check_finite, check_finite_forward, check_finite_output, check_finite_validation, data_notes,
-                    hq_note, hq_words, outputs_finite, which_file)
+                    hq_note, hq_words, outputs_finite, selection_blind, stall_note, which_file)
 from .run_start import (LENGTH_FIELDS, MODEL_FIELDS, check_recipe, init_recipe, load_initial_model, load_resumed_model,
                         resume_recipe, started_from)
 from .step import LossFn, TrainingStep, restore_optimizer
@@ -58,7 +58,7 @@ def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding
         class_values=encoding.class_values,
         label_mode=encoding.mode,
         background_value=encoding.background_value,
-        hq=recipe.hq,
+        hq=recipe.hq, multiclass=recipe.multiclass_head,
     )
     return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=head, input_size=recipe.input_size,
                        input=dataclasses.replace(recipe.input), base_checkpoint=base.checkpoint)
@@ -266,6 +266,7 @@ def _train(
         log(None)
         return TrainingEvent(kind, step, total, step / steps_per_epoch, path=str(out_path), message=f"saved {out_path}")
 
+    blind = selection_blind(data)  # validation too thin to choose a best model on
     yield TrainingEvent("start", step, total, step / steps_per_epoch,
                         message=f"training {recipe.adapter.method}{hq_words(recipe.hq)} on {device} "
                                 f"({str(dtype).removeprefix('torch.')}"
@@ -273,7 +274,8 @@ def _train(
                                 + (f" in {processes.world_size} processes" if processes.parallel else "") + ", "
                                 f"{total} steps of {recipe.patches_per_step} patches of {recipe.input_size} px"
                                 + (f", starting from {init_from}" if init_from else "")
-                                + "".join(f"; {line}" for line in [note, hq_note(base, recipe), *data_notes(data)]
+                                + "".join(f"; {line}" for line in [note, hq_note(base, recipe), *data_notes(data),
+                                                                    blind]
                                           if line))
     validated, probe = None, None  # the step whose weights validation checked; the last micro-batch's images
     if step == 0 and main:
@@ -319,12 +321,15 @@ def _train(
             if metrics:
                 validated = step
                 log(metrics)
-                better = selection_score(metrics) > best
+                better = not blind and selection_score(metrics) > best
                 if better:
                     best, best_step = selection_score(metrics), step
                     save_adapter(model, best_path(out_path))  # weights and validation outputs checked above
                 yield TrainingEvent("validation", step, total, step / steps_per_epoch, metrics=metrics,
                                     message=f"best so far: saved to {best_path(out_path).name}" if better else "")
+                stalled = stall_note(history, step, total, recipe.lr)
+                if stalled:
+                    yield TrainingEvent("note", step, total, step / steps_per_epoch, message=stalled)
             yield save("saved", rng_snapshot(rng))
     model.set_activation_checkpointing(False)
     if step < total:
@@ -338,7 +343,7 @@ def _train(
             yield save("saved", rng_snapshot(rng))
         processes.barrier(device)  # the others end once process 0 has written
         yield TrainingEvent("finished", step, total, step / steps_per_epoch, path=str(out_path),
-                            message=f"finished {total} steps; model saved to {out_path}" + which_file(best, best_step,
-                                                                                                       out_path)
+                            message=f"finished {total} steps; model saved to {out_path}"
+                            + which_file(best, best_step, out_path, blind)
                             + f"; validation metrics in {metrics_path(out_path).name}")
     return model.eval()

@@ -1,4 +1,5 @@
-"""Training losses (torch only): PraNet's structure loss and a Mask2Former-style mask-classification loss.
+"""Training losses (torch only): PraNet's structure loss and a Mask2Former-style mask-classification loss, and the
+dispatch of every model's loss (the per-class head's cross-entropy + Dice lives in ``per_class_loss.py``).
 
 Targets are int64 label maps, B x H x W, holding class indices 0..K-1 (0 = background) or IGNORE_INDEX for
 pixels nobody annotated. Ignored pixels never enter any loss term: the structure loss gives them weight 0,
@@ -24,6 +25,7 @@ from ..errors import ConfigError
 from ..modeling.outputs import SegmentationOutput
 from .hq_mask_loss import hq_mask_loss
 from .mask_terms import soft_dice_loss
+from .per_class_loss import per_class_loss
 
 #: Hungarian matcher cost weights (Mask2Former defaults): class, mask BCE, dice.
 MATCH_CLASS_WEIGHT = 1.0
@@ -317,21 +319,29 @@ def segmentation_loss(output: SegmentationOutput, targets: torch.Tensor, num_cla
     of the foreground logits mask_logits[:, :1], bilinearly upsampled (align_corners=False) to H x W, against
     targets == 1 on pixels != IGNORE_INDEX; mask_loss "hq_points": {"mask", "dice"}: HQ-SAM's point-sampled
     loss of mask_logits[:, :1] (:func:`~.hq_mask_loss.hq_mask_loss`, drawing from ``generator``).
-    Multi-class models: {"class", "mask", "dice"} (mask_classification_loss with its defaults); they refuse
-    "hq_points" (ConfigError). Both add "balance" (output.balance_loss, added unscaled: its 0.01
+    Multi-class models (num_classes > 2) refuse "hq_points" (ConfigError). Matched heads (with class logits):
+    {"class", "mask", "dice"} (mask_classification_loss with its defaults). Per-class heads (no class logits,
+    Q = K, token k = class k): {"ce", "dice"}, SAMed's cross-entropy + soft Dice at H x W, weighted 1 : 1
+    (:func:`~.per_class_loss.per_class_loss`). All add "balance" (output.balance_loss, added unscaled: its 0.01
     coefficient belongs to the model) and "total" (the sum of all terms).
     """
     if mask_loss not in MASK_LOSSES:
         raise ConfigError(f"unknown mask loss {mask_loss!r}; expected one of {MASK_LOSSES}")
+    if num_classes > 2 and mask_loss == "hq_points":
+        raise ConfigError(f"mask loss 'hq_points' (--mask-loss) is for binary models; this model has "
+                          f"{num_classes} classes: choose mask loss 'structure'")
     if output.class_logits is not None:
-        if mask_loss == "hq_points":
-            raise ConfigError(f"mask loss 'hq_points' (--mask-loss) is for binary models; this model has "
-                              f"{num_classes} classes: choose mask loss 'structure'")
         terms = mask_classification_loss(output.mask_logits, output.class_logits, targets, num_classes,
                                          generator=generator)
+    elif num_classes > 2:
+        if output.mask_logits.shape[1] != num_classes:
+            raise ValueError(f"a multi-class model without class logits has one mask per class ({num_classes}), "
+                             f"got {output.mask_logits.shape[1]}")
+        _check_targets(targets, num_classes)
+        terms = per_class_loss(output.mask_logits, targets)
     else:
         if num_classes != 2:
-            raise ValueError(f"a model without class logits is binary (num_classes=2), got {num_classes}")
+            raise ValueError(f"a model has at least 2 classes (background included), got {num_classes}")
         _check_targets(targets, num_classes)
         if mask_loss == "hq_points":
             terms = hq_mask_loss(output.mask_logits[:, :1], targets, generator=generator)

@@ -4,6 +4,7 @@ checks that stop a run going NaN before anything non-finite is saved."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,12 +15,17 @@ from ..constants import IGNORE_INDEX
 from ..data import PreparedData
 from ..devices import autocast_context
 from ..errors import TrainingError
-from ..metrics import class_labels
+from ..metrics import class_labels, selection_score
 from ..modeling import AdaptedSAM, BaseSam, SegmentationOutput
 
 
 #: Fewer labelled validation pixels of a class than this make its IoU too noisy to choose a model on.
 MIN_VALIDATION_PIXELS = 1000
+
+
+#: Fewer validation pixels than this in a class that trains, and validation cannot choose a "best" model: one
+#: blob more or less right swings that class's IoU, and so the mean, by more than real progress does.
+MIN_SELECTION_PIXELS = 32
 
 
 #: In a binary task, a background class below this share of the labelled pixels is probably the thin structure.
@@ -58,7 +64,9 @@ def data_notes(data: PreparedData) -> list[str]:
             )
     if not data.validation:
         return notes + ["no validation pixels: the best model cannot be chosen; the last one is saved"]
-    for name, value, count in zip(names, data.encoding.class_values, data.validation_pixels()):
+    for index, (name, value, count) in enumerate(zip(names, data.encoding.class_values, data.validation_pixels())):
+        if index in data.unvalidated_classes:  # the data's own warning says why
+            continue
         if count == 0:
             notes.append(f"{name} (label {value}) has no validation pixels: the best model is chosen without it")
         elif count < MIN_VALIDATION_PIXELS:
@@ -67,9 +75,63 @@ def data_notes(data: PreparedData) -> list[str]:
     return notes
 
 
-def which_file(best: float, best_step: int | None, out_path: Path) -> str:
+#: The share of the run after which a run that has not learned says so (at the first validation past it).
+STALL_CHECK_AT = 0.2
+#: ... and not before this many steps (a few patches' losses are too noisy to call flat).
+STALL_MIN_STEPS = 10
+#: The loss has "not moved" while its recent mean is above this share of its first steps' mean ...
+STALL_LOSS_RATIO = 0.9
+#: ... and validation has not risen by more than this above its score before fine-tuning.
+STALL_SCORE_GAIN = 0.02
+
+
+#: Where the user sets the learning rate, in the stall note.
+LR_OPTION = "--lr on the command line, 'learning rate' in the dock's Advanced tab"
+
+
+def stall_note(history: dict[str, Any], step: int, total: int, lr: float, option: str = LR_OPTION) -> str:
+    """A note for a run that has not learned by its first validation past :data:`STALL_CHECK_AT` of the run (and
+    :data:`STALL_MIN_STEPS`): the mean loss of its second half of steps so far is above :data:`STALL_LOSS_RATIO` of the
+    first half's, and validation has not risen by :data:`STALL_SCORE_GAIN` over its score before fine-tuning
+    (``history``: the loop's, with ``"loss"`` as (step, value) and ``"validation"`` as (step, metrics)); ``""``
+    otherwise, and at every other step. ``option``: where the user sets
+    the learning rate."""
+    validations, check_at = history["validation"], max(STALL_CHECK_AT * total, STALL_MIN_STEPS)
+    if step < check_at or len(validations) < 2 or validations[-2][0] >= check_at:
+        return ""
+    if validations[0][0] != 0:  # no score before fine-tuning to compare with (a resumed run)
+        return ""
+    losses = [value for _, value in history["loss"]]
+    half = max(1, len(losses) // 2)  # halves, not single steps: one patch's loss is noisy
+    first, last = float(np.mean(losses[:half])), float(np.mean(losses[-half:]))
+    before, now = selection_score(validations[0][1]), selection_score(validations[-1][1])
+    if last <= STALL_LOSS_RATIO * first or now > before + STALL_SCORE_GAIN:
+        return ""
+    return (f"after {step} of {total} steps the loss has not moved ({first:.3f} -> {last:.3f}) and validation has "
+            f"not risen ({100 * before:.1f}% -> {100 * now:.1f}%): try a higher learning rate (now {lr:g}; {option}), "
+            "check that the labels mark what you want segmented, or paint more examples")
+
+
+def selection_blind(data: PreparedData) -> str:
+    """Why validation cannot choose the best model (a class that trains has fewer than
+    :data:`MIN_SELECTION_PIXELS` validation pixels), or ``""`` when it can; also ``""`` without validation."""
+    if not data.validation:
+        return ""
+    names = class_labels(data.recipe.class_names, data.encoding.num_classes)
+    trained = np.zeros(data.encoding.num_classes, dtype=np.int64)
+    for _, targets in data.train_planes:
+        trained += np.bincount(targets[targets != IGNORE_INDEX], minlength=data.encoding.num_classes)
+    thin = [f"{name}: {count} pixels" for name, count, train in zip(names, data.validation_pixels(), trained)
+            if train and count < MIN_SELECTION_PIXELS]
+    if not thin:
+        return ""
+    return (f"no best model is chosen: validation is too thin to tell ({'; '.join(thin)}; at least "
+            f"{MIN_SELECTION_PIXELS} each), so the last model is the result; paint more or give validation images")
+
+
+def which_file(best: float, best_step: int | None, out_path: Path, blind: str = "") -> str:
     if best_step is None:
-        return " (no validation: no best file)"
+        return " (validation too thin to choose on: no best file)" if blind else " (no validation: no best file)"
     return (f"; the best on validation, {best_path(out_path).name}, is from step {best_step} (mean IoU over the classes "
             f"in validation {100 * best:.1f}%)")
 
