@@ -41,16 +41,6 @@ def resolve_base(checkpoint: str | Path | None) -> Path:
     return Path(checkpoint)
 
 
-def is_builtin(checkpoint: str | Path | None) -> bool:
-    """Whether ``checkpoint`` names the built-in model (by name, None, or its file)."""
-    if checkpoint is None or str(checkpoint) == BUILTIN_NAME:
-        return True
-    try:
-        return Path(checkpoint).resolve() == builtin_checkpoint()
-    except (OSError, CheckpointError):
-        return False
-
-
 def builtin_provenance() -> dict[str, Any]:
     """How the built-in model was made (script, seed, steps, commit, sha256, time) and its held-out quality."""
     return json.loads(builtin_checkpoint().with_suffix(".json").read_text())

@@ -61,13 +61,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for i, image in enumerate(args.image):
         if not any(columns[o][i] for o in ("boxes", "points", "coarse")):
             raise ConfigError(f"--image {image} has no weak labels: give --boxes, --points or --coarse for it")
-    from ..checkpoints.builtin import BUILTIN_NAME, builtin_checkpoint, describe_builtin
+    from ..checkpoints.builtin import describe_builtin, resolve_base
 
     if args.checkpoint is None and not args.resume:
         print(f"base model: {describe_builtin()} (--checkpoint builtin; give --checkpoint FILE for another)",
               file=sys.stderr)
-    if args.checkpoint in (None, BUILTIN_NAME):
-        args.checkpoint = str(builtin_checkpoint())
+    args.checkpoint = str(resolve_base(args.checkpoint))
     inputs = {"--checkpoint": args.checkpoint, **_numbered("--image", args.image)}  # --out may be --resume
     for option, values in columns.items():
         inputs.update(_numbered("--" + option.replace("_", "-"), [v for v in values if v]))
@@ -86,12 +85,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         steps = SelfTrainingRecipe().steps if args.steps is None else args.steps
         from ..training.recipes import BASE_FIELDS, base_defaults, defaults_notes
 
-        run = _run_options(args)
+        defaults = base_defaults(args.checkpoint, _run_options(args).device, self_training=True)  # read once
         given = {name: getattr(args, name) for name in BASE_FIELDS}
-        base_notes = defaults_notes(args.checkpoint, run.device, given, {"input_size": "--input-size", "lr": "--lr"},
-                                    self_training=True)  # said once the data are read: a refusal stays one line
-        chosen = {name: given[name] if given[name] is not None else value
-                  for name, (value, _) in base_defaults(args.checkpoint, run.device, self_training=True).items()}
+        # said once the data are read, so that a refusal stays one line
+        base_notes = defaults_notes(defaults, given, {"input_size": "--input-size", "lr": "--lr"})
+        chosen = {name: given[name] if given[name] is not None else value for name, (value, _) in defaults.items()}
         recipe_options = dict(**chosen, steps=steps,
                               seed=args.seed, reference_quirks=args.reference_quirks, val_every=args.val_every,
                               grad_clip=args.grad_clip,

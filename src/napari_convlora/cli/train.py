@@ -79,12 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{len(args.image)} --image but {len(args.labels)} --labels: give them in pairs")
     if len(args.val_image) != len(args.val_labels):
         raise ConfigError(f"{len(args.val_image)} --val-image but {len(args.val_labels)} --val-labels: give them in pairs")
-    from ..checkpoints.builtin import BUILTIN_NAME, builtin_checkpoint, describe_builtin
+    from ..checkpoints.builtin import describe_builtin, resolve_base
     from ..checkpoints.training_state import best_path, metrics_path, state_path
 
     builtin_by_default = args.checkpoint is None
-    if builtin_by_default or args.checkpoint == BUILTIN_NAME:
-        args.checkpoint = str(builtin_checkpoint())
+    args.checkpoint = str(resolve_base(args.checkpoint))
     inputs = {"--checkpoint": args.checkpoint, **numbered("--image", args.image), **numbered("--labels", args.labels),
               **numbered("--val-image", args.val_image), **numbered("--val-labels", args.val_labels),
               "--init-from": args.init_from}
@@ -119,10 +118,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         for note in set_aside:
             say(f"starting from {args.init_from} with its own settings: {note}")
     else:  # a new run: the input size and learning rate follow the base unless given
-        from ..training.recipes import BASE_FIELDS, defaults_notes, recipe_for
+        from ..training.recipes import BASE_FIELDS, base_defaults, defaults_notes, recipe_with
 
-        recipe = recipe_from(args, recipe_for(args.checkpoint, run.device))
-        base_notes = defaults_notes(args.checkpoint, run.device, {f: getattr(args, f) for f in BASE_FIELDS},
+        defaults = base_defaults(args.checkpoint, run.device)  # the base is read once
+        recipe = recipe_from(args, recipe_with(defaults))
+        base_notes = defaults_notes(defaults, {f: getattr(args, f) for f in BASE_FIELDS},
                                     {"input_size": "--input-size", "lr": "--lr"})
     processes.check_recipe(recipe.grad_accum, recipe.batch_size)
     layout = image_layout(args)

@@ -53,16 +53,20 @@ def recipe_for(checkpoint: str | os.PathLike | None = "builtin", device: str = "
 
     Example: ``recipe_for("builtin", steps=300, class_names=("background", "nucleus"))``.
     """
-    defaults = {name: value for name, (value, _) in base_defaults(checkpoint, device).items() if name not in fields}
-    return TrainRecipe(**defaults, **fields)
+    return recipe_with(base_defaults(checkpoint, device), **fields)
 
 
-def defaults_notes(checkpoint: str | os.PathLike | None, device: str, given: dict[str, Any],
-                   options: dict[str, str], self_training: bool = False) -> list[str]:
-    """One line per base-dependent field: the value the run uses and why, or that the user's value wins over
-    the base's (``given``: field -> value set by the user, or None; ``options``: field -> how the user sets it)."""
+def recipe_with(defaults: dict[str, tuple[Any, str]], **fields: Any) -> TrainRecipe:
+    """:func:`recipe_for` from the base's :func:`base_defaults`, read once by a caller that also reports them."""
+    return TrainRecipe(**{name: value for name, (value, _) in defaults.items() if name not in fields}, **fields)
+
+
+def defaults_notes(defaults: dict[str, tuple[Any, str]], given: dict[str, Any], options: dict[str, str]) -> list[str]:
+    """One line per base-dependent field of ``defaults`` (:func:`base_defaults`): the value the run uses and why, or
+    that the user's value wins over the base's (``given``: field -> value set by the user, or None; ``options``:
+    field -> how the user sets it)."""
     notes = []
-    for name, (value, why) in base_defaults(checkpoint, device, self_training).items():
+    for name, (value, why) in defaults.items():
         label = name.replace("_", " ") if name != "lr" else "learning rate"
         if given.get(name) is None:
             notes.append(f"{label} {why} (set {options[name]} to change it)")
