@@ -25,8 +25,9 @@ A loader returns a :class:`Family`, or raises :class:`FamilyUnavailable` with th
   seeds ``GENERATED_SEED + 1000 * k + i`` (k: the family's index in :data:`GENERATED`; i = 0.. train, 100.. held
   out), dense labels. ``anatomy``: 320 px, 6 classes (background + 5 organs of alike textures), 3 train, 6 held
   out. ``tiny_lesions``: 512 px, binary, lesions 0.15-0.4 % of each image's pixels, 4 train (the first without a
-  lesion), 8 held out. ``thin_structures``: 256 px, binary, curves 1-3 px wide among unlabelled dark spots,
-  4 train, 8 held out. ``family_loaders(generated_size=...)`` makes them at another size (lengths scale with it).
+  lesion), 8 held out (lesion contrast 0.13-0.2; ``tiny_lesions_faint``: the same images with the first version's
+  fainter lesions, 0.07-0.12, on ``tiny_lesions``' seeds). ``thin_structures``: 256 px, binary, curves 1-3 px wide
+  among unlabelled dark spots, 4 train, 8 held out. ``family_loaders(generated_size=...)`` makes them at another size (lengths scale with it).
 
 Every family but ``anatomy`` is binary (foreground against background), so that all rows, the zero-shot one
 included, are scored alike; ``anatomy`` has ``num_classes`` 6 (label values 0..5) and its zero-shot row reports
@@ -47,8 +48,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from generated_families import ANATOMY_CLASSES, ANATOMY_SIZE, LESION_SIZE, THIN_SIZE, GeneratedImage, \
-    anatomy_image, lesion_image, thin_image
+from generated_families import ANATOMY_CLASSES, ANATOMY_SIZE, LESION_CONTRAST_FAINT, LESION_SIZE, THIN_SIZE, \
+    GeneratedImage, anatomy_image, lesion_image, thin_image
 
 #: Seeds of the shifted scenes: far from anything pretraining draws (see the module docstring).
 SHIFT_SEED = 20_000_000
@@ -242,6 +243,8 @@ class Generated:
     held_out: int
     num_classes: int
     what: str
+    #: Another family whose seeds this one uses (the same scenes drawn differently), or None for its own.
+    seeds_of: str | None = None
 
 
 GENERATED: dict[str, Generated] = {
@@ -252,6 +255,11 @@ GENERATED: dict[str, Generated] = {
                               "without lesions); foreground = lesion"),
     "thin_structures": Generated(lambda seed, size, i: thin_image(seed, size), THIN_SIZE, 4, 8, 2,
                                  "dark curves 1-3 px wide among unlabelled dark spots (dense); foreground = curve"),
+    "tiny_lesions_faint": Generated(lambda seed, size, i: lesion_image(seed, size, lesions=i != 0,
+                                                                       contrast=LESION_CONTRAST_FAINT),
+                                    LESION_SIZE, 4, 8, 2, "the tiny lesions' images with the first, fainter lesions "
+                                    "(contrast 0.07-0.12: no brighter than the organ's texture blobs)",
+                                    seeds_of="tiny_lesions"),
 }
 
 
@@ -259,7 +267,7 @@ def load_generated(name: str, size: int | None = None) -> Family:
     """A generated family (``GENERATED[name]``) at its own size or ``size`` px."""
     spec = GENERATED[name]
     size = size or spec.size
-    base = GENERATED_SEED + 1000 * list(GENERATED).index(name)
+    base = GENERATED_SEED + 1000 * list(GENERATED).index(spec.seeds_of or name)
     train = [spec.make(base + i, size, i) for i in range(spec.train)]
     held = [spec.make(base + i, size, i) for i in range(100, 100 + spec.held_out)]
     multi = spec.num_classes > 2

@@ -212,14 +212,21 @@ def format_line(metrics: Mapping[str, Any], class_names: Sequence[str] | None = 
     """One line for logs and progress bars, from :meth:`SegmentationMetrics.to_dict` (or the object's fields):
     ``"mIoU 67.2% (background 92.9%, nucleus 75.2%, rod 33.3%), foreground 54.3%, boundary IoU 41.0%,
     pixel accuracy 95.1%"`` (boundary IoU only in records that have it). Classes are named by ``class_names``
-    when there is one name per class, else ``class 0``, ``class 1``..."""
+    when there is one name per class, else ``class 0``, ``class 1``... A validation of an instance head adds its
+    objects: ``"; objects F1@0.5 83.1% (P 85.0%, R 81.3%), mean F1@0.5:0.95 61.2% (foreground 0.5, seeds 3 px
+    apart)"``."""
     ious = list(metrics.get("per_class_iou") or [])
     names = class_labels(class_names, len(ious))
     per_class = ", ".join(f"{name} {_percent(v)}" for name, v in zip(names, ious))
     boundary = f"boundary IoU {_percent(metrics['boundary_iou'])}, " if "boundary_iou" in metrics else ""
+    objects = metrics.get("instances")
+    found = "" if not objects else (
+        f"; objects F1@0.5 {_percent(objects.get('f1_50'))} (P {_percent(objects.get('precision_50'))}, "
+        f"R {_percent(objects.get('recall_50'))}), mean F1@0.5:0.95 {_percent(objects.get('mean_f1'))} "
+        f"(foreground {objects.get('foreground')}, seeds {objects.get('min_distance')} px apart)")
     return (f"mIoU {_percent(metrics.get('mean_iou'))} ({per_class}), "
             f"foreground {_percent(metrics.get('mean_iou_foreground'))}, {boundary}"
-            f"pixel accuracy {_percent(metrics.get('pixel_accuracy'))}")
+            f"pixel accuracy {_percent(metrics.get('pixel_accuracy'))}{found}")
 
 
 def evaluate_arrays(pred: np.ndarray, target: np.ndarray, num_classes: int) -> SegmentationMetrics:

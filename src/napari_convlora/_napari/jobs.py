@@ -65,6 +65,8 @@ class PredictResult:
     class_names: tuple[str, ...] | None
     background_value: int
     instances: np.ndarray | None = None
+    #: How the objects were found ("head" or "components"), when asked for.
+    instance_method: str | None = None
 
 
 @dataclass
@@ -273,9 +275,10 @@ def predict_job(
     progress: TileProgress,
     stop: threading.Event | None = None,
     instances: bool = False,
+    instance_method: str = "auto",
 ) -> Generator[Message, None, PredictResult | None]:
-    """Segment a copied image (all planes, or ``planes``; with ``instances`` also connected components per
-    class, plane by plane); None when stopped."""
+    """Segment a copied image (all planes, or ``planes``; with ``instances`` also objects, plane by plane, by
+    ``instance_method``: ``prediction.planes.predict_image``); None when stopped."""
     isolate_triton()  # before torch: see native_libs
     from ..data import ImageLayout
     from ..prediction.planes import predict_image
@@ -287,11 +290,12 @@ def predict_job(
     head = model.config.head
     try:
         prediction = predict_image(model, image.image, ImageLayout(rgb=image.rgb), planes=planes, device=device,
-                                   progress=progress, should_stop=stop.is_set, instances=instances)
+                                   progress=progress, should_stop=stop.is_set, instances=instances,
+                                   instance_method=instance_method)
     except PredictionCancelled:
         return None
     return PredictResult(image.name, prediction.labels, planes, head.class_values, head.class_names,
-                         head.background_value, prediction.instances)
+                         head.background_value, prediction.instances, prediction.instance_method)
 
 
 def predict_files_job(
@@ -302,6 +306,7 @@ def predict_files_job(
     progress: TileProgress,
     instances: bool = False,
     stop: threading.Event | None = None,
+    instance_method: str = "auto",
 ) -> Generator[Message, None, str]:
     """Predict image files into ``out_dir``, one log line per file (a file that fails is skipped, the others go
     on); returns the summary line. Stopping ends it between tile batches; finished files are kept."""
@@ -313,7 +318,7 @@ def predict_files_job(
     yield Message(f"predicting {len(images)} file(s) into {out_dir}")
     started, results = time.perf_counter(), []
     for result in predict_files(model, images, out_dir, device=device, instances=instances, progress=progress,
-                                should_stop=stop.is_set):
+                                should_stop=stop.is_set, instance_method=instance_method):
         results.append(result)
         yield Message(result.line(model.config.head.class_names))
     line = summary(results, out_dir, time.perf_counter() - started)
@@ -321,14 +326,25 @@ def predict_files_job(
 
 
 def evaluate_job(model: Any, pair: LayerCopy, labels_name: str, device: str) -> Generator[Message, None, EvaluateResult]:
-    """Predict a copied image and score it against its copied Labels (read with the model's label mode)."""
+    """Predict a copied image and score it against its copied Labels (read with the model's label mode); a model of
+    instance labels also has its objects scored (``metrics["instances"]``, with the watershed's setting)."""
     isolate_triton()  # before torch: see native_libs
+    from ..config.choices import INSTANCE_LABEL_MODES
     from ..data import ImageLayout
-    from ..prediction.planes import evaluate_image
+    from ..prediction.planes import evaluate_image, evaluate_objects, predict_image
 
     yield Message(f"evaluating the model on '{pair.name}' against '{labels_name}'")
-    metrics = evaluate_image(model, pair.image, pair.labels, ImageLayout(rgb=pair.rgb), device=device)
-    return EvaluateResult(pair.name, labels_name, metrics.to_dict(), model.config.head.class_names)
+    layout = ImageLayout(rgb=pair.rgb)
+    objects = model.config.head.label_mode in INSTANCE_LABEL_MODES
+    prediction = predict_image(model, pair.image, layout, device=device, instances=True) if objects else None
+    metrics = evaluate_image(model, pair.image, pair.labels, layout, device=device, prediction=prediction).to_dict()
+    if objects:
+        setting = model.config.instances
+        metrics["instances"] = {**evaluate_objects(model, pair.labels, prediction).as_dict(),
+                                "method": prediction.instance_method,
+                                "foreground": setting.foreground if setting else None,
+                                "min_distance": setting.min_distance if setting else None}
+    return EvaluateResult(pair.name, labels_name, metrics, model.config.head.class_names)
 
 
 def save_job(model: Any, path: str, bundle: bool, base: str | None = None) -> Generator[Message, None, str]:

@@ -63,6 +63,13 @@ class MetricsTable(QWidget):
         height = self.table.horizontalHeader().height() + sum(self.table.rowHeight(r) for r in range(len(rows)))
         self.table.setFixedHeight(height + 2 * self.table.frameWidth())
         self.table.setVisible(True)
+        objects = metrics.get("instances")
+        if objects:  # a model of instance labels: its objects, matched one to one at IoU 0.5
+            caption += (f" Objects ({objects.get('method') or 'instances'}): F1@0.5 {_score(objects.get('f1_50'))} "
+                        f"(precision {_score(objects.get('precision_50'))}, "
+                        f"recall {_score(objects.get('recall_50'))}), "
+                        f"mean F1@0.5:0.95 {_score(objects.get('mean_f1'))}, {objects.get('num_predicted')} found / "
+                        f"{objects.get('num_true')} true.")
         self.caption.setText(caption)
 
     def rows(self) -> list[list[str]]:

@@ -15,6 +15,7 @@ from .._napari.layers import (CopyPlan, class_colours, copy_image, copy_pair, co
                               training_colours, write_instances, write_prediction)
 from ..data.labels import SPARSE_MODES
 from ..io.safety import check_outputs_are_not_inputs
+from ..config.choices import INSTANCE_METHOD_LABELS
 from ..metrics import class_labels, class_pixel_counts, format_line
 from .compute import JobWorker
 from .fields import settings
@@ -44,7 +45,8 @@ class PredictActions:
         self._set_busy("predict")
         return self._run(jobs.predict_job, self.model, copy_image(layer), None if plane is None else [plane],
                          self.model_form.device_name(), progress, stoppable=True,
-                         instances=self.panel.instances.isChecked(), on_returned=self._predicted)
+                         instances=self.panel.instances.isChecked(),
+                         instance_method=self.panel.instance_method.currentData(), on_returned=self._predicted)
 
     def _predicted(self, result: jobs.PredictResult | None) -> None:
         if result is None:
@@ -62,8 +64,9 @@ class PredictActions:
         predicted = result.labels if result.planes is None else \
             result.labels.reshape(-1, *result.labels.shape[-2:])[result.planes]
         counts = class_pixel_counts(predicted, result.class_values)
-        written = f"wrote '{layer.name}'" + (f" and '{instances_name(image.name)}'" if result.instances is not None
-                                              else "")
+        written = f"wrote '{layer.name}'" + (
+            f" and '{instances_name(image.name)}' ({INSTANCE_METHOD_LABELS[result.instance_method]})"
+            if result.instances is not None else "")
         self._report(result, layer.name, counts, colours, written)
 
     def _class_colours(self, result: AnyPrediction) -> dict[int, str]:
@@ -178,7 +181,7 @@ class PredictActions:
         self._set_busy("predict")
         return self._run(jobs.predict_files_job, self.model, list(paths), out_dir, self.model_form.device_name(),
                          progress, instances=self.panel.instances.isChecked(), stoppable=True,
-                         on_returned=self.say)
+                         instance_method=self.panel.instance_method.currentData(), on_returned=self.say)
 
     def evaluate(self) -> JobWorker | None:
         """Score the current model on the chosen image against the chosen Labels layer (per-class table)."""

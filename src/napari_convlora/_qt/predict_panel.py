@@ -6,9 +6,10 @@ from __future__ import annotations
 import html
 from typing import Mapping, Sequence
 
-from qtpy.QtWidgets import (QCheckBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                             QPushButton, QVBoxLayout, QWidget)
 
+from ..config.choices import INSTANCE_METHOD_LABELS, INSTANCE_METHODS
 from .._napari.layers import LARGE_BYTES
 from .._napari.layers import COPY_MODES
 from .fields import LayerCombo, settings
@@ -85,8 +86,16 @@ class PredictPanel(QGroupBox):
         self.whole_stack = QCheckBox("whole stack")
         self.whole_stack.setToolTip("predict every plane of a stack (else only the plane shown)")
         self.instances = QCheckBox("instances")
-        self.instances.setToolTip("also write a Labels layer of objects: the connected components of each class, "
-                                  "numbered plane by plane in stacks")
+        self.instances.setToolTip("also write a Labels layer of objects, numbered plane by plane in stacks, found "
+                                  "as the menu beside says")
+        self.instance_method = QComboBox()
+        for name in INSTANCE_METHODS:
+            self.instance_method.addItem(INSTANCE_METHOD_LABELS[name], name)
+        self.instance_method.setToolTip("how objects are found: the model's instance head (trained from instance "
+                                        "labels: touching objects apart), connected components of each class, or "
+                                        "auto (the head when the model has one)")
+        self.instance_method.setEnabled(False)
+        self.instances.toggled.connect(self.instance_method.setEnabled)
         self.predict = _button("Predict", "segment the chosen image with the current model; writes '<image> "
                                           "prediction' (and '<image> instances'); an image held lazily (dask, "
                                           "Zarr, multiscale) block by block into a Zarr store (see 'large "
@@ -124,6 +133,7 @@ class PredictPanel(QGroupBox):
         top.addWidget(self.image, 1)
         top.addWidget(self.whole_stack)
         top.addWidget(self.instances)
+        top.addWidget(self.instance_method)
         grid = QGridLayout()
         grid.addWidget(self.predict, 0, 0)
         grid.addWidget(self.predict_files, 0, 1)

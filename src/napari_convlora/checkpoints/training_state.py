@@ -32,6 +32,8 @@ STATE_VERSION = 2
 _REQUIRED = ("step", "best", "history", "optimizer", "scheduler", "rng", "recipe")
 #: Written next to a run's model file: ``run.metrics.csv``, one row per validation.
 METRICS_SUFFIX = ".metrics.csv"
+#: The instance head's scores in the metrics CSV (keys of a validation's ``"instances"``), each as ``instance_KEY``.
+INSTANCE_COLUMNS = ("f1_50", "precision_50", "recall_50", "mean_f1", "foreground", "min_distance")
 
 
 def trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,12 +75,16 @@ def metrics_table(
     name, else its label value; undefined scores, and boundary scores of runs validated before they existed,
     empty), and ``best``: 1 where that validation was the best so far (saved as the
     ``.best`` file; the last 1 is the model in it), else 0. Step 0 (before fine-tuning) is never the best.
+    A run with an instance head adds, before ``best``, its objects' scores (``INSTANCE_COLUMNS``: F1, precision
+    and recall at IoU 0.5, mean F1 over IoU 0.5-0.95, and the watershed's setting chosen at that validation).
     """
     names = list(class_names) if class_names and len(class_names) == len(class_values) else \
         [str(v) for v in class_values]
     kinds = [("iou", "dice", "pixels")] + [("iou", "dice", "boundary_iou", "pixels")] * (len(names) - 1)
     header = ["step", "epoch", "train_loss", "selection_mean_iou", "boundary_iou"]
-    header += [f"{kind}_{name}" for name, each in zip(names, kinds) for kind in each] + ["best"]
+    header += [f"{kind}_{name}" for name, each in zip(names, kinds) for kind in each]
+    objects = any("instances" in metrics for _, metrics in history.get("validation", []))
+    header += [f"instance_{key}" for key in INSTANCE_COLUMNS] * objects + ["best"]
     losses, epochs = history.get("loss", []), history.get("epochs", {})
     rows, previous, best = [], 0, -math.inf
     for step, metrics in history.get("validation", []):
@@ -93,7 +99,9 @@ def metrics_table(
                                        metrics["per_class_pixels"])):
             per_class += [*scores[:2], boundary[i], scores[2]] if i else list(scores)
         rows.append([step, _cell(epoch), sum(since) / len(since) if since else "", _cell(score),
-                     _cell(metrics.get("boundary_iou")), *[_cell(v) for v in per_class], int(is_best)])
+                     _cell(metrics.get("boundary_iou")), *[_cell(v) for v in per_class],
+                     *[_cell((metrics.get("instances") or {}).get(key)) for key in INSTANCE_COLUMNS * objects],
+                     int(is_best)])
         previous = step
     return header, rows
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..config.choices import INSTANCE_METHOD_LABELS, INSTANCE_METHODS
 from ..errors import CheckpointError, ConfigError, TrainingError, describe_error
 from .adapt import add_adapt_parser, add_segment_prompts_parser
 from .blockwise import add_blockwise_options, blockwise_requested
@@ -29,6 +30,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if blockwise_requested(args):  # a .zarr store in or out: block by block on dask
         from .blockwise import cmd_predict_blockwise
 
+        if args.instance_method in ("head", "sam_refined"):
+            raise ConfigError(f"--instance-method {args.instance_method}: block-by-block prediction (.zarr) finds objects by connected "
+                              "components (stitched across blocks); the instance head runs on images read whole")
         return cmd_predict_blockwise(args)
     folders = Path(args.image[0]).is_dir() or Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
     if len(args.image) > 1 or folders:
@@ -46,7 +50,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         result = predict_image(model, read_image(image), image_layout(args), device=device, overlap=args.overlap,
                                batch_size=args.batch_size, return_probabilities=args.probabilities is not None,
                                instances=args.instances is not None, instances_3d=args.instances_3d,
-                               progress=progress)
+                               progress=progress, instance_method=args.instance_method)
     write_image(args.out, result.labels, like=image)
     print(f"labels {result.labels.shape} {result.labels.dtype} -> {args.out}")
     if args.probabilities:
@@ -54,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"probabilities -> {args.probabilities}")
     if args.instances:
         write_image(args.instances, result.instances, like=image)
-        print(f"instances -> {args.instances}")
+        print(f"instances ({INSTANCE_METHOD_LABELS[result.instance_method]}) -> {args.instances}")
     return 0
 
 
@@ -78,7 +82,8 @@ def _predict_many(args: argparse.Namespace) -> int:
     results, start = [], time.perf_counter()
     try:
         for result in predict_files(model, images, args.out, image_layout(args), device, args.overlap, args.batch_size,
-                                    instances_3d=args.instances_3d, other_inputs=models, **asked):
+                                    instances_3d=args.instances_3d, other_inputs=models,
+                                    instance_method=args.instance_method, **asked):
             results.append(result)
             print(result.line(model.config.head.class_names), file=sys.stderr, flush=True)
     except KeyboardInterrupt:
@@ -90,19 +95,28 @@ def _predict_many(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..config.choices import INSTANCE_LABEL_MODES
+    from ..instances.metrics import format_instance_line
     from ..io.images import read_image
-    from ..prediction.planes import evaluate_image
+    from ..prediction.planes import evaluate_image, evaluate_objects, predict_image
 
     device = use_run_options(args)
     model = load_model_from_args(args)
-    metrics = evaluate_image(model, read_image(args.image), read_image(args.labels), image_layout(args), device=device)
+    image, labels, layout = read_image(args.image), read_image(args.labels), image_layout(args)
+    objects = model.config.head.label_mode in INSTANCE_LABEL_MODES  # instance labels: objects are scored too
+    prediction = predict_image(model, image, layout, device=device, instances=True) if objects else None
+    metrics = evaluate_image(model, image, labels, layout, device=device, prediction=prediction)
+    scores = evaluate_objects(model, labels, prediction) if objects else None
     if args.json:
         head = model.config.head
         names = list(head.class_names or [f"class {i}" for i in range(head.num_classes)])
-        print(json.dumps({"class_names": names, "class_values": list(head.class_values), **metrics.to_dict()},
-                         indent=2))
+        found = {"instances": {"method": prediction.instance_method, **scores.as_dict()}} if scores else {}
+        print(json.dumps({"class_names": names, "class_values": list(head.class_values), **metrics.to_dict(),
+                          **found}, indent=2))
     else:
         print(metrics.format(model.config.head.class_names))
+        if scores is not None:
+            print(f"{format_instance_line(scores)} ({INSTANCE_METHOD_LABELS[prediction.instance_method]})")
     return 0
 
 
@@ -161,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--probabilities", nargs="?", const="", default=None, metavar="FILE",
                            help="also write class probabilities (.tif); a switch with several images")
             p.add_argument("--instances", nargs="?", const="", default=None, metavar="FILE",
-                           help="also write connected components (.tif), labelled plane by plane for stacks; "
-                                "a switch with several images")
+                           help="also write objects (.tif), labelled plane by plane for stacks (see "
+                                "--instance-method); a switch with several images")
+            p.add_argument("--instance-method", default="auto", choices=INSTANCE_METHODS,
+                           help="how --instances finds objects: auto (default: the model's instance head when it "
+                                "has one, touching objects apart; else connected components), head, sam_refined (the "
+                                "head's objects as box + point prompts to SAM), components")
             p.epilog = ("Several images: repeat --image, or give a folder (its .tif, .tiff, .png, .jpg, .jpeg, .bmp, "
                         ".nii, .nii.gz and .nrrd files, not recursive, by name), and let --out name a folder. Each "
                         "image <name> gets <name>_labels.tif there (a NIfTI or NRRD scan keeps its format and "

@@ -53,6 +53,18 @@ LABEL_MODE_LABELS = {
     "instances": "instances (objects vs background 0)",
     "sparse_instances": "sparse instances (0 = not annotated)",
 }
+#: Whether a run trains an instance head (``modeling/instance_head.py``: foreground, centre and depth maps, split into
+#: objects by a seeded watershed): "auto" trains one for the instance label modes and not otherwise; "on" / "off".
+INSTANCE_HEADS = ("auto", "on", "off")
+#: How prediction finds objects: the instance head where the model has one, else connected components ("auto");
+#: the head's maps split by its seeded watershed ("head"); the head's objects as box + point prompts to SAM's
+#: promptable decoder ("sam_refined"); connected components of each class ("components").
+INSTANCE_METHODS = ("auto", "head", "sam_refined", "components")
+INSTANCE_METHOD_LABELS = {"auto": "auto (instance head if trained)", "head": "instance head",
+                          "sam_refined": "instance head, refined by SAM", "components": "connected components"}
+#: The label modes where objects have ids of their own (what an instance head learns from).
+INSTANCE_LABEL_MODES = ("instances", "sparse_instances")
+
 #: In a stack or time series, a plane where nothing was painted is "not annotated" (skipped) or "background"
 #: (a real negative: every pixel of it trains as background). Sparse modes always skip: 0 means not annotated.
 UNPAINTED_PLANES = ("skip", "background")

@@ -12,6 +12,7 @@ from typing import Any
 from ..constants import PATCH_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from ..errors import ConfigError
 from .choices import HQ_MODES, LABEL_MODES, METHODS, MULTICLASS_HEADS, NO_ENCODER_ADAPTER, QKV_SLICES, WEAK_LABEL_KINDS
+from .instances import InstanceConfig
 from .records import ADDED_LATER
 from .sam import SamArchitecture
 
@@ -245,6 +246,8 @@ class ModelConfig:
     base_checkpoint: the base's file name and sha256, taken once when the base was loaded; None for a SAM
         built in memory (such a model can be saved as a bundle, not as an adapter).
     pixel_mean, pixel_std: SAM's normalisation of RGB values in 0..255, applied inside the model.
+    instances: the instance head's post-processing when the model has an instance head (foreground, centre and
+        depth maps next to the class masks; ``config/instances.py``); None for none.
     promptable: set when the encoder was adapted through SAM's promptable decoder from weak labels (WeSAM): then
         only the adapters train and SAM's decoder stays as loaded; None for prompt-free fine-tuning.
     """
@@ -258,11 +261,15 @@ class ModelConfig:
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
     base_checkpoint: BaseCheckpoint | None = None
     promptable: PromptableAdaptation | None = field(default=None, metadata=ADDED_LATER)
+    instances: InstanceConfig | None = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
         if self.adapter.method == "hq" and not self.head.uses_hq:
             raise ConfigError("method 'hq' trains HQ-SAM's parts only: the head's hq must be 'sam+hq' or 'hq'")
+        if self.instances is not None and not self.head.binary:
+            raise ConfigError(f"an instance head separates the objects of one class: the head has "
+                              f"{self.head.num_classes} classes")
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .choices import DEVICES, HQ_MODES, LABEL_MODES, MASK_LOSSES, MULTICLASS_HEADS, PRECISIONS, UNPAINTED_PLANES
+from .choices import (DEVICES, HQ_MODES, INSTANCE_HEADS, INSTANCE_LABEL_MODES, LABEL_MODES, MASK_LOSSES,
+                      MULTICLASS_HEADS, PRECISIONS, UNPAINTED_PLANES)
 from .model import AdapterConfig, InputSpec, check_input_size
 from .records import ADDED_LATER, added_later
 
@@ -22,7 +23,7 @@ from .records import ADDED_LATER, added_later
 DEFAULT_EPOCHS = 10.0
 #: The recipe fields that decide how the data are prepared; data cut for other values cannot train.
 DATA_FIELDS = ("input_size", "input", "label_mode", "background_value", "unpainted_planes", "class_names",
-               "val_fraction", "augment", "seed")
+               "instance_head", "val_fraction", "augment", "seed")
 
 
 @dataclass
@@ -49,6 +50,10 @@ class TrainRecipe:
         ``"hq_points"`` (HQ-SAM's point-sampled BCE + dice, ``training/hq_mask_loss.py``). Multi-class models
         always use their head's loss (``multiclass_head``) and refuse ``"hq_points"`` (here when ``class_names``
         names more than two classes, else when training starts: :meth:`check_mask_loss`).
+    instance_head: ``"auto"`` (the default) trains an instance head (foreground, centre and depth maps, split into
+        objects by a seeded watershed; ``config/instances.py``) with the instance label modes and not otherwise;
+        ``"on"`` asks for one (an instance label mode is then required) and ``"off"`` for none. Runs saved before
+        the field existed had none.
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
     batch_size x grad_accum: patches per optimizer step.
@@ -66,6 +71,7 @@ class TrainRecipe:
     hq: str = field(default="off", metadata=ADDED_LATER)
     mask_loss: str = field(default="structure", metadata=ADDED_LATER)
     multiclass_head: str = field(default="per_class", metadata=added_later("matched"))
+    instance_head: str = field(default="auto", metadata=added_later("off"))
     val_fraction: float = 0.1
     augment: bool = True
     steps: int | None = None
@@ -77,6 +83,11 @@ class TrainRecipe:
     grad_clip: float = 1.0
     val_every: int | None = None
     seed: int = 0
+
+    @property
+    def trains_instance_head(self) -> bool:
+        """Whether this run trains an instance head (see ``instance_head``)."""
+        return self.instance_head == "on" or (self.instance_head == "auto" and self.label_mode in INSTANCE_LABEL_MODES)
 
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
@@ -90,6 +101,11 @@ class TrainRecipe:
             raise ConfigError(f"unknown multi-class head {self.multiclass_head!r}; expected one of {MULTICLASS_HEADS}")
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; expected one of {LABEL_MODES}")
+        if self.instance_head not in INSTANCE_HEADS:
+            raise ConfigError(f"unknown instance head setting {self.instance_head!r}; expected one of {INSTANCE_HEADS}")
+        if self.instance_head == "on" and self.label_mode not in INSTANCE_LABEL_MODES:
+            raise ConfigError(f"an instance head (--instance-head on) learns from instance labels: choose the label "
+                              f"mode 'instances' or 'sparse_instances', not {self.label_mode!r}")
         if self.unpainted_planes not in UNPAINTED_PLANES:
             raise ConfigError(f"unpainted_planes must be one of {UNPAINTED_PLANES}, got {self.unpainted_planes!r}")
         if self.class_names is not None:

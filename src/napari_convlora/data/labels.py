@@ -129,6 +129,22 @@ class LabelEncoding:
             return lookup[labels]  # a table is much faster than searchsorted on large stacks
         return self._encode_values(labels.astype(np.int64, copy=False))
 
+    def encode_objects(self, labels: np.ndarray) -> np.ndarray:
+        """Instance label values (any shape) -> int64 object ids, same shape: IGNORE_INDEX not annotated, 0
+        background, > 0 the object's own id (what an instance head learns from). Instance modes only.
+
+        instances: 0 is background, every other value an object. sparse instances: 0 is not annotated, the
+        background value is background, every other value an object."""
+        if self.mode not in ("instances", "sparse_instances"):
+            raise ValueError(f"object ids are read from instance labels, not in {self.mode!r} mode")
+        labels = np.asarray(labels)
+        check_labels_dtype(labels)
+        ids = labels.astype(np.int64)
+        if self.mode == "sparse_instances":
+            ids[labels == self.background_value] = 0
+            ids[labels == 0] = IGNORE_INDEX
+        return ids
+
     def _encode_values(self, values: np.ndarray) -> np.ndarray:
         position = np.searchsorted(self._sorted_values, values)
         np.clip(position, 0, len(self._sorted_values) - 1, out=position)

@@ -20,6 +20,7 @@ def labelled_plane_pairs(
     spec: InputSpec,
     encoding: LabelEncoding,
     unpainted_planes: str = "skip",
+    objects: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The labelled 2D planes of one (image, labels) layer pair, validated, encoded and prepared as the model
     sees them (``SamPlanes.model_input``: normalised over the whole image, then rescaled by ``spec.rescale``).
@@ -30,10 +31,11 @@ def labelled_plane_pairs(
     stack are never converted. One rule for every mode: in a stack, a plane where nothing was painted (all 0) is
     not annotated (``unpainted_planes="skip"``: people label a few slices of a stack, not every one) or, with
     ``"background"``, a real negative whose every pixel trains as background (dense and instances modes; in
-    the sparse modes 0 always means not annotated).
+    the sparse modes 0 always means not annotated). With ``objects`` (instance modes) the targets are object ids
+    (``LabelEncoding.encode_objects``) instead of class indices.
     """
     validate_pair(image, labels, layout, encoding.mode, spec)
-    encoded = encoding.encode(labels)
+    encoded = encoding.encode_objects(labels) if objects else encoding.encode(labels)
     indices = labelled_plane_indices(encoded)
     if unpainted_planes == "skip" and label_planes(encoded).shape[0] > 1:
         painted = label_planes(np.asarray(labels)).any(axis=(1, 2))

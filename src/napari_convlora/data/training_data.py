@@ -17,8 +17,9 @@ import numpy as np
 
 from ..config import TrainRecipe
 from ..constants import IGNORE_INDEX
-from .images import ImageLayout
+from ..instances import object_classes
 from ..metrics import class_labels
+from .images import ImageLayout
 from .label_checks import instance_id_warning, pixels_per_class, rare_class_warnings, unvalidated_class_warnings
 from .labels import SPARSE_MODES, LabelEncoding, make_label_encoding, validate_pair
 from .pairs import labelled_plane_pairs
@@ -57,6 +58,13 @@ class PreparedData:
     unvalidated_classes: tuple[int, ...] = ()
     #: One line each, to show before training: rare classes, classes left without validation, instance ids.
     warnings: list[str] = field(default_factory=list)
+    #: True when the sampler's and the validation patches' targets are object ids (IGNORE_INDEX, 0 background,
+    #: > 0 an object; for an instance head: ``recipe.trains_instance_head``), not class indices; ``train_planes``
+    #: always holds class indices.
+    object_ids: bool = False
+    #: With object ids: the median equivalent radius (sqrt(area / pi), pixels as the model sees them) of the
+    #: annotated objects, whole as painted (before the validation split); None without objects.
+    object_radius: float | None = None
 
     def summary(self) -> str:
         """What trains, before it trains: the planes used of each image and the pixels of each class."""
@@ -70,11 +78,14 @@ class PreparedData:
                              + (f" (unpainted planes {skipped})" if used < total else ""))
         pixels = ", ".join(f"{name} {int(t):,} / {int(v):,}" for name, t, v in
                            zip(names, train, self.validation_pixels()))
-        return "; ".join(parts + [f"pixels per class (training / validation): {pixels}"])
+        objects = [] if self.object_radius is None else [
+            f"objects of median radius {self.object_radius:.1f} px: an instance head learns to separate them"]
+        return "; ".join(parts + [f"pixels per class (training / validation): {pixels}"] + objects)
 
     def validation_pixels(self) -> np.ndarray:
         """Labelled validation pixels per class (int64, K)."""
-        return pixels_per_class(self.validation, self.encoding.num_classes)
+        patches = [(im, object_classes(t)) for im, t in self.validation] if self.object_ids else self.validation
+        return pixels_per_class(patches, self.encoding.num_classes)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps for as many patches as it takes to tile every training plane once."""
@@ -116,14 +127,26 @@ def prepare_training_data(
         )
 
     plane_counts = []
+    objects = recipe.trains_instance_head
+    ids_of: dict[int, np.ndarray] = {}  # id(plane) -> its object ids, when an instance head trains
 
     def planes_of(some_pairs: Sequence[TrainingPair]) -> list[tuple[np.ndarray, np.ndarray]]:
         planes = []
         for p in some_pairs:
-            found = labelled_plane_pairs(p.image, p.labels, p.layout, recipe.input, encoding, recipe.unpainted_planes)
+            found = labelled_plane_pairs(p.image, p.labels, p.layout, recipe.input, encoding, recipe.unpainted_planes,
+                                         objects=objects)
             plane_counts.append((len(found), int(np.prod(np.shape(p.labels)[:-2], dtype=np.int64))))
+            if objects:
+                ids_of.update((id(plane), ids) for plane, ids in found)
+                found = [(plane, object_classes(ids)) for plane, ids in found]
             planes += found
         return planes
+
+    def targets_for_patches(planes: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Class planes as the split left them -> the same planes with object ids where an instance head trains."""
+        if not objects:
+            return planes
+        return [(plane, np.where(t == IGNORE_INDEX, IGNORE_INDEX, ids_of[id(plane)])) for plane, t in planes]
 
     if validation_pairs:
         train_planes, val_planes = planes_of(pairs), planes_of(validation_pairs)
@@ -146,11 +169,23 @@ def prepare_training_data(
     return PreparedData(
         recipe=recipe,
         encoding=encoding,
-        sampler=PatchSampler(train_planes, size, labelled_weighting=recipe.label_mode in SPARSE_MODES,
-                             augment=recipe.augment, class_balanced=recipe.label_mode in CLASS_BALANCED_MODES),
-        validation=validation_patches([(im, t) for im, t in val_planes if (t != IGNORE_INDEX).any()], size),
+        sampler=PatchSampler(targets_for_patches(train_planes), size,
+                             labelled_weighting=recipe.label_mode in SPARSE_MODES, augment=recipe.augment,
+                             class_balanced=recipe.label_mode in CLASS_BALANCED_MODES),
+        validation=validation_patches(targets_for_patches([(im, t) for im, t in val_planes
+                                                           if (t != IGNORE_INDEX).any()]), size),
         train_planes=train_planes,
         plane_counts=plane_counts,
         unvalidated_classes=tuple(sorted(unvalidated)),
         warnings=warnings,
+        object_ids=objects,
+        object_radius=median_object_radius(list(ids_of.values())) if objects else None,
     )
+
+
+def median_object_radius(planes: Sequence[np.ndarray]) -> float | None:
+    """The median over every object of planes of object ids (IGNORE_INDEX, 0 background, > 0 ids) of its equivalent
+    radius ``sqrt(area / pi)``; None without objects."""
+    areas = [np.unique(ids[ids > 0], return_counts=True)[1] for ids in planes]  # ids may be large: no bincount
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else None

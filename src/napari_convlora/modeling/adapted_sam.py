@@ -9,7 +9,9 @@ Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_de
   reference and owning its tokens and (matched multi-class heads) its class head;
 - ``prompt_head``: SAM's own promptable decoding on the same adapted encoder (``heads.PromptableHead``);
 - ``hq``: HQ-SAM's token, MLP and fusion convolutions (``hq.HQParts``) when the head uses HQ (``config.head.hq``),
-  from an HQ-SAM checkpoint or new; both heads borrow them.
+  from an HQ-SAM checkpoint or new; both heads borrow them;
+- ``instance_head``: foreground, centre and depth maps at full resolution for touching objects
+  (``instance_head.InstanceHead``) when the config has ``instances``; trained with the adapters.
 
 Images go in as RGB in 0..255; the pixel normalisation belongs to the model (its own buffers, from the
 config). Activation checkpointing is a wrapper around the encoder blocks (``checkpointing.py``); an early
@@ -34,6 +36,7 @@ from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
 from .hq import HQParts
+from .instance_head import InstanceHead
 from .outputs import SegmentationOutput
 from .resize import resize_sam_input
 from .sam_build import infer_architecture
@@ -83,8 +86,10 @@ class AdaptedSAM(nn.Module):
         self.head = PromptFreeHead(sam.prompt_encoder, sam.mask_decoder, config.head, self.hq)
         self.prompt_head = PromptableHead(sam.prompt_encoder, sam.mask_decoder, self.hq,
                                           config.head.hq if config.head.uses_hq else "sam+hq")
+        self.instance_head = (InstanceHead(config.base.prompt_embed_dim, config.base.encoder_embed_dim)
+                              if config.instances is not None else None)
         self._early_capture: BlockOutputCapture | None = None
-        self.capture_early_feature(config.head.uses_hq)
+        self.capture_early_feature(config.head.uses_hq or self.instance_head is not None)
         if config.promptable is not None:  # WeSAM trains the adapters only: the prompt-free head stays as built
             self.head.requires_grad_(False)
         for p in self.trainable_parameters():
@@ -106,7 +111,9 @@ class AdaptedSAM(nn.Module):
         if self.config.promptable is not None:
             return adapters
         head = self.head.trainable_parameters(sam_decoder=self.config.adapter.method != "hq")
-        return adapters + head + (list(self.hq.parameters()) if self.hq is not None else [])
+        hq = list(self.hq.parameters()) if self.hq is not None else []
+        instances = list(self.instance_head.parameters()) if self.instance_head is not None else []
+        return adapters + head + hq + instances
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors fine-tuning changes, under their state-dict names (what an adapter file holds)."""
@@ -138,8 +145,9 @@ class AdaptedSAM(nn.Module):
     def capture_early_feature(self, enabled: bool = True) -> None:
         """Make :meth:`encode` also return the output of the first global-attention block (HQ-SAM's early
         feature), taken with a forward hook on that block. On from the start when the head uses HQ."""
-        if not enabled and self.hq is not None:
-            raise ValueError("this model's HQ fusion reads the early feature: it cannot be switched off")
+        if not enabled and (self.hq is not None or self.instance_head is not None):
+            raise ValueError("this model's HQ fusion or instance head reads the early feature: it cannot be switched "
+                             "off")
         if enabled and self._early_capture is None:
             block = unwrapped(self.sam.image_encoder.blocks[self.config.base.first_global_block])
             self._early_capture = BlockOutputCapture(block)
@@ -165,9 +173,14 @@ class AdaptedSAM(nn.Module):
         return ImageFeatures(embedding, early)
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
-        """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4)."""
-        masks, class_logits = self.head(self.encode(images))
-        return SegmentationOutput(masks, class_logits, self.balance_loss())
+        """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4; with an
+        instance head also its maps' logits B x 3 x S x S)."""
+        features = self.encode(images)
+        masks, class_logits = self.head(features)
+        instance_logits = None
+        if self.instance_head is not None:
+            instance_logits = self.instance_head(features, (images - self.pixel_mean) / self.pixel_std)
+        return SegmentationOutput(masks, class_logits, self.balance_loss(), instance_logits)
 
     def probabilities_from_output(self, out: SegmentationOutput, size: int | None = None) -> torch.Tensor:
         """Class probabilities B x K x size x size (sum 1 over K) from raw outputs.
@@ -192,6 +205,14 @@ class AdaptedSAM(nn.Module):
         relative = torch.exp(log_sigmoid - log_sigmoid.amax(dim=1, keepdim=True))  # largest token = 1
         semantic = torch.einsum("bqk,bqhw->bkhw", cls, relative)
         return semantic / semantic.sum(dim=1, keepdim=True).clamp_min(torch.finfo(semantic.dtype).tiny)
+
+    def probabilities_and_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B x 3 x S x S float RGB 0..255 -> B x (K + 3) x S x S: the class probabilities, then the instance
+        head's maps (foreground, centre, depth; sigmoid, each in 0..1). Only for a model with an instance head."""
+        if self.instance_head is None:
+            raise ValueError("this model has no instance head (train it with instance labels to get one)")
+        out = self(images)
+        return torch.cat([self.probabilities_from_output(out), torch.sigmoid(out.instance_logits.float())], dim=1)
 
     def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x S x S float RGB 0..255 -> B x K x S x S probabilities summing to 1 over K."""

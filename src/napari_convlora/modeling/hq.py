@@ -20,7 +20,7 @@ HQ_CHECKPOINT_PREFIX = "mask_decoder."
 HQ_MODULES = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
 
 
-def _upsample_x4(in_dim: int, mid_dim: int, out_dim: int) -> nn.Sequential:
+def upsample_x4(in_dim: int, mid_dim: int, out_dim: int) -> nn.Sequential:
     """ConvT 2x2/2 -> LayerNorm2d -> GELU -> ConvT 2x2/2: a feature map 4x larger (the indices 0, 1, 3 of HQ-SAM's
     keys)."""
     from segment_anything.modeling.common import LayerNorm2d
@@ -49,8 +49,8 @@ class HQParts(nn.Module):
         self.transformer_dim, self.vit_dim = d, vit_dim
         self.hf_token = nn.Embedding(1, d)
         self.hf_mlp = MLP(d, d, d // 8, 3)
-        self.compress_vit_feat = _upsample_x4(vit_dim, d, d // 8)
-        self.embedding_encoder = _upsample_x4(d, d // 4, d // 8)
+        self.compress_vit_feat = upsample_x4(vit_dim, d, d // 8)
+        self.embedding_encoder = upsample_x4(d, d // 4, d // 8)
         self.embedding_maskfeature = nn.Sequential(
             nn.Conv2d(d // 8, d // 4, 3, 1, 1), LayerNorm2d(d // 4), nn.GELU(), nn.Conv2d(d // 4, d // 8, 3, 1, 1),
         )

@@ -15,8 +15,11 @@ class SegmentationOutput:
         whose token k is class k).
     class_logits: B x Q x (K+1) class logits, the last being "no object"; None for binary and per-class models.
     balance_loss: scalar, Conv-LoRA's gate load-balancing loss summed over blocks (0 without Conv-LoRA).
+    instance_logits: B x 3 x S x S logits of the instance head's maps (foreground, centre, depth), at the input's
+        resolution; None without an instance head.
     """
 
     mask_logits: torch.Tensor
     class_logits: torch.Tensor | None
     balance_loss: torch.Tensor
+    instance_logits: torch.Tensor | None = None

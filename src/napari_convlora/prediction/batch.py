@@ -186,6 +186,7 @@ def predict_files(
     other_inputs: Mapping[str, str | os.PathLike | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    instance_method: str = "auto",
 ) -> Iterator[FileResult]:
     """Predict image files one by one into ``out_dir`` (created if missing), yielding a :class:`FileResult`
     after each: its outputs written, or the one-line reason it was skipped (unreadable, not fitting the model's
@@ -194,15 +195,18 @@ def predict_files(
     The outputs are planned and checked (:func:`plan_outputs`) at the first ``next()``, before anything is
     written. ``progress(done, total)`` counts tiles within the current file. ``should_stop`` is polled between
     files and between tile batches; when it returns True the generator ends, and the file in progress is not
-    written (the files finished before it are kept).
+    written (the files finished before it are kept). ``instance_method`` as for ``planes.predict_image`` (a
+    method the model cannot run is refused before any file is read).
     """
     import numpy as np
 
     from ..io.images import read_image, write_image
     from ..metrics import class_pixel_counts
-    from .planes import predict_image
+    from .planes import instance_method_for, predict_image
     from .tiling import PredictionCancelled
 
+    if instances:
+        instance_method_for(model, instance_method, instances_3d)
     paths = [Path(p) for p in images]
     plans = plan_outputs(paths, out_dir, probabilities, instances, other_inputs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -215,7 +219,7 @@ def predict_files(
             prediction = predict_image(
                 model, read_image(path), layout, device=device, overlap=overlap, batch_size=batch_size,
                 return_probabilities=probabilities, instances=instances, instances_3d=instances_3d,
-                progress=progress, should_stop=should_stop)
+                progress=progress, should_stop=should_stop, instance_method=instance_method)
             result.shape = tuple(prediction.labels.shape)
             result.pixel_counts = class_pixel_counts(prediction.labels, values)
             arrays: dict[str, np.ndarray | None] = {"labels": prediction.labels,

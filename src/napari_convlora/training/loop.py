@@ -30,6 +30,7 @@ from ..config import HeadConfig, ModelConfig, RunOptions, TrainRecipe
 from ..data import LabelEncoding, PreparedData
 from ..devices import apply_run_options, autocast_context, resolve_device
 from ..errors import ConfigError, TrainingError
+from ..instances import object_classes, object_maps
 from ..io.atomic import copy_file, sha256_file, temporary_files
 from ..io.safety import check_outputs_are_not_inputs, check_writable, run_lock
 from ..metrics import ConfusionMatrix, selection_score
@@ -38,6 +39,7 @@ from .data_parallel import Processes, micro_seed
 from .data_parallel import start as join_processes
 from .data_parallel import stop as leave_processes
 from .events import TrainingEvent
+from .instance_validation import ValidationObjects, instance_config_for
 from .losses import segmentation_loss
 from .notes import (check_finite, check_finite_forward, check_finite_output, check_finite_validation, data_notes,
                     hq_note, hq_words, outputs_finite, selection_blind, stall_note, which_file)
@@ -49,8 +51,10 @@ __all__ = ["LENGTH_FIELDS", "MODEL_FIELDS", "TrainingEvent", "TrainingError", "i
            "train", "validate"]
 
 
-def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding) -> ModelConfig:
-    """The model a new run trains: ``base`` adapted as ``recipe`` says, with a head for ``encoding``'s classes."""
+def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding,
+                     object_radius: float | None = None) -> ModelConfig:
+    """The model a new run trains: ``base`` adapted as ``recipe`` says, with a head for ``encoding``'s classes; an
+    instance head's seeds lie at least half the objects' median radius (``object_radius``, px) apart."""
     head = HeadConfig(
         num_classes=encoding.num_classes,
         num_mask_tokens=recipe.num_mask_tokens,
@@ -61,7 +65,8 @@ def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding
         hq=recipe.hq, multiclass=recipe.multiclass_head,
     )
     return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=head, input_size=recipe.input_size,
-                       input=dataclasses.replace(recipe.input), base_checkpoint=base.checkpoint)
+                       input=dataclasses.replace(recipe.input), base_checkpoint=base.checkpoint,
+                       instances=instance_config_for(object_radius) if recipe.trains_instance_head else None)
 
 
 def _optimizer(model: AdaptedSAM, recipe: TrainRecipe) -> torch.optim.Optimizer:
@@ -78,7 +83,9 @@ def validate(
     step: int = 0, out_path: Path | None = None,
 ) -> dict[str, Any] | None:
     """Per-class IoU/Dice, mIoU, pixel accuracy and HQ-SAM's boundary IoU (each patch an image) on the validation
-    patches (labelled pixels only).
+    patches (labelled pixels only). With an instance head trained from object ids, also its objects' scores
+    (``metrics["instances"]``), and the model's foreground threshold is set to the one that scored best
+    (``instance_validation.ValidationObjects.choose``), so that the files saved after this validation carry it.
 
     Raises:
         TrainingError: an output (logit) on the validation patches was NaN or infinite; the message names ``step``
@@ -89,26 +96,43 @@ def validate(
     model.eval()
     matrix = ConfusionMatrix(model.num_classes)
     finite = torch.ones((), dtype=torch.bool, device=device)
+    objects = ValidationObjects() if data.object_ids and model.instance_head is not None else None
     for i in range(0, len(data.validation), batch_size):
         chunk = data.validation[i : i + batch_size]
         images = torch.from_numpy(np.stack([c[0] for c in chunk])).to(device)
+        targets = np.stack([c[1] for c in chunk])
         with autocast_context(device, dtype):
             out = model(images)
             finite &= outputs_finite(out)
             pred = model.probabilities_from_output(out).argmax(dim=1).cpu().numpy()  # model.segment(images)
-        matrix.update(pred, np.stack([c[1] for c in chunk]))
+        if objects is not None:
+            objects.add(torch.sigmoid(out.instance_logits.float()).cpu().numpy(), targets)
+        matrix.update(pred, object_classes(targets) if data.object_ids else targets)
     check_finite_validation(finite, step, out_path)
-    return matrix.compute().to_dict()
+    metrics = matrix.compute().to_dict()
+    if objects is not None:
+        model.config.instances, scores = objects.choose(model.config.instances)
+        metrics["instances"] = scores
+    return metrics
 
 
 def _batch_loss(model: AdaptedSAM, images: np.ndarray, targets: np.ndarray, device: torch.device, step: int,
-                out_path: Path, mask_loss: str) -> LossFn:
-    """The forward of one micro-batch (B x 3 x S x S float32 images, B x S x S int64 targets) for the step."""
+                out_path: Path, mask_loss: str, object_ids: bool = False) -> LossFn:
+    """The forward of one micro-batch (B x 3 x S x S float32 images, B x S x S int64 targets) for the step.
+    With ``object_ids`` the targets are instance ids (``PreparedData.object_ids``): the class targets are their
+    foreground, and the instance head's targets are made from them (``instances.object_maps``)."""
+    instance_targets = None
+    if object_ids:
+        made = [object_maps(t) for t in targets]
+        instance_targets = (torch.from_numpy(np.stack([m for m, _ in made])).to(device, non_blocking=True),
+                            torch.from_numpy(np.stack([v for _, v in made])).to(device, non_blocking=True))
+        targets = object_classes(targets)
+
     def loss() -> dict[str, torch.Tensor]:
         out = model(torch.from_numpy(images).to(device, non_blocking=True))
         check_finite_output(out, step, out_path)
         return segmentation_loss(out, torch.from_numpy(targets).to(device, non_blocking=True), model.num_classes,
-                                 mask_loss=mask_loss)
+                                 mask_loss=mask_loss, instance_targets=instance_targets)
 
     return loss
 
@@ -215,7 +239,7 @@ def _train(
     rng = np.random.default_rng(recipe.seed)
 
     base = base_checkpoint if isinstance(base_checkpoint, BaseSam) else load_base(base_checkpoint)
-    config = model_config_for(base, recipe, data.encoding)
+    config = model_config_for(base, recipe, data.encoding, data.object_radius)
     if state:
         model = load_resumed_model(resume_from, state, base, config, data.encoding)
     elif init_from:
@@ -299,8 +323,8 @@ def _train(
             if micro not in mine:
                 continue
             torch.manual_seed(micro_seed(recipe.seed, step, micro))  # the same noise whichever process computes it
-            stepper.micro_batch(_batch_loss(model, images, targets, device, step + 1, out_path, recipe.mask_loss),
-                                step + 1)
+            stepper.micro_batch(_batch_loss(model, images, targets, device, step + 1, out_path, recipe.mask_loss,
+                                            data.object_ids), step + 1)
             if not processes.parallel and stop.is_set() and micro < recipe.grad_accum - 1:
                 interrupted = True
                 break

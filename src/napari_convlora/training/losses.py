@@ -24,6 +24,7 @@ from ..constants import IGNORE_INDEX
 from ..errors import ConfigError
 from ..modeling.outputs import SegmentationOutput
 from .hq_mask_loss import hq_mask_loss
+from .instance_loss import instance_loss
 from .mask_terms import soft_dice_loss
 from .per_class_loss import per_class_loss
 
@@ -309,7 +310,8 @@ def mask_classification_loss(
 
 def segmentation_loss(output: SegmentationOutput, targets: torch.Tensor, num_classes: int,
                       generator: torch.Generator | None = None,
-                      mask_loss: str = "structure") -> dict[str, torch.Tensor]:
+                      mask_loss: str = "structure",
+                      instance_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """All training loss terms for one batch, plus their sum under "total".
 
     output: the model's raw outputs (low-resolution mask logits B x Q x h x w).
@@ -322,8 +324,11 @@ def segmentation_loss(output: SegmentationOutput, targets: torch.Tensor, num_cla
     Multi-class models (num_classes > 2) refuse "hq_points" (ConfigError). Matched heads (with class logits):
     {"class", "mask", "dice"} (mask_classification_loss with its defaults). Per-class heads (no class logits,
     Q = K, token k = class k): {"ce", "dice"}, SAMed's cross-entropy + soft Dice at H x W, weighted 1 : 1
-    (:func:`~.per_class_loss.per_class_loss`). All add "balance" (output.balance_loss, added unscaled: its 0.01
-    coefficient belongs to the model) and "total" (the sum of all terms).
+    (:func:`~.per_class_loss.per_class_loss`). A model with an instance head (``output.instance_logits``) adds
+    {"instance_bce", "instance_dice"} (:func:`~.instance_loss.instance_loss`) against ``instance_targets``: (maps
+    B x 3 x S x S floats in 0..1, valid B x S x S bool), from ``instances.object_maps``. All add "balance"
+    (output.balance_loss, added unscaled: its 0.01 coefficient belongs to the model) and "total" (the sum of all
+    terms).
     """
     if mask_loss not in MASK_LOSSES:
         raise ConfigError(f"unknown mask loss {mask_loss!r}; expected one of {MASK_LOSSES}")
@@ -350,6 +355,10 @@ def segmentation_loss(output: SegmentationOutput, targets: torch.Tensor, num_cla
                                    mode="bilinear", align_corners=False)
             labels = targets[:, None]
             terms = {"structure": structure_loss(logits, labels == 1, labels != IGNORE_INDEX)}
+    if output.instance_logits is not None:
+        if instance_targets is None:
+            raise ValueError("a model with an instance head trains from instance targets (maps, valid); none given")
+        terms.update(instance_loss(output.instance_logits, *instance_targets))
     reference = next(iter(terms.values()))
     terms["balance"] = torch.as_tensor(output.balance_loss, dtype=reference.dtype,
                                        device=reference.device).reshape(())

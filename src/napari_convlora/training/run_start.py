@@ -18,6 +18,7 @@ from ..checkpoints.model_files import load_model, model_config, read_record
 from ..checkpoints.training_state import load_training_state, state_path
 from ..config import DATA_FIELDS, ModelConfig, TrainRecipe
 from ..config.choices import MODEL_SUFFIX
+from ..config.instances import InstanceConfig
 from ..data import LabelEncoding, PreparedData
 from ..errors import CheckpointError, TrainingError
 from ..io.atomic import sha256_file
@@ -29,7 +30,7 @@ LENGTH_FIELDS = ("steps", "epochs")
 
 #: The recipe fields a trained model decides: a run started from it (``init_from``) takes them from the model.
 MODEL_FIELDS = ("adapter", "input_size", "input", "label_mode", "background_value", "class_names",
-                "num_mask_tokens", "hq", "multiclass_head")
+                "num_mask_tokens", "hq", "multiclass_head", "instance_head")
 
 
 def resume_recipe(resume_from: str | Path, requested: TrainRecipe | None = None) -> tuple[TrainRecipe, list[str]]:
@@ -62,8 +63,8 @@ def init_recipe(init_from: str | Path, requested: TrainRecipe | None = None) -> 
     """The recipe of a new run that starts from the trained model ``init_from``, and what was set aside.
 
     The model decides the fields of :data:`MODEL_FIELDS` (adapter method and hyper-parameters, input size,
-    input spec, label mode, background value, class names, mask tokens, HQ mode, multi-class head): they are taken
-    from it, because its weights only fit them. Everything else (length, learning rate, batch, validation split, augmentation, seed)
+    input spec, label mode, background value, class names, mask tokens, HQ mode, multi-class head, instance head):
+    they are taken from it, because its weights only fit them. Everything else (length, learning rate, batch, validation split, augmentation, seed)
     is the caller's, from ``requested`` (default: :class:`TrainRecipe` defaults). The returned lines say which
     requested values were set aside (``"input_size: 512 asked, 256 in the model"``); a field left at None
     (background value, class names, mask tokens: "the default") is no request and is not reported.
@@ -79,10 +80,12 @@ def init_recipe(init_from: str | Path, requested: TrainRecipe | None = None) -> 
     resolved = dataclasses.replace(
         requested or TrainRecipe(), adapter=config.adapter, input_size=config.input_size, input=config.input,
         label_mode=head.label_mode, background_value=head.background_value, class_names=head.class_names,
-        num_mask_tokens=head.num_mask_tokens, hq=head.hq, multiclass_head=head.multiclass)
+        num_mask_tokens=head.num_mask_tokens, hq=head.hq, multiclass_head=head.multiclass,
+        instance_head="on" if config.instances is not None else "off")
     if requested is None:
         return resolved, []
-    asked = [f for f in MODEL_FIELDS if getattr(requested, f) is not None]
+    asked = [f for f in MODEL_FIELDS if getattr(requested, f) is not None
+             and not (f == "instance_head" and requested.instance_head == "auto")]  # "auto" asks for nothing
     return resolved, requested.differences(resolved, "asked", "in the model", tuple(asked))
 
 
@@ -123,7 +126,11 @@ def _check_class_values(trained: tuple[int, ...], encoding: LabelEncoding) -> No
 
 
 def _differing_fields(found: ModelConfig, expected: ModelConfig) -> list[str]:
-    found, expected = (dataclasses.replace(c, base_checkpoint=None) for c in (found, expected))
+    """The fields in which two model configs differ, but for the base checkpoint and the instance head's
+    post-processing (chosen on validation as a run goes; only whether there is an instance head counts)."""
+    found, expected = (dataclasses.replace(c, base_checkpoint=None,
+                                           instances=None if c.instances is None else InstanceConfig())
+                       for c in (found, expected))
     return [f.name for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(expected, f.name)]
 
 
