@@ -44,3 +44,16 @@ def test_instance_labels_train_a_head_and_predict_separates_objects(dock, viewer
     dock.predict()
     _wait_idle(dock, qtbot)
     assert "'cells instances' (connected components)" in dock.log.toPlainText()
+
+
+def test_a_lazy_image_refuses_the_head_in_one_line(dock, viewer, qtbot):
+    """Block-by-block prediction finds objects as connected components: asking for the head there is refused."""
+    import dask.array as da
+
+    viewer.add_image(da.from_array(viewer.layers["cells"].data, chunks=64), name="lazy")
+    dock.model = object()  # any model: the refusal comes first
+    dock.predict_image.refresh("lazy")
+    dock.panel.instances.setChecked(True)
+    dock.panel.instance_method.setCurrentIndex(dock.panel.instance_method.findData("head"))
+    assert dock.predict() is None
+    assert "'lazy' is held lazily and predicted block by block" in dock.log.toPlainText().splitlines()[-1]

@@ -111,3 +111,39 @@ def test_each_object_becomes_a_box_and_its_innermost_point():
     rows, cols = np.nonzero(ids == 3)
     np.testing.assert_array_equal(first.box, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     np.testing.assert_allclose(first.positive, [[30.5, 32.5]])  # the disc's centre pixel (30, 32), at its centre
+
+
+def test_an_id_painted_on_separate_blobs_is_one_object_per_blob_everywhere():
+    """Every nucleus painted with label 1 (review of issue 23): training targets, the objects' radius and the
+    scores all see one object per blob, also when two blobs of one id are joined only through another object."""
+    from napari_convlora.data.training_data import median_object_radius
+    from napari_convlora.instances import separate_objects
+
+    ids = np.zeros((20, 60), np.int64)
+    ids[5:15, 5:15] = 1
+    ids[5:15, 15:25] = 2  # touches both blobs of id 1
+    ids[5:15, 25:35] = 1
+    ids[5:15, 45:55] = 1
+    assert separate_objects(ids).max() == 4
+    maps, _ = object_maps(ids)
+    assert (maps[1] == 1.0).sum() == 4  # one centre per object
+    assert median_object_radius([ids]) == pytest.approx(np.sqrt(100 / np.pi))
+    perfect = np.where(ids > 0, separate_objects(ids) + 10, 0)
+    assert instance_scores(perfect, separate_objects(ids)).f1_50 == 1.0
+
+
+def test_a_plane_all_foreground_is_measured_from_its_sides():
+    maps = np.ones((3, 24, 48), np.float32)
+    maps[1:, :, 23:25] = 0.0  # a seam the head learnt
+    found = instances_from_maps(maps, InstanceConfig(min_distance=4))
+    assert found.max() == 2 and (found[:, :20] == found[0, 0]).all() and (found[:, 28:] == found[0, -1]).all()
+
+
+def test_non_finite_instance_maps_count_as_non_finite_outputs():
+    import torch
+
+    from napari_convlora.modeling import SegmentationOutput
+    from napari_convlora.training.notes import outputs_finite
+
+    out = SegmentationOutput(torch.zeros(1, 1, 4, 4), None, torch.zeros(()), torch.full((1, 3, 16, 16), float("nan")))
+    assert not bool(outputs_finite(out))

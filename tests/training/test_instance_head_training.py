@@ -18,7 +18,8 @@ from napari_convlora.config import TrainRecipe
 from napari_convlora.constants import IGNORE_INDEX
 from napari_convlora.data import ImageLayout, TrainingPair, prepare_training_data
 from napari_convlora.errors import ConfigError
-from napari_convlora.training.instance_validation import ValidationObjects
+from napari_convlora.config.instances import InstanceConfig
+from napari_convlora.training.instance_validation import ValidationObjects, setting_after
 from napari_convlora.instances import object_maps
 from napari_convlora.prediction.planes import predict_image
 
@@ -57,7 +58,7 @@ def test_instance_labels_train_a_head_that_predict_uses(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "objects F1@0.5" in err  # validation scores objects
     loaded = load_model(model)
-    assert loaded.instance_head is not None and loaded.config.instances.chosen_on == "validation"
+    assert loaded.instance_head is not None and loaded.config.instances.min_distance in (5, 6)
     with open(metrics_path(model), newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"instance_f1_50", "instance_mean_f1", "instance_foreground", "instance_min_distance"} <= set(rows[0])
@@ -106,12 +107,18 @@ def test_validation_chooses_the_thresholds_that_score_best():
     _, ids = touching_cells()
     maps, _ = object_maps(ids.astype(np.int64))
     noisy = maps.copy()
-    noisy[0] = np.clip(maps[0] * 0.55 + 0.0, 0, 1)  # foreground probability 0.55: only thresholds below it find it
+    noisy[0] = maps[0] * 0.45  # foreground probability 0.45: only the threshold 0.4 finds the objects
     chosen = ValidationObjects()
     chosen.add(noisy[None], ids[None].astype(np.int64))
     config, scores = chosen.choose(None)
-    assert config.foreground < 0.55 and config.chosen_on == "validation"
+    assert config.foreground == 0.4 and config.chosen_on == "validation" and scores["chosen"]
     assert scores["f1_50"] == 1.0
+    assert setting_after(InstanceConfig(), {"instances": scores}) == config
+    nothing = ValidationObjects()  # no objects found at any threshold: the setting stays
+    nothing.add(np.zeros_like(maps)[None], ids[None].astype(np.int64))
+    kept, scores = nothing.choose(InstanceConfig(foreground=0.6))
+    assert kept == InstanceConfig(foreground=0.6) and not scores["chosen"]
+    assert setting_after(kept, {"instances": scores}) is kept
 
 
 def test_evaluate_scores_objects_for_a_model_of_instance_labels(tmp_path, capsys):
@@ -156,3 +163,27 @@ def test_the_summary_says_an_instance_head_learns_the_objects():
     plain = prepare_training_data([TrainingPair(image, ids, ImageLayout())],
                                   TrainRecipe(label_mode="instances", input_size=64, instance_head="off"))
     assert "objects" not in plain.summary() and plain.object_radius is None and not plain.object_ids
+
+
+@pytest.mark.parametrize("method", ["head", "sam_refined"])
+def test_objects_of_a_stack_are_numbered_across_its_planes(tmp_path, method):
+    code, model = _train(tmp_path, "--label-mode", "instances")
+    assert code == 0
+    image = tifffile.imread(tmp_path / "img.tif")
+    stack = np.stack([image, image[::-1]])
+    found = predict_image(load_model(model), stack, device="cpu", instances=True, instance_method=method).instances
+    assert found.shape == stack.shape and found.dtype == np.uint16
+    first, second = np.unique(found[0][found[0] > 0]), np.unique(found[1][found[1] > 0])
+    if len(first) and len(second):
+        assert first.max() < second.min()
+
+
+def test_one_value_on_separate_blobs_is_pointed_out():
+    image, ids = touching_cells()
+    painted = (ids > 0).astype(np.uint16) * 7  # every cell painted with 7: touching rows merge, rows stay apart
+    data = prepare_training_data([TrainingPair(image, painted, ImageLayout())],
+                                 TrainRecipe(label_mode="instances", input_size=64))
+    assert any("1 label value(s) are painted on separate blobs (value 7 on 5)" in w for w in data.warnings)
+    clean = prepare_training_data([TrainingPair(image, ids, ImageLayout())],
+                                  TrainRecipe(label_mode="instances", input_size=64))
+    assert not any("separate blobs" in w for w in clean.warnings)

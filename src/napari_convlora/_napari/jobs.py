@@ -65,7 +65,7 @@ class PredictResult:
     class_names: tuple[str, ...] | None
     background_value: int
     instances: np.ndarray | None = None
-    #: How the objects were found ("head" or "components"), when asked for.
+    #: How the objects were found ("head", "sam_refined" or "components"), when asked for.
     instance_method: str | None = None
 
 

@@ -89,7 +89,12 @@ class PredictActions:
 
     def _predict_blockwise(self, layer: Image, plane: int | None) -> JobWorker | None:
         """Predict a layer held lazily block by block into a Zarr store (chosen, else temporary), never whole; into
-        the store of its prediction layer when one exists (the other planes, and what was painted, stay)."""
+        the store of its prediction layer when one exists (the other planes, and what was painted, stay). Objects
+        are connected components stitched across blocks there: the instance head runs on images held whole."""
+        method = self.panel.instance_method.currentData()
+        if self.panel.instances.isChecked() and method in ("head", "sam_refined"):
+            return self._refuse(f"'{layer.name}' is held lazily and predicted block by block, where objects are "
+                                "connected components: choose 'connected components' or 'auto' for instances")
         try:
             outputs = block_predict.block_outputs(self.panel.store.path(), layer.name,
                                                   self.panel.instances.isChecked(),

@@ -141,6 +141,32 @@ def instance_id_warning(labels: np.ndarray, encoding: LabelEncoding, image_numbe
     return None
 
 
+def reused_id_warning(labels: np.ndarray, encoding: LabelEncoding, image_number: int) -> str | None:
+    """A line when instance labels (instances or sparse instances mode) paint one value on separate blobs: each
+    blob is an object of its own (an instance head learns them apart; scores count them apart), which is what a
+    layer painted with one label for every nucleus means, but not what two pieces of one object cut apart by
+    another mean. Checks up to :data:`INSTANCE_CHECK_PLANES` painted planes."""
+    if encoding.mode not in ("instances", "sparse_instances"):
+        return None
+    planes = label_planes(np.asarray(labels))
+    painted = np.flatnonzero(planes.reshape(planes.shape[0], -1).any(axis=1))
+    picks = np.unique(np.linspace(0, painted.size - 1, min(INSTANCE_CHECK_PLANES, painted.size)).round().astype(int))
+    ignored = [0] if encoding.mode == "instances" else [0, encoding.background_value]
+    for plane in painted[picks]:
+        values = np.where(np.isin(planes[plane], ignored), 0, planes[plane])
+        pieces = connected_pieces(values, connectivity=2)
+        value_of = np.zeros(int(pieces.max()) + 1, dtype=np.int64)
+        value_of[pieces.reshape(-1)] = values.reshape(-1)
+        found, count = np.unique(value_of[1:], return_counts=True)
+        reused = found[count > 1]
+        if reused.size:
+            most = int(found[np.argmax(count)])
+            return (f"image {image_number}: {reused.size} label value(s) are painted on separate blobs (value {most} "
+                    f"on {int(count.max())}): each blob counts as an object of its own; give two pieces of one "
+                    "object one connected stroke, or each object its own value, if that is not what you mean")
+    return None
+
+
 def pixels_per_class(planes: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int) -> np.ndarray:
     """Labelled pixels per class of (planes, targets int64 ``Y x X``) pairs: int64 ``K``."""
     counts = np.zeros(num_classes, dtype=np.int64)

@@ -17,10 +17,11 @@ import numpy as np
 
 from ..config import TrainRecipe
 from ..constants import IGNORE_INDEX
-from ..instances import object_classes
+from ..instances import object_classes, separate_objects
 from ..metrics import class_labels
 from .images import ImageLayout
-from .label_checks import instance_id_warning, pixels_per_class, rare_class_warnings, unvalidated_class_warnings
+from .label_checks import (instance_id_warning, pixels_per_class, rare_class_warnings, reused_id_warning,
+                           unvalidated_class_warnings)
 from .labels import SPARSE_MODES, LabelEncoding, make_label_encoding, validate_pair
 from .pairs import labelled_plane_pairs
 from .sampling import PatchSampler, validation_patches
@@ -163,7 +164,8 @@ def prepare_training_data(
     train_pixels = pixels_per_class(train_planes, encoding.num_classes)
     unvalidated = {c: why for c, why in unvalidated.items() if train_pixels[c] > 0}
     warnings = [line for index, pair in enumerate([*pairs, *validation_pairs], start=1)
-                if (line := instance_id_warning(pair.labels, encoding, index)) is not None]
+                for check in (instance_id_warning, reused_id_warning)
+                if (line := check(pair.labels, encoding, index)) is not None]
     warnings += rare_class_warnings(train_planes, encoding, recipe.class_names, size)
     warnings += unvalidated_class_warnings(unvalidated, train_pixels, encoding, recipe.class_names)
     return PreparedData(
@@ -184,8 +186,9 @@ def prepare_training_data(
 
 
 def median_object_radius(planes: Sequence[np.ndarray]) -> float | None:
-    """The median over every object of planes of object ids (IGNORE_INDEX, 0 background, > 0 ids) of its equivalent
-    radius ``sqrt(area / pi)``; None without objects."""
-    areas = [np.unique(ids[ids > 0], return_counts=True)[1] for ids in planes]  # ids may be large: no bincount
+    """The median over every object of planes of object ids (IGNORE_INDEX, 0 background, > 0 ids; an object is a
+    connected piece of one id, ``instances.separate_objects``) of its equivalent radius ``sqrt(area / pi)``; None
+    without objects."""
+    areas = [np.bincount(objects.ravel())[1:] for objects in map(separate_objects, planes)]
     areas = np.concatenate(areas) if areas else np.zeros(0)
     return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else None

@@ -7,7 +7,7 @@
   cellpose score them).
 """
 
-from .targets import object_classes, object_maps
+from .targets import object_classes, object_maps, separate_objects
 from .watershed import instances_from_maps
 
-__all__ = ["instances_from_maps", "object_classes", "object_maps"]
+__all__ = ["instances_from_maps", "object_classes", "object_maps", "separate_objects"]

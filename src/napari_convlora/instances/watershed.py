@@ -28,8 +28,11 @@ SURFACE_SIGMA = 1.0
 
 
 def seed_surface(maps: np.ndarray, mask: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """``edt(mask) x (centre + depth) / 2``, smoothed (see the module): float64 Y x X, 0 outside ``mask``."""
-    surface = ndimage.distance_transform_edt(mask) * (maps[1] + maps[2]) / 2
+    """``edt(mask) x (centre + depth) / 2``, smoothed (see the module): float64 Y x X, 0 outside ``mask``. The
+    distance is to the nearest background pixel or the plane's side (the mask is padded with background: a plane
+    all foreground would otherwise have no distance to measure)."""
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    surface = distance * (maps[1] + maps[2]) / 2
     return np.where(mask, ndimage.gaussian_filter(surface, SURFACE_SIGMA * scale), 0.0)
 
 
@@ -60,7 +63,8 @@ def instances_from_maps(maps: np.ndarray, config: InstanceConfig | None = None,
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     count = len(peaks)
-    grown = watershed(-surface, markers=markers, mask=mask) if count else np.zeros(mask.shape, np.int32)
+    grown = watershed(-surface, markers=markers, mask=mask, connectivity=2) if count else \
+        np.zeros(mask.shape, np.int32)
     rest, extra = ndimage.label(mask & (grown == 0), structure=np.ones((3, 3)))
     objects = np.where(rest > 0, rest + count, grown).astype(np.int64)
     sizes = np.bincount(objects.ravel(), minlength=count + extra + 1)

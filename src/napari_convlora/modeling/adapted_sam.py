@@ -172,13 +172,14 @@ class AdaptedSAM(nn.Module):
         early = self._early_capture.take() if self._early_capture is not None else None
         return ImageFeatures(embedding, early)
 
-    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+    def forward(self, images: torch.Tensor, instance_maps: bool = True) -> SegmentationOutput:
         """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4; with an
-        instance head also its maps' logits B x 3 x S x S)."""
+        instance head and ``instance_maps`` also its maps' logits B x 3 x S x S: training and validation use them,
+        class probabilities alone do not and skip the head)."""
         features = self.encode(images)
         masks, class_logits = self.head(features)
         instance_logits = None
-        if self.instance_head is not None:
+        if self.instance_head is not None and instance_maps:
             instance_logits = self.instance_head(features, (images - self.pixel_mean) / self.pixel_std)
         return SegmentationOutput(masks, class_logits, self.balance_loss(), instance_logits)
 
@@ -216,7 +217,7 @@ class AdaptedSAM(nn.Module):
 
     def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x S x S float RGB 0..255 -> B x K x S x S probabilities summing to 1 over K."""
-        return self.probabilities_from_output(self(images))
+        return self.probabilities_from_output(self(images, instance_maps=False))
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x S x S float RGB 0..255 -> B x S x S int64 class indices."""

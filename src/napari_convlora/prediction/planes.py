@@ -20,7 +20,7 @@ from ..constants import IGNORE_INDEX
 from ..data import ImageLayout, LabelEncoding, SamPlanes, label_dtype, rescale_probabilities, validate_pair
 from ..data.sampling import mirror_margin
 from ..devices import autocast_context, resolve_device
-from ..instances import instances_from_maps
+from ..instances import instances_from_maps, separate_objects
 from ..instances.metrics import InstanceScoreAccumulator, InstanceScores
 from ..metrics import ConfusionMatrix, SegmentationMetrics
 from ..modeling import AdaptedSAM
@@ -172,11 +172,14 @@ def predict_image(
                                     sink=write_rows, maps=head)
         if head:
             # the maps are back at the plane's size: a model pixel is 1 / rescale of the plane's pixels
-            found = instances_from_maps(maps, model.config.instances, scale=1.0 / model.config.input.rescale)
-            if method == "sam_refined":
-                found = refine_with_sam(model, image, layout, {z: found}, device)[z]
-            objects[z] = np.where(found > 0, found + next_id, 0)
-            next_id += int(found.max())
+            objects[z] = instances_from_maps(maps, model.config.instances, scale=1.0 / model.config.input.rescale)
+    if method == "sam_refined":  # every plane's objects in one pass: one embedding cache, one label array
+        for z, found in refine_with_sam(model, image, layout, {z: objects[z] for z in chosen}, device).items():
+            objects[z] = found
+    for z in chosen if head else ():  # ids unique across planes
+        found = objects[z]
+        objects[z] = np.where(found > 0, found + next_id, 0)
+        next_id += int(found.max())
     spatial = sam_planes.leading + (y, x)  # planes are the leading axes flattened in C order
     labels = labels.reshape(spatial)
     if probabilities is not None:
@@ -249,6 +252,5 @@ def evaluate_objects(
     pooled = InstanceScoreAccumulator()
     planes = truth.reshape(-1, *truth.shape[-2:])
     for ids, found in zip(planes, prediction.instances.reshape(planes.shape)):
-        ignore = ids == IGNORE_INDEX
-        pooled.update(found, np.where(ignore, 0, ids), ignore=ignore)
+        pooled.update(found, separate_objects(ids), ignore=ids == IGNORE_INDEX)
     return pooled.compute()

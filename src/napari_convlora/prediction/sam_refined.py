@@ -39,18 +39,17 @@ def object_prompts(objects: np.ndarray, plane: tuple[int, ...] = ()) -> list[Wea
 def refine_with_sam(model: AdaptedSAM, image: np.ndarray, layout: ImageLayout | None,
                     objects: dict[int, np.ndarray], device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
     """The head's objects of some planes (flat plane index -> Y x X ids) -> SAM's masks of them (same keys, Y x X
-    uint32 ids 1..N in prompt order, 0 background; see the module). ``image`` and ``layout`` as for
-    ``predict_image``; a model that rescales images is refused (ValueError), as prompting is."""
+    uint32 ids 1..N in prompt order, 0 background; see the module), all planes in one pass over one embedding cache.
+    ``image`` and ``layout`` as for ``predict_image``; a model that rescales images is refused (ValueError), as
+    prompting is."""
     cache = EmbeddingCache(model, image, layout, device)
     leading = cache.planes.leading
-    refined = {}
-    for index, ids in objects.items():
-        plane = tuple(int(i) for i in np.unravel_index(index, leading)) if leading else ()
-        weak = WeakLabels(tuple(leading) + tuple(ids.shape), {plane: object_prompts(ids, plane)} if ids.any() else {})
-        labels, _ = segment_weak_labels(cache, weak, planes=[plane] if ids.any() else [])
-        found = labels[plane] if plane else labels
-        refined[index] = _consecutive(found)
-    return refined
+    planes = {index: tuple(int(i) for i in np.unravel_index(index, leading)) if leading else ()
+              for index in objects}
+    prompts = {planes[index]: object_prompts(ids, planes[index]) for index, ids in objects.items() if ids.any()}
+    shape = tuple(leading) + tuple(cache.plane_shape)
+    labels, _ = segment_weak_labels(cache, WeakLabels(shape, prompts), planes=list(prompts))
+    return {index: _consecutive(labels[plane] if plane else labels) for index, plane in planes.items()}
 
 
 def _consecutive(labels: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from ..config.instances import InstanceConfig
 from ..constants import IGNORE_INDEX
 from ..instances.metrics import InstanceScoreAccumulator, InstanceScores
-from ..instances import instances_from_maps
+from ..instances import instances_from_maps, separate_objects
 
 FOREGROUND_GRID = (0.4, 0.5, 0.6)
 
@@ -51,23 +51,37 @@ class ValidationObjects:
         """The objects of every patch under ``config``, pooled over the patches."""
         pooled = InstanceScoreAccumulator()
         for maps, ids in zip(self.maps, self.ids):
-            ignore = ids == IGNORE_INDEX
-            pooled.update(instances_from_maps(maps, config), np.where(ignore, 0, ids), ignore=ignore)
+            pooled.update(instances_from_maps(maps, config), separate_objects(ids), ignore=ids == IGNORE_INDEX)
         return pooled.compute()
 
     def choose(self, current: InstanceConfig | None) -> tuple[InstanceConfig, dict[str, Any]]:
         """The foreground threshold that scores best (see the module) and its scores (``as_dict()`` plus the
-        setting); ``current``'s seed distance and minimum size are kept."""
+        setting, and ``"chosen"``: whether validation moved it); ``current``'s seed distance and minimum size are
+        kept. The current threshold stays unless another of the grid scores strictly better (a validation without
+        objects, or a head that finds none yet, keeps it)."""
         current = current or InstanceConfig()
-        best: tuple[tuple[float, float], InstanceConfig, InstanceScores] | None = None
+        scores = self.score(current)
+        best = ((_number(scores.f1_50), _number(scores.mean_f1)), current, scores)
         for foreground in FOREGROUND_GRID:
+            if foreground == current.foreground:
+                continue
             config = dataclasses.replace(current, foreground=foreground, chosen_on="validation")
             scores = self.score(config)
             key = (_number(scores.f1_50), _number(scores.mean_f1))
-            if best is None or key > best[0]:
+            if key > best[0]:
                 best = (key, config, scores)
         _, config, scores = best
-        return config, {**scores.as_dict(), "foreground": config.foreground, "min_distance": config.min_distance}
+        return config, {**scores.as_dict(), "foreground": config.foreground, "min_distance": config.min_distance,
+                        "chosen": config is not current}
+
+
+def setting_after(current: InstanceConfig | None, metrics: dict[str, Any] | None) -> InstanceConfig | None:
+    """The instance head's setting after a validation (``metrics`` as ``training.loop.validate`` returns them):
+    the foreground threshold validation chose, when it chose one; else ``current``."""
+    objects = (metrics or {}).get("instances")
+    if current is None or not objects or not objects.get("chosen"):
+        return current
+    return dataclasses.replace(current, foreground=objects["foreground"], chosen_on="validation")
 
 
 def _number(value: float) -> float:

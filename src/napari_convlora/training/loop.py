@@ -39,7 +39,7 @@ from .data_parallel import Processes, micro_seed
 from .data_parallel import start as join_processes
 from .data_parallel import stop as leave_processes
 from .events import TrainingEvent
-from .instance_validation import ValidationObjects, instance_config_for
+from .instance_validation import ValidationObjects, instance_config_for, setting_after
 from .losses import segmentation_loss
 from .notes import (check_finite, check_finite_forward, check_finite_output, check_finite_validation, data_notes,
                     hq_note, hq_words, outputs_finite, selection_blind, stall_note, which_file)
@@ -84,8 +84,10 @@ def validate(
 ) -> dict[str, Any] | None:
     """Per-class IoU/Dice, mIoU, pixel accuracy and HQ-SAM's boundary IoU (each patch an image) on the validation
     patches (labelled pixels only). With an instance head trained from object ids, also its objects' scores
-    (``metrics["instances"]``), and the model's foreground threshold is set to the one that scored best
-    (``instance_validation.ValidationObjects.choose``), so that the files saved after this validation carry it.
+    (``metrics["instances"]``) at the foreground threshold that scored best
+    (``instance_validation.ValidationObjects.choose``); the run then keeps that threshold in the model
+    (``instance_validation.setting_after``), so that the files saved after this validation carry it. The model is
+    not changed here.
 
     Raises:
         TrainingError: an output (logit) on the validation patches was NaN or infinite; the message names ``step``
@@ -111,8 +113,7 @@ def validate(
     check_finite_validation(finite, step, out_path)
     metrics = matrix.compute().to_dict()
     if objects is not None:
-        model.config.instances, scores = objects.choose(model.config.instances)
-        metrics["instances"] = scores
+        metrics["instances"] = objects.choose(model.config.instances)[1]
     return metrics
 
 
@@ -304,6 +305,7 @@ def _train(
     validated, probe = None, None  # the step whose weights validation checked; the last micro-batch's images
     if step == 0 and main:
         metrics = validate(model, data, device, dtype, step=0, out_path=out_path)
+        model.config.instances = setting_after(model.config.instances, metrics)
         if metrics:
             validated = 0
             log(metrics)
@@ -342,6 +344,7 @@ def _train(
         )
         if main and (step % val_every == 0 or step == total):
             metrics = validate(model, data, device, dtype, step=step, out_path=out_path)
+            model.config.instances = setting_after(model.config.instances, metrics)  # kept by the saves after it
             if metrics:
                 validated = step
                 log(metrics)

@@ -156,7 +156,8 @@ def check_finite(model: AdaptedSAM, step: int, out_path: Path) -> None:
 def outputs_finite(out: SegmentationOutput) -> torch.Tensor:
     """Whether every logit of ``out`` is finite: a 0-d bool tensor on the outputs' device (no wait for the GPU until
     it is read)."""
-    return torch.stack([torch.isfinite(logits).all() for logits in (out.mask_logits, out.class_logits)
+    return torch.stack([torch.isfinite(logits).all()
+                        for logits in (out.mask_logits, out.class_logits, out.instance_logits)
                         if logits is not None]).all()
 
 
