@@ -86,14 +86,16 @@ def score(model: Any, family: Family, device: str) -> dict[str, Any]:
 
 
 def run_one(family: Family, seed: int, steps: int, lr: float | None, args: argparse.Namespace,
-            work: Path) -> dict[str, Any]:
+            work: Path, detail: str | None = None) -> dict[str, Any]:
     fields: dict[str, Any] = {"steps": steps, "label_mode": family.label_mode, "seed": seed}
     if lr is not None:
         fields["lr"] = lr
+    if detail is not None:
+        fields["detail_head"] = detail
     recipe = recipe_for("builtin", args.device, **fields)
     pairs = [TrainingPair(image, labels, ImageLayout(rgb=rgb)) for image, labels, rgb in family.train]
     data = prepare_training_data(pairs, recipe)
-    out = work / f"{family.name}-{seed}-{lr}.safetensors"
+    out = work / f"{family.name}-{seed}-{lr}-{detail}.safetensors"
     started = time.perf_counter()
     for _ in train(builtin_checkpoint(), data, out, recipe, RunOptions(device=args.device, num_threads=args.threads)):
         pass
@@ -102,6 +104,7 @@ def run_one(family: Family, seed: int, steps: int, lr: float | None, args: argpa
     best_file = best_path(out)
     best = score(load_model(best_file), family, args.device) if best_file.exists() else last
     return {"family": family.name, "seed": seed, "lr": recipe.lr, "input_size": recipe.input_size, "steps": steps,
+            "detail_head": recipe.trains_detail_head,
             "last": last, "best": best, "train_s": train_s, "warnings": list(getattr(data, "warnings", []))}
 
 
@@ -114,14 +117,15 @@ def spread(values: list[float]) -> str:
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:
-    lines = ["| family | lr | mIoU (last) | fg Dice (last) | mIoU (best) | fg Dice (best) | s/run |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    keys = sorted({(r["family"], r["lr"]) for r in runs}, key=lambda k: (k[0], k[1]))
-    for family, lr in keys:
-        group = [r for r in runs if r["family"] == family and r["lr"] == lr]
+    lines = ["| family | lr | detail head | mIoU (last) | fg Dice (last) | mIoU (best) | fg Dice (best) | s/run |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    keys = sorted({(r["family"], r["lr"], r.get("detail_head", False)) for r in runs})
+    for family, lr, detail in keys:
+        group = [r for r in runs if (r["family"], r["lr"], r.get("detail_head", False)) == (family, lr, detail)]
         cells = [spread([r[which][metric] for r in group])
                  for which in ("last", "best") for metric in ("miou", "fg_dice")]
-        lines.append(f"| {family} | {lr:g} | {' | '.join(cells)} | {np.mean([r['train_s'] for r in group]):.0f} |")
+        lines.append(f"| {family} | {lr:g} | {'on' if detail else 'off'} | {' | '.join(cells)} | "
+                     f"{np.mean([r['train_s'] for r in group]):.0f} |")
     return "\n".join(lines)
 
 
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", nargs="+", type=float, default=[None])
+    parser.add_argument("--detail-head", nargs="+", default=[None], choices=["on", "off", "auto"],
+                        help="detail head settings to compare (default: the recipe's own)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
@@ -148,15 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             except FamilyUnavailable as e:
                 print(f"{name}: skipped ({e})", flush=True)
                 continue
-            for lr in args.lr:
-                for seed in args.seeds:
-                    result = run_one(family, seed, args.steps, lr, args, Path(folder))
-                    runs.append(result)
-                    print(f"{name} lr {result['lr']:g} seed {seed}: last mIoU {result['last']['miou']:.3f} "
-                          f"Dice {result['last']['fg_dice']:.3f}; best mIoU {result['best']['miou']:.3f} "
-                          f"({result['train_s']:.0f} s)", flush=True)
-                    if args.json:
-                        Path(args.json).write_text(json.dumps(record, indent=1))
+            for lr, detail, seed in ((lr, d, s) for lr in args.lr for d in args.detail_head for s in args.seeds):
+                result = run_one(family, seed, args.steps, lr, args, Path(folder), detail)
+                runs.append(result)
+                print(f"{name} lr {result['lr']:g} detail {detail} seed {seed}: last mIoU "
+                      f"{result['last']['miou']:.3f} Dice {result['last']['fg_dice']:.3f}; best mIoU "
+                      f"{result['best']['miou']:.3f} ({result['train_s']:.0f} s)", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(record, indent=1))
     print(markdown(runs))
     return 0
 

@@ -28,8 +28,10 @@ Rows (``ROWS``: a name -> :class:`Row`; a new row is one function returning the 
   the setting chosen on the run's validation split (``predict_image(..., instance_method="head")``).
 - ``sam_refined``: the instance head's model (trained once when both rows run), its objects given to SAM's
   promptable decoder as box + point prompts (``predict_image(..., instance_method="sam_refined")``).
-- ``segment_everything``: not built yet; listed so that it is skipped with that message and recorded under
-  ``"pending"``.
+- ``segment_everything``: no labels at all: the built-in SAM as shipped, SAM's automatic mask generator
+  (``predict_image(..., instance_method="everything")``, the small base's thresholds); one run.
+- ``segment_everything_adapted``: the instance head's model (trained once for the head's rows), segment everything
+  on its adapted encoder.
 
 The classical rows' parameters are fixed per family, chosen once from the family's typical object (median
 equivalent radius r and area A of its training objects): ``min_size`` about A / 10 and ``min_distance`` r / 2
@@ -227,6 +229,26 @@ def sam_refined_row(family: InstanceFamily, seed: int | None, args: argparse.Nam
     return fine_tuned(family, seed, args, work, instance_head="on", instance_method="sam_refined")
 
 
+def segment_everything_row(family: InstanceFamily, seed: int | None, args: argparse.Namespace,
+                           work: Path) -> RowResult:
+    """No labels at all: the built-in SAM as shipped (adapters new, so unchanged), SAM's automatic mask generator
+    with the small base's thresholds (``prediction/everything.py``)."""
+    from napari_convlora import AdaptedSAM, load_base
+    from napari_convlora.config import ModelConfig
+
+    base = load_base(builtin_checkpoint())
+    model = AdaptedSAM.from_base(base, ModelConfig(base=base.architecture, input_size=256,
+                                                   base_checkpoint=base.checkpoint)).eval()
+    return _timed(lambda image: predict_image(model, image, ImageLayout(), device=args.device, instances=True,
+                                              instance_method="everything").instances, family)
+
+
+def segment_everything_adapted_row(family: InstanceFamily, seed: int | None, args: argparse.Namespace,
+                                   work: Path) -> RowResult:
+    """The instance head's model (trained once for the head's rows): segment everything on its adapted encoder."""
+    return fine_tuned(family, seed, args, work, instance_head="on", instance_method="everything")
+
+
 @dataclass(frozen=True)
 class Row:
     """A method. run: None while it is not built (the row is skipped); seeded: False for a deterministic method
@@ -243,8 +265,10 @@ ROWS: dict[str, Row] = {
     "conv_lora_components": Row("Conv-LoRA (defaults) + connected components", conv_lora_components_row),
     "instance_head": Row("Conv-LoRA (defaults) + instance head", instance_head_row),
     "sam_refined": Row("Conv-LoRA (defaults) + instance head, SAM-refined", sam_refined_row),
-    # Not built yet (issue 23): give it a function returning the held-out instance images.
-    "segment_everything": Row("segment-everything", None),
+    "segment_everything": Row("segment everything, built-in SAM as shipped (no labels)", segment_everything_row,
+                              seeded=False),
+    "segment_everything_adapted": Row("Conv-LoRA (defaults, instance labels) + segment everything",
+                                      segment_everything_adapted_row),
 }
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from napari_convlora import AdaptedSAM, load_base
 from napari_convlora.config import AdapterConfig, HeadConfig, InputSpec, ModelConfig
 from napari_convlora.checkpoints.sam_files import BaseSam
 
-HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq", "multiclass"}
+HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq", "multiclass",
+               "detail"}
 
 
 def make_model(
@@ -60,3 +62,14 @@ def drain(gen, stop_at: int | None = None, stop: Any = None) -> tuple[list, Any]
     except StopIteration as done:
         return events, done.value
 
+
+
+def ball_stack(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 15 x 160 x 200 stack (float32) of two bright ellipsoids on a dark noisy background, 4 px per plane in z:
+    (image, ids uint8: 1 the ball around plane 7, radius 30 px; 2 the one around plane 4, radius 25 px, fainter)."""
+    zz, yy, xx = np.mgrid[:15, :160, :200]
+    first = (zz - 7) ** 2 * 16 + (yy - 80) ** 2 + (xx - 70) ** 2 < 30 ** 2
+    second = (zz - 4) ** 2 * 16 + (yy - 70) ** 2 + (xx - 150) ** 2 < 25 ** 2
+    rng = np.random.default_rng(seed)
+    image = (20 + 150 * first + 120 * second + rng.normal(0, 8, first.shape)).astype(np.float32)
+    return image, (first * 1 + second * 2).astype(np.uint8)

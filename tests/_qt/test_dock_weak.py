@@ -11,7 +11,7 @@ import pytest
 from skimage.measure import label
 
 from dock_fixtures import _wait_idle
-from helpers import make_model
+from helpers import ball_stack, make_model
 from napari_convlora.data.samples import CLASS_NAMES
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("isolated_settings")]
@@ -189,6 +189,38 @@ def test_a_stack_segments_the_plane_shown_and_refuses_prompts_on_other_planes(do
     dock.weak_form.interactive.setChecked(True)
     viewer.layers["prompt points"].add([7.0, 30.0, 30.0])  # a plane the stack does not have
     assert not dock.workers and "is outside 'stack'" in refusals[-1]
+
+
+def test_through_stack_carries_a_box_to_the_planes_around_it_and_keeps_what_they_held(dock, viewer, qtbot,
+                                                                                       tmp_path, refusals):
+    from napari_convlora.checkpoints.builtin import builtin_checkpoint
+
+    image, truth = ball_stack()
+    viewer.add_image(image, name="balls")
+    viewer.add_shapes([np.c_[np.full(4, 7), [[50, 40], [50, 101], [111, 101], [111, 40]]]], shape_type="rectangle",
+                      name="ball box")
+    dock.set_prompt_model(make_model(builtin_checkpoint(), input_size=256).eval(), str(tmp_path / "a.safetensors"))
+    instances = np.zeros(truth.shape, np.int32)
+    instances[3, 140:150, 180:190] = 5  # an object the user made earlier on another plane
+    viewer.add_labels(instances, name="balls instances")
+    _choose(dock, ["ball box"], image="balls")
+    viewer.dims.set_point(0, 7)
+    dock.weak_form.through_stack.setChecked(True)
+    assert dock.segment_prompts() is not None
+    _wait_idle(dock, qtbot)
+    data = viewer.layers["balls instances"].data
+    new = [i for i in np.unique(data[7]) if i not in (0, 5)]
+    assert len(new) == 1  # the box's object, with one id through the stack:
+    for z in range(2, 13):
+        ball = truth[z] == 1
+        assert np.count_nonzero((data[z] == new[0]) & ball) > 0.8 * np.count_nonzero(ball), z
+    assert (data[3, 140:150, 180:190] == 5).all()  # the other plane keeps what it held
+    assert not (data[14] == new[0]).any()  # past the object's end
+
+    viewer.add_image(image[7], name="one plane")
+    viewer.add_shapes([[[50, 40], [50, 101], [111, 101], [111, 40]]], shape_type="rectangle", name="flat box")
+    _choose(dock, ["flat box"], image="one plane")
+    assert dock.segment_prompts() is None and "single plane: untick through stack" in refusals[-1]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -222,6 +222,9 @@ def test_forms_build_the_core_config_objects(dock, tmp_path):
     data.options.mask_loss.value = "structure"
     data.options.multiclass_head.value = "matched"  # Conv-LoRA's matched tokens instead of the per-class default
     assert dock.recipe().multiclass_head == "matched"
+    assert dock.recipe().detail_head == "auto" and dock.recipe().trains_detail_head  # on by default at 256 px
+    data.options.detail_head.value = "off"  # SAM's quarter-resolution masks, as before the detail head
+    assert not dock.recipe().trains_detail_head
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions("cpu", "auto", 1)
     data.options.low_memory.value = True  # the dock's switch for small GPUs
     assert data.options.run_options(form.device_name(), form.precision_name()) == RunOptions(

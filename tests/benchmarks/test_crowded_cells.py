@@ -117,23 +117,22 @@ def test_row_registry(bench):
     import instances
 
     assert set(instances.ROWS) >= {"otsu_components", "otsu_watershed", "conv_lora_components", "instance_head",
-                                   "sam_refined", "segment_everything"}
+                                   "sam_refined", "segment_everything", "segment_everything_adapted"}
     assert instances.ROWS["instance_head"].run is not None and instances.ROWS["sam_refined"].run is not None
-    assert instances.ROWS["segment_everything"].run is None
+    assert not instances.ROWS["segment_everything"].seeded and instances.ROWS["segment_everything_adapted"].seeded
     assert not instances.ROWS["otsu_watershed"].seeded and instances.ROWS["conv_lora_components"].seeded
     assert set(instances.FAMILIES) == {"nuclei", "crowded_cells"}
 
 
 def test_classical_rows_end_to_end(bench, tmp_path, capsys):
-    """The classical rows on crowded_cells: one run each whatever the seeds, pooled scores, a pending row skipped."""
+    """The classical rows on crowded_cells: one run each whatever the seeds, pooled scores."""
     import instances
 
     out = tmp_path / "instances.json"
-    assert instances.main(["--families", "crowded_cells", "--rows", "otsu_*", "segment_everything", "--seeds", "0", "1",
+    assert instances.main(["--families", "crowded_cells", "--rows", "otsu_*", "--seeds", "0", "1",
                            "--json", str(out)]) == 0
-    assert "segment_everything: not built yet" in capsys.readouterr().err
     record = json.loads(out.read_text())
-    assert record["pending"] == {"segment_everything": "not built yet"}
+    assert record["pending"] == {}
     runs = {run["row"]: run for run in record["runs"]}
     assert set(runs) == {"otsu_components", "otsu_watershed"} and len(record["runs"]) == 2
     family = record["families"]["crowded_cells"]

@@ -36,7 +36,8 @@ class AdaptResult:
 class SegmentResult:
     """Instances of every prompt on ``planes`` (flat indices; None: all), from the adapted model and, to compare,
     the unadapted one; ``objects[k]`` is instance ``k + 1``; ``cache``: ``(key, EmbeddingCache)`` for the next
-    prompts; ``features``: the weak layers' features (for the objects' classes)."""
+    prompts; ``features``: the weak layers' features (for the objects' classes); ``added``: other planes the
+    objects reached through the stack, where they fill the pixels no object holds yet."""
 
     image_name: str
     labels: np.ndarray
@@ -45,6 +46,7 @@ class SegmentResult:
     cache: Any
     unadapted: np.ndarray | None = None
     features: dict[str, Any] = field(default_factory=dict)
+    added: list[int] | None = None
 
 
 @dataclass
@@ -127,19 +129,36 @@ def segment_job(
     device: str,
     compare: bool = False,
     features: dict[str, Any] | None = None,
+    through_stack: bool = False,
 ) -> Generator[Message, None, SegmentResult]:
     """Every box, point group and coarse object of ``planes`` (default all) as one instance, with the adapted
-    model and (``compare``) with the SAM that was loaded (its adapters off)."""
+    model and (``compare``) with the SAM that was loaded (its adapters off); ``through_stack`` carries each object
+    through the stack (``self_training.through_stack``) and the result replaces the planes the objects reach."""
     isolate_triton()  # before torch: see native_libs
     from ..self_training.prompting import segment_weak_labels
+    from ..self_training.through_stack import segment_through_stack
 
     count = sum(len(weak.on_plane(p)) for p in (planes if planes is not None else weak.planes()))
     also = " (and with the unadapted SAM)" if compare else ""
-    yield Message(f"segmenting {count} prompt(s) of '{image_name}'{also}")
+    yield Message(f"segmenting {count} prompt(s) of '{image_name}'{' through the stack' if through_stack else ''}"
+                  f"{also}")
     keyed = embedding_cache(model, cached, key, image, device)
+    flat = None if planes is None else [weak.flat_plane_index(p) for p in planes]
+    if through_stack:
+        labels, objects, spans = segment_through_stack(keyed[1], weak, planes=planes)
+        unadapted = segment_through_stack(keyed[1], weak, planes=planes, adapters=False)[0] if compare else None
+        added = None
+        if flat is not None:  # the planes reached beyond the one shown keep what they hold; new objects fill them
+            reached = labels.reshape(-1, *labels.shape[-2:]).any(axis=(1, 2))
+            if unadapted is not None:
+                reached |= unadapted.reshape(-1, *labels.shape[-2:]).any(axis=(1, 2))
+            added = sorted(set(np.flatnonzero(reached).tolist()) - set(flat))
+        for span in spans:
+            yield Message(f"object {span.label}: planes {span.first}-{span.last} (prompted on "
+                          f"{','.join(map(str, span.prompted))})")
+        return SegmentResult(image_name, labels, objects, flat, keyed, unadapted, dict(features or {}), added)
     labels, objects = segment_weak_labels(keyed[1], weak, planes=planes)
     unadapted = segment_weak_labels(keyed[1], weak, planes=planes, adapters=False)[0] if compare else None
-    flat = None if planes is None else [weak.flat_plane_index(p) for p in planes]
     return SegmentResult(image_name, labels, objects, flat, keyed, unadapted, dict(features or {}))
 
 

@@ -103,10 +103,12 @@ def _classes(layer: Labels) -> dict[int, str | None]:
 
 
 def write_prompted_instances(viewer, image: Image, labels: np.ndarray, classes: dict[int, str | None],
-                             planes: Sequence[int] | None, name: str) -> Labels:
+                             planes: Sequence[int] | None, name: str, added: Sequence[int] = ()) -> Labels:
     """Add or update the instances Labels layer ``name`` (ids 1..n of ``labels``, int32). With ``planes`` (flat
-    indices), an existing layer keeps its other planes and the new objects take ids after the ids kept; without,
-    its data are replaced. The layer's metadata keeps each id's class (None: no class)."""
+    indices), an existing layer keeps its other planes and the new objects take ids after the ids kept; on the
+    planes ``added`` (objects carried through a stack) it also keeps what it holds and the new objects fill the
+    pixels no object holds; without ``planes``, its data are replaced. The layer's metadata keeps each id's class
+    (None: no class)."""
     layer = viewer.layers[name] if name in viewer.layers else None
     fits = isinstance(layer, Labels) and layer.data.shape == labels.shape
     if fits and planes is None:
@@ -122,6 +124,8 @@ def write_prompted_instances(viewer, image: Image, labels: np.ndarray, classes: 
         classes = kept | {i + offset: c for i, c in classes.items()}
         for plane in planes:
             flat[plane] = np.where(new[plane] > 0, new[plane] + offset, 0)
+        for plane in added:
+            flat[plane] = np.where((new[plane] > 0) & (flat[plane] == 0), new[plane] + offset, flat[plane])
         layer.data = data
     else:
         if layer is not None:

@@ -1,5 +1,5 @@
-"""The dock's Advanced tab: optimisation details, the binary models' loss, the multi-class head, CPU threads, the
-low-memory switch and where runs are saved, a plain form built with magicgui."""
+"""The dock's Advanced tab: optimisation details, the binary models' loss, the multi-class head, the detail head, CPU
+threads, the low-memory switch and where runs are saved, a plain form built with magicgui."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, SpinBox
 
 from ..config import RunOptions, TrainRecipe
-from ..config.choices import MASK_LOSS_LABELS, MASK_LOSSES, MULTICLASS_HEAD_LABELS, MULTICLASS_HEADS
+from ..config.choices import (DETAIL_HEAD_LABELS, DETAIL_HEADS, MASK_LOSS_LABELS, MASK_LOSSES, MULTICLASS_HEAD_LABELS,
+                              MULTICLASS_HEADS)
 from ..config.suggestions import suggested_lr
 from .fields import settings
 
@@ -40,6 +41,12 @@ class AdvancedOptions(Container):
                                                 "cross-entropy + Dice (SAMed's; the default: it learns many alike "
                                                 "regions where the other does not), or tokens matched to classes by "
                                                 "a class head (Conv-LoRA's); binary models ignore it")
+        self.detail_head = ComboBox(value=defaults.detail_head, label="full-resolution masks",
+                                    choices=[(DETAIL_HEAD_LABELS[n], n) for n in DETAIL_HEADS],
+                                    tooltip="a detail head corrects the masks at the input's full resolution "
+                                            "instead of upsampling SAM's quarter-resolution masks: for "
+                                            "structures a few pixels wide (membranes, small lesions); auto: on "
+                                            "for inputs of 512 px or less, such as the built-in model's")
         self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
                                tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
                                        "processes keep the CPUs busy, which would slow training down many times)")
@@ -54,7 +61,7 @@ class AdvancedOptions(Container):
         self.run_folder.changed.connect(lambda value: settings().setValue("run_folder", str(value)))
         self.run_folder.choose_btn.tooltip = "choose the folder where training runs are saved"
         super().__init__(widgets=[self.lr, self.batch_size, self.grad_accum, self.mask_loss, self.multiclass_head,
-                                  self.threads, self.low_memory, self.run_folder])
+                                  self.detail_head, self.threads, self.low_memory, self.run_folder])
         self.margins = (0, 0, 0, 0)
 
     def suggest_lr(self, parameters: int) -> None:

@@ -342,4 +342,5 @@ class DataForm(QWidget):
         return dict(label_mode=self.mode(), unpainted_planes=self.unpainted.currentData(), class_names=self.names(),
                     val_fraction=self.val_fraction.value(),
                     lr=options.lr.value, batch_size=options.batch_size.value, grad_accum=options.grad_accum.value,
-                    mask_loss=options.mask_loss.value, multiclass_head=options.multiclass_head.value, **length)
+                    mask_loss=options.mask_loss.value, multiclass_head=options.multiclass_head.value,
+                    detail_head=options.detail_head.value, **length)

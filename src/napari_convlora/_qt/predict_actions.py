@@ -92,7 +92,7 @@ class PredictActions:
         the store of its prediction layer when one exists (the other planes, and what was painted, stay). Objects
         are connected components stitched across blocks there: the instance head runs on images held whole."""
         method = self.panel.instance_method.currentData()
-        if self.panel.instances.isChecked() and method in ("head", "sam_refined"):
+        if self.panel.instances.isChecked() and method in ("head", "sam_refined", "everything"):
             return self._refuse(f"'{layer.name}' is held lazily and predicted block by block, where objects are "
                                 "connected components: choose 'connected components' or 'auto' for instances")
         try:

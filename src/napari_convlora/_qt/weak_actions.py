@@ -146,9 +146,10 @@ class WeakActions:
             return self.prompt_cache, key, None
         return None, key, copy_image(image)
 
-    def segment_prompts(self, whole_stack: bool | None = None) -> JobWorker | None:
+    def segment_prompts(self, whole_stack: bool | None = None, through_stack: bool | None = None) -> JobWorker | None:
         """Every prompt of the ticked layers (the plane shown, or the whole stack) as one object of
-        ``"<image> instances"``; with "compare", also ``"<image> instances (unadapted)"``."""
+        ``"<image> instances"``; "through stack" carries each object to the planes around its own until it ends;
+        with "compare", also ``"<image> instances (unadapted)"``."""
         if self.prompt_model is None:
             return self._refuse("adapt first (Adapt), or load an adapted model under Model")
         try:
@@ -158,6 +159,10 @@ class WeakActions:
         name = self.weak_form.image.current()
         image = self.viewer.layers[name]
         whole = self.weak_form.whole_stack.isChecked() if whole_stack is None else whole_stack
+        through = self.weak_form.through_stack.isChecked() if through_stack is None else through_stack
+        if through and not weak.weak.leading_shape:
+            return self._refuse(f"'{name}' is a single plane: untick through stack (it carries objects through the "
+                                "planes of a stack)")
         flat = None if whole else current_plane(self.viewer, image)
         planes = None if flat is None else [plane_tuple(image, flat)]
         if planes is not None and not weak.weak.on_plane(planes[0]):
@@ -171,7 +176,7 @@ class WeakActions:
         self._set_busy("segment")
         return self._run(weak_jobs.segment_job, self.prompt_model, cached, key, copy, name, weak.weak, planes,
                          self.model_form.device_name(), compare=self.weak_form.compare.isChecked(),
-                         features=weak.features, on_returned=self._segmented)
+                         features=weak.features, through_stack=through, on_returned=self._segmented)
 
     def _segmented(self, result: weak_jobs.SegmentResult) -> None:
         self.prompt_cache = result.cache
@@ -180,12 +185,13 @@ class WeakActions:
             return
         image = self.viewer.layers[result.image_name]
         classes = {k: object_class(obj, result.features.get(obj.layer)) for k, obj in enumerate(result.objects, 1)}
+        added = result.added or ()
         layer = write_prompted_instances(self.viewer, image, result.labels, classes, result.planes,
-                                         instances_name(image.name))
+                                         instances_name(image.name), added)
         written = [layer.name]
         if result.unadapted is not None:
             written.append(write_prompted_instances(self.viewer, image, result.unadapted, classes, result.planes,
-                                                    unadapted_name(image.name)).name)
+                                                    unadapted_name(image.name), added).name)
         named = sorted({c for c in classes.values() if c})
         self.say(f"wrote {' and '.join(repr(n) for n in written)}: {len(result.objects)} object(s)"
                  + (f" of class {', '.join(named)}" if named else ""))

@@ -86,6 +86,10 @@ class WeakForm(QWidget):
         self.whole_stack = QCheckBox("whole stack")
         self.whole_stack.setToolTip("segment the prompts of every plane (the instances layer is replaced); else "
                                     "only those of the plane shown")
+        self.through_stack = QCheckBox("through stack")
+        self.through_stack.setToolTip("carry each prompted object to the neighbouring planes (its mask's box and "
+                                      "innermost point as the next plane's prompt) until it ends: one id per object "
+                                      "through the stack; the planes it reaches are replaced")
         self.compare = QCheckBox("compare with unadapted")
         self.compare.setToolTip("also segment the prompts with the SAM that was loaded (adapters off) into "
                                 "'<image> instances (unadapted)'")
@@ -120,11 +124,12 @@ class WeakForm(QWidget):
         grid = QGridLayout(prompts)
         grid.addWidget(self.model_info, 0, 0, 1, 2)
         grid.addWidget(self.whole_stack, 1, 0)
-        grid.addWidget(self.compare, 1, 1)
-        grid.addWidget(self.segment, 2, 0, 1, 2)
-        grid.addWidget(self.interactive, 3, 0)
-        grid.addWidget(self.negative, 3, 1)
-        grid.addWidget(self.to_training, 4, 0, 1, 2)
+        grid.addWidget(self.through_stack, 1, 1)
+        grid.addWidget(self.compare, 2, 0, 1, 2)
+        grid.addWidget(self.segment, 3, 0, 1, 2)
+        grid.addWidget(self.interactive, 4, 0)
+        grid.addWidget(self.negative, 4, 1)
+        grid.addWidget(self.to_training, 5, 0, 1, 2)
         column = QVBoxLayout(self)
         column.addLayout(form)
         column.addLayout(buttons)

@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any
 
+from ..constants import STACK_IOU
 from ..errors import ConfigError
 
 WEAK_OPTIONS = ("boxes", "points", "coarse", "eval_labels")
@@ -192,10 +193,27 @@ def cmd_segment_prompts(args: argparse.Namespace) -> int:
         print(f"{args.image}: {line}", file=sys.stderr)
     from ..devices import resolve_device
 
+    if args.through_stack and not weak.leading_shape:
+        raise ConfigError(f"--through-stack: {args.image} is a single plane (shape {tuple(weak.image_shape)}); "
+                          "prompts are carried through the planes of a stack")
+    if not 0 < args.stack_iou <= 1:
+        raise ConfigError(f"--stack-iou must be in (0, 1], got {args.stack_iou}")
     cache = EmbeddingCache(model.to(resolve_device(args.device)), image, layout, device=resolve_device(args.device))
+    unadapted = " (the unadapted SAM)" if args.unadapted else ""
+    if args.through_stack:
+        from ..self_training.through_stack import segment_through_stack
+
+        labels, objects, spans = segment_through_stack(cache, weak, adapters=not args.unadapted,
+                                                       iou_threshold=args.stack_iou)
+        write_image(args.out, labels, like=args.image)
+        for span in spans:
+            print(f"object {span.label} (prompted on plane {','.join(map(str, span.prompted))}): planes "
+                  f"{span.first}-{span.last}", file=sys.stderr)
+        print(f"{len(objects)} objects carried through the stack -> {args.out}{unadapted}")
+        return 0
     labels, objects = segment_weak_labels(cache, weak, adapters=not args.unadapted)
     write_image(args.out, labels, like=args.image)
-    print(f"{len(objects)} objects -> {args.out}" + (" (the unadapted SAM)" if args.unadapted else ""))
+    print(f"{len(objects)} objects -> {args.out}{unadapted}")
     return 0
 
 
@@ -210,6 +228,12 @@ def add_segment_prompts_parser(sub: Any, add_layout_options: Any, add_run_option
     p.add_argument("--points", default=None, help="a Points layer saved as .csv")
     p.add_argument("--coarse", default=None, help="a coarse label image")
     p.add_argument("--unadapted", action="store_true", help="segment with the SAM as loaded (adapters off), to compare")
+    p.add_argument("--through-stack", action="store_true",
+                   help="carry each object to the neighbouring planes of a stack (its mask's box and innermost "
+                        "point as the next plane's prompt) until it ends; one id per object through the stack")
+    p.add_argument("--stack-iou", type=float, default=STACK_IOU,
+                   help=f"--through-stack: the smallest IoU of an object's masks on neighbouring planes that "
+                        f"carries it on (default {STACK_IOU})")
     p.add_argument("--out", required=True, help="instance label image to write (.tif)")
     add_layout_options(p)
     add_run_options(p)

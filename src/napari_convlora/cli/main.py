@@ -30,9 +30,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if blockwise_requested(args):  # a .zarr store in or out: block by block on dask
         from .blockwise import cmd_predict_blockwise
 
-        if args.instance_method in ("head", "sam_refined"):
-            raise ConfigError(f"--instance-method {args.instance_method}: block-by-block prediction (.zarr) finds objects by connected "
-                              "components (stitched across blocks); the instance head runs on images read whole")
+        if args.instance_method in ("head", "sam_refined", "everything"):
+            raise ConfigError(f"--instance-method {args.instance_method}: block-by-block prediction (.zarr) finds "
+                              "objects by connected components (stitched across blocks); the instance head and "
+                              "segment everything run on images read whole")
         return cmd_predict_blockwise(args)
     folders = Path(args.image[0]).is_dir() or Path(args.out).is_dir() or args.out.endswith(("/", "\\"))
     if len(args.image) > 1 or folders:
@@ -180,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--instance-method", default="auto", choices=INSTANCE_METHODS,
                            help="how --instances finds objects: auto (default: the model's instance head when it "
                                 "has one, touching objects apart; else connected components), head, sam_refined (the "
-                                "head's objects as box + point prompts to SAM), components")
+                                "head's objects as box + point prompts to SAM), components, everything (SAM's "
+                                "automatic mask generator on the adapted encoder: a grid of point prompts; no "
+                                "instance labels needed)")
             p.epilog = ("Several images: repeat --image, or give a folder (its .tif, .tiff, .png, .jpg, .jpeg, .bmp, "
                         ".nii, .nii.gz and .nrrd files, not recursive, by name), and let --out name a folder. Each "
                         "image <name> gets <name>_labels.tif there (a NIfTI or NRRD scan keeps its format and "

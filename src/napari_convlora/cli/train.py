@@ -9,8 +9,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..config.choices import (HQ_MODES, INSTANCE_HEADS, LABEL_MODES, MASK_LOSSES, METHODS, MULTICLASS_HEADS, PRECISIONS,
-                              UNPAINTED_PLANES)
+from ..config.choices import (DETAIL_HEADS, HQ_MODES, INSTANCE_HEADS, LABEL_MODES, MASK_LOSSES, METHODS,
+                              MULTICLASS_HEADS, PRECISIONS, UNPAINTED_PLANES)
 from ..errors import ConfigError, TrainingError, describe_error
 from .options import (EXIT_FAILURE, add_layout_options, add_run_options, check_outputs, end_process_with, image_layout,
                       numbered, run_options)
@@ -41,7 +41,7 @@ def recipe_from(args: argparse.Namespace, start: "TrainRecipe") -> "TrainRecipe"
         unpainted_planes=args.unpainted_planes,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
         num_mask_tokens=args.mask_tokens, hq=args.hq, mask_loss=args.mask_loss, multiclass_head=args.multiclass_head,
-        instance_head=args.instance_head, val_fraction=args.val_fraction,
+        instance_head=args.instance_head, detail_head=args.detail_head, val_fraction=args.val_fraction,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, val_every=args.val_every, seed=args.seed,
         augment=False if args.no_augment else None))
@@ -226,6 +226,10 @@ def add_train_parser(sub) -> None:
                    help="an instance head for touching objects (foreground, centre and depth maps split by a seeded "
                         "watershed, thresholds chosen on validation): auto (default) trains one with --label-mode "
                         "instances or sparse_instances; then predict --instances separates touching objects")
+    p.add_argument("--detail-head", default=None, choices=DETAIL_HEADS,
+                   help="correct the masks at the input's full resolution (for structures a few pixels wide: "
+                        "membranes, small lesions); auto (default): on for inputs of 512 px or less, such as the "
+                        "built-in model's, off for SAM's 1024 px")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--channels", default=None, help="channels to use, e.g. 0,2 (for more than 3 channels)")
     p.add_argument("--low-percentile", type=float, default=None, help="default 1.0")

@@ -56,12 +56,16 @@ LABEL_MODE_LABELS = {
 #: Whether a run trains an instance head (``modeling/instance_head.py``: foreground, centre and depth maps, split into
 #: objects by a seeded watershed): "auto" trains one for the instance label modes and not otherwise; "on" / "off".
 INSTANCE_HEADS = ("auto", "on", "off")
+#: Whether a run trains a detail head (``modeling/detail_head.py``: the masks corrected at full resolution).
+DETAIL_HEADS = ("auto", "on", "off")
+DETAIL_HEAD_LABELS = {"auto": "auto (on up to 512 px)", "on": "on", "off": "off (SAM's quarter resolution)"}
 #: How prediction finds objects: the instance head where the model has one, else connected components ("auto");
 #: the head's maps split by its seeded watershed ("head"); the head's objects as box + point prompts to SAM's
 #: promptable decoder ("sam_refined"); connected components of each class ("components").
-INSTANCE_METHODS = ("auto", "head", "sam_refined", "components")
+INSTANCE_METHODS = ("auto", "head", "sam_refined", "components", "everything")
 INSTANCE_METHOD_LABELS = {"auto": "auto (instance head if trained)", "head": "instance head",
-                          "sam_refined": "instance head, refined by SAM", "components": "connected components"}
+                          "sam_refined": "instance head, refined by SAM", "components": "connected components",
+                          "everything": "segment everything (SAM's grid of points)"}
 #: The label modes where objects have ids of their own (what an instance head learns from).
 INSTANCE_LABEL_MODES = ("instances", "sparse_instances")
 

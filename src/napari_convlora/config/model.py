@@ -108,6 +108,9 @@ class HeadConfig:
     hq: HQ-SAM's fusion on the head (METHODS.md 2): ``"off"``; ``"sam+hq"``: every mask token's mask from SAM's
         features plus its mask from the fused HQ features (HQ-SAM's ``hq_token_only=False``, its "error
         correction"); ``"hq"``: the HQ mask alone (``hq_token_only=True``). The promptable path follows it too.
+    detail: the masks are corrected at the input's full resolution by a detail head
+        (``modeling/detail_head.py``) instead of being upsampled from a quarter of it; models saved before the
+        field existed have none.
     """
 
     num_classes: int = 2
@@ -118,6 +121,7 @@ class HeadConfig:
     background_value: int = 0
     hq: str = field(default="off", metadata=ADDED_LATER)
     multiclass: str = field(default="matched", metadata=ADDED_LATER)
+    detail: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.hq not in HQ_MODES:

@@ -46,3 +46,16 @@ def suggested_lr(parameters: int, self_training: bool = False) -> tuple[float, s
         return lr, (f"{lr:g}: a small base ({parameters / 1e6:.1f} M parameters) learns at a "
                                "higher rate than SAM's own checkpoints (measured, BENCHMARKS.md)")
     return SAM_LR, f"{SAM_LR:g}: Conv-LoRA's rate for SAM's checkpoints ({parameters / 1e6:.0f} M parameters)"
+
+
+#: Segment everything (``prediction/everything.py``): SAM's thresholds of its automatic mask generator (predicted
+#: IoU, stability) for SAM's own checkpoints, and those of small bases, whose IoU head is less confident (the
+#: built-in SAM: median predicted IoU 0.53 for masks that match an object, 0.22 for the others; measured on the
+#: plugin's sample, seeds 0 and 2, BENCHMARKS.md "Segment everything").
+SAM_EVERYTHING_THRESHOLDS = (0.88, 0.95)
+SMALL_BASE_EVERYTHING_THRESHOLDS = (0.4, 0.8)
+
+
+def everything_thresholds(parameters: int) -> tuple[float, float]:
+    """(predicted IoU, stability) thresholds of segment everything for a base SAM of ``parameters`` parameters."""
+    return SMALL_BASE_EVERYTHING_THRESHOLDS if parameters < SMALL_BASE_PARAMETERS else SAM_EVERYTHING_THRESHOLDS

@@ -14,11 +14,13 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .choices import (DEVICES, HQ_MODES, INSTANCE_HEADS, INSTANCE_LABEL_MODES, LABEL_MODES, MASK_LOSSES,
+from .choices import (DETAIL_HEADS, DEVICES, HQ_MODES, INSTANCE_HEADS, INSTANCE_LABEL_MODES, LABEL_MODES, MASK_LOSSES,
                       MULTICLASS_HEADS, PRECISIONS, UNPAINTED_PLANES)
 from .model import AdapterConfig, InputSpec, check_input_size
 from .records import ADDED_LATER, added_later
 
+#: The largest input side at which ``detail_head="auto"`` trains a detail head.
+DETAIL_AUTO_MAX_SIZE = 512
 #: Passes over the labelled planes when neither steps nor epochs are given.
 DEFAULT_EPOCHS = 10.0
 #: The recipe fields that decide how the data are prepared; data cut for other values cannot train.
@@ -54,6 +56,10 @@ class TrainRecipe:
         objects by a seeded watershed; ``config/instances.py``) with the instance label modes and not otherwise;
         ``"on"`` asks for one (an instance label mode is then required) and ``"off"`` for none. Runs saved before
         the field existed had none.
+    detail_head: ``"on"`` corrects the masks at the input's full resolution (``HeadConfig.detail``,
+        ``modeling/detail_head.py``; for structures a few pixels wide), ``"off"`` upsamples SAM's quarter-resolution
+        masks; ``"auto"`` (the default): on for small bases (input side <= 512), where a quarter of the input
+        is too coarse, off otherwise. Runs saved before the field existed had none.
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
     batch_size x grad_accum: patches per optimizer step.
@@ -72,6 +78,7 @@ class TrainRecipe:
     mask_loss: str = field(default="structure", metadata=ADDED_LATER)
     multiclass_head: str = field(default="per_class", metadata=added_later("matched"))
     instance_head: str = field(default="auto", metadata=added_later("off"))
+    detail_head: str = field(default="auto", metadata=added_later("off"))
     val_fraction: float = 0.1
     augment: bool = True
     steps: int | None = None
@@ -89,8 +96,15 @@ class TrainRecipe:
         """Whether this run trains an instance head (see ``instance_head``)."""
         return self.instance_head == "on" or (self.instance_head == "auto" and self.label_mode in INSTANCE_LABEL_MODES)
 
+    @property
+    def trains_detail_head(self) -> bool:
+        """Whether this run's model corrects its masks at full resolution (see ``detail_head``)."""
+        return self.detail_head == "on" or (self.detail_head == "auto" and self.input_size <= DETAIL_AUTO_MAX_SIZE)
+
     def __post_init__(self) -> None:
         check_input_size(self.input_size)
+        if self.detail_head not in DETAIL_HEADS:
+            raise ConfigError(f"unknown detail head setting {self.detail_head!r}; expected one of {DETAIL_HEADS}")
         if self.hq not in HQ_MODES:
             raise ConfigError(f"unknown HQ mode {self.hq!r}; expected one of {HQ_MODES}")
         if self.adapter.method == "hq" and self.hq == "off":

@@ -11,7 +11,9 @@ Like ``segment_anything``'s ``Sam(image_encoder=..., prompt_encoder=..., mask_de
 - ``hq``: HQ-SAM's token, MLP and fusion convolutions (``hq.HQParts``) when the head uses HQ (``config.head.hq``),
   from an HQ-SAM checkpoint or new; both heads borrow them;
 - ``instance_head``: foreground, centre and depth maps at full resolution for touching objects
-  (``instance_head.InstanceHead``) when the config has ``instances``; trained with the adapters.
+  (``instance_head.InstanceHead``) when the config has ``instances``; trained with the adapters;
+- ``detail_head``: the prompt-free head's masks corrected at full resolution (``detail_head.DetailHead``) when the
+  head's config has ``detail``.
 
 Images go in as RGB in 0..255; the pixel normalisation belongs to the model (its own buffers, from the
 config). Activation checkpointing is a wrapper around the encoder blocks (``checkpointing.py``); an early
@@ -36,6 +38,7 @@ from .fast_attention import set_fast_attention
 from .features import BlockOutputCapture, ImageFeatures
 from .heads import PromptableHead, PromptFreeHead
 from .hq import HQParts
+from .detail_head import DetailHead
 from .instance_head import InstanceHead
 from .outputs import SegmentationOutput
 from .resize import resize_sam_input
@@ -88,8 +91,10 @@ class AdaptedSAM(nn.Module):
                                           config.head.hq if config.head.uses_hq else "sam+hq")
         self.instance_head = (InstanceHead(config.base.prompt_embed_dim, config.base.encoder_embed_dim)
                               if config.instances is not None else None)
+        self.detail_head = (DetailHead(config.base.prompt_embed_dim, config.base.encoder_embed_dim,
+                                       config.head.num_mask_tokens) if config.head.detail else None)
         self._early_capture: BlockOutputCapture | None = None
-        self.capture_early_feature(config.head.uses_hq or self.instance_head is not None)
+        self.capture_early_feature(self._reads_early_feature)
         if config.promptable is not None:  # WeSAM trains the adapters only: the prompt-free head stays as built
             self.head.requires_grad_(False)
         for p in self.trainable_parameters():
@@ -113,7 +118,8 @@ class AdaptedSAM(nn.Module):
         head = self.head.trainable_parameters(sam_decoder=self.config.adapter.method != "hq")
         hq = list(self.hq.parameters()) if self.hq is not None else []
         instances = list(self.instance_head.parameters()) if self.instance_head is not None else []
-        return adapters + head + hq + instances
+        detail = list(self.detail_head.parameters()) if self.detail_head is not None else []
+        return adapters + head + hq + instances + detail
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors fine-tuning changes, under their state-dict names (what an adapter file holds)."""
@@ -145,15 +151,19 @@ class AdaptedSAM(nn.Module):
     def capture_early_feature(self, enabled: bool = True) -> None:
         """Make :meth:`encode` also return the output of the first global-attention block (HQ-SAM's early
         feature), taken with a forward hook on that block. On from the start when the head uses HQ."""
-        if not enabled and (self.hq is not None or self.instance_head is not None):
-            raise ValueError("this model's HQ fusion or instance head reads the early feature: it cannot be switched "
-                             "off")
+        if not enabled and self._reads_early_feature:
+            raise ValueError("this model's HQ fusion, instance head or detail head reads the early feature: it cannot "
+                             "be switched off")
         if enabled and self._early_capture is None:
             block = unwrapped(self.sam.image_encoder.blocks[self.config.base.first_global_block])
             self._early_capture = BlockOutputCapture(block)
         elif not enabled and self._early_capture is not None:
             self._early_capture.remove()
             self._early_capture = None
+
+    @property
+    def _reads_early_feature(self) -> bool:
+        return self.hq is not None or self.instance_head is not None or self.detail_head is not None
 
     def balance_loss(self) -> torch.Tensor:
         """Conv-LoRA's load-balancing losses of the last forward, summed over layers (0 without Conv-LoRA)."""
@@ -173,20 +183,24 @@ class AdaptedSAM(nn.Module):
         return ImageFeatures(embedding, early)
 
     def forward(self, images: torch.Tensor, instance_maps: bool = True) -> SegmentationOutput:
-        """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (low-res logits B x Q x S/4 x S/4; with an
-        instance head and ``instance_maps`` also its maps' logits B x 3 x S x S: training and validation use them,
-        class probabilities alone do not and skip the head)."""
+        """images: B x 3 x S x S float RGB in 0..255 -> raw outputs (mask logits B x Q x S/4 x S/4, or B x Q x S x S
+        with a detail head; with an instance head and ``instance_maps`` also its maps' logits B x 3 x S x S:
+        training and validation use them, class probabilities alone do not and skip the head)."""
         features = self.encode(images)
         masks, class_logits = self.head(features)
+        normalised = (images - self.pixel_mean) / self.pixel_std
+        if self.detail_head is not None:
+            masks = self.detail_head(features, normalised, masks)
         instance_logits = None
         if self.instance_head is not None and instance_maps:
-            instance_logits = self.instance_head(features, (images - self.pixel_mean) / self.pixel_std)
+            instance_logits = self.instance_head(features, normalised)
         return SegmentationOutput(masks, class_logits, self.balance_loss(), instance_logits)
 
     def probabilities_from_output(self, out: SegmentationOutput, size: int | None = None) -> torch.Tensor:
         """Class probabilities B x K x size x size (sum 1 over K) from raw outputs.
 
-        The mask logits are first upsampled bilinearly (align_corners=False) to size x size.
+        The mask logits are first upsampled bilinearly (align_corners=False) to size x size (a no-op for a detail
+        head's full-resolution logits at the input's size).
         Binary: [1 - p, p] with p = sigmoid(mask). Per-class head (SAMed): softmax over the K mask logits.
         Matched multi-class head: sum_q softmax(class_q)[c] * sigmoid(mask_q) over the K real classes (no-object
         dropped), normalised over c. Per pixel the sigmoids are divided by the largest one before they are mixed

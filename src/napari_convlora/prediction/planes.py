@@ -24,6 +24,7 @@ from ..instances import instances_from_maps, separate_objects
 from ..instances.metrics import InstanceScoreAccumulator, InstanceScores
 from ..metrics import ConfusionMatrix, SegmentationMetrics
 from ..modeling import AdaptedSAM
+from .everything import segment_everything
 from .sam_refined import refine_with_sam
 from .tiling import instances_from_labels, predict_tiled, probabilities_to_labels
 
@@ -35,7 +36,8 @@ class Prediction:
     probabilities: K x (spatial shape) float32, when asked for.
     instances: objects with ids unique across classes and planes, when asked for (uint16, or uint32 from 65536
     objects on).
-    instance_method: how the objects were found ("head", "sam_refined" or "components"; ``INSTANCE_METHODS``), or
+    instance_method: how the objects were found ("head", "sam_refined", "components" or "everything";
+        ``INSTANCE_METHODS``), or
     None."""
 
     labels: np.ndarray
@@ -127,16 +129,18 @@ def predict_image(
             the thresholds stored in the model: touching objects apart); ``"components"``, connected components
             of each class (in 3D with ``instances_3d``); ``"auto"`` (default): the head where the model has one and
             ``instances_3d`` is off, else components; ``"sam_refined"``, the head's objects as box + point prompts
-            to SAM's promptable decoder on the adapted encoder (``sam_refined.py``). ``Prediction.instance_method``
-            says which ran.
+            to SAM's promptable decoder on the adapted encoder (``sam_refined.py``); ``"everything"``, SAM's
+            automatic mask generator on the adapted encoder (``everything.py``: no instance head or labels needed).
+            ``Prediction.instance_method`` says which ran.
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
 
     Raises:
         NonFiniteProbabilities: (a ValueError) the model's probabilities are NaN or infinite, say a model saved by a
             training run that diverged: one line naming the model's file (``checkpoints.model_files.model_file``).
-        ValueError: ``instance_method`` unknown, or "head" / "sam_refined" for a model without an instance head or
-            with ``instances_3d`` ("sam_refined" also for a model that rescales images).
+        ValueError: ``instance_method`` unknown, or "head" / "sam_refined" for a model without an instance head,
+            "head" / "sam_refined" / "everything" with ``instances_3d`` ("sam_refined" and "everything" also for a
+            model that rescales images).
     """
     if model.config.promptable is not None:
         raise ValueError(PROMPTABLE_ONLY)
@@ -150,8 +154,9 @@ def predict_image(
     labels = np.zeros((len(sam_planes), y, x), dtype=label_dtype(values))
     probabilities = np.zeros((k, len(sam_planes), y, x), dtype=np.float32) if return_probabilities else None
     head = method in ("head", "sam_refined")
+    found_by_id = head or method == "everything"  # objects as id images per plane (not components of the labels)
     maps = np.zeros((3, y, x), dtype=np.float32) if head else None
-    objects = np.zeros((len(sam_planes), y, x), dtype=np.uint32) if head else None
+    objects = np.zeros((len(sam_planes), y, x), dtype=np.uint32) if found_by_id else None
     next_id = 0
 
     def plane_progress(done: int, total: int) -> None:
@@ -176,7 +181,11 @@ def predict_image(
     if method == "sam_refined":  # every plane's objects in one pass: one embedding cache, one label array
         for z, found in refine_with_sam(model, image, layout, {z: objects[z] for z in chosen}, device).items():
             objects[z] = found
-    for z in chosen if head else ():  # ids unique across planes
+    if method == "everything":
+        for z, found in segment_everything(model, image, layout, planes=chosen, device=device,
+                                           should_stop=should_stop).items():
+            objects[z] = found
+    for z in chosen if found_by_id else ():  # ids unique across planes
         found = objects[z]
         objects[z] = np.where(found > 0, found + next_id, 0)
         next_id += int(found.max())
@@ -187,7 +196,7 @@ def predict_image(
     inst = None
     if method == "components":
         inst = instances_from_labels(labels, background_value=values[0], per_plane=not instances_3d)
-    elif head:
+    elif found_by_id:
         inst = objects.reshape(spatial)
         inst = inst.astype(np.uint16) if next_id < 2**16 else inst
     return Prediction(labels, probabilities, inst, method)
@@ -204,8 +213,11 @@ def instance_method_for(model: AdaptedSAM, asked: str, instances_3d: bool = Fals
     if asked == "sam_refined" and model.config.input.rescale != 1.0:
         raise ValueError("SAM refines objects at the image's own scale: this model rescales images "
                          f"({model.config.input.rescale}); choose the instance method 'head'")
-    if asked in ("head", "sam_refined") and instances_3d:
-        raise ValueError("the instance head separates objects plane by plane: choose 3D instances or the head, "
+    if asked == "everything" and model.config.input.rescale != 1.0:
+        raise ValueError("segment everything works at the image's own scale: this model rescales images "
+                         f"({model.config.input.rescale}); choose the instance method 'components'")
+    if asked in ("head", "sam_refined", "everything") and instances_3d:
+        raise ValueError(f"the instance method {asked!r} finds objects plane by plane: choose 3D instances or it, "
                          "not both")
     if asked == "auto":
         return "head" if has_head and not instances_3d else "components"

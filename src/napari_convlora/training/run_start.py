@@ -30,7 +30,7 @@ LENGTH_FIELDS = ("steps", "epochs")
 
 #: The recipe fields a trained model decides: a run started from it (``init_from``) takes them from the model.
 MODEL_FIELDS = ("adapter", "input_size", "input", "label_mode", "background_value", "class_names",
-                "num_mask_tokens", "hq", "multiclass_head", "instance_head")
+                "num_mask_tokens", "hq", "multiclass_head", "instance_head", "detail_head")
 
 
 def resume_recipe(resume_from: str | Path, requested: TrainRecipe | None = None) -> tuple[TrainRecipe, list[str]]:
@@ -63,7 +63,8 @@ def init_recipe(init_from: str | Path, requested: TrainRecipe | None = None) -> 
     """The recipe of a new run that starts from the trained model ``init_from``, and what was set aside.
 
     The model decides the fields of :data:`MODEL_FIELDS` (adapter method and hyper-parameters, input size,
-    input spec, label mode, background value, class names, mask tokens, HQ mode, multi-class head, instance head):
+    input spec, label mode, background value, class names, mask tokens, HQ mode, multi-class head, instance head,
+    detail head):
     they are taken from it, because its weights only fit them. Everything else (length, learning rate, batch, validation split, augmentation, seed)
     is the caller's, from ``requested`` (default: :class:`TrainRecipe` defaults). The returned lines say which
     requested values were set aside (``"input_size: 512 asked, 256 in the model"``); a field left at None
@@ -81,11 +82,11 @@ def init_recipe(init_from: str | Path, requested: TrainRecipe | None = None) -> 
         requested or TrainRecipe(), adapter=config.adapter, input_size=config.input_size, input=config.input,
         label_mode=head.label_mode, background_value=head.background_value, class_names=head.class_names,
         num_mask_tokens=head.num_mask_tokens, hq=head.hq, multiclass_head=head.multiclass,
-        instance_head="on" if config.instances is not None else "off")
+        instance_head="on" if config.instances is not None else "off", detail_head="on" if head.detail else "off")
     if requested is None:
         return resolved, []
     asked = [f for f in MODEL_FIELDS if getattr(requested, f) is not None
-             and not (f == "instance_head" and requested.instance_head == "auto")]  # "auto" asks for nothing
+             and not (f in ("instance_head", "detail_head") and getattr(requested, f) == "auto")]  # "auto" asks for nothing
     return resolved, requested.differences(resolved, "asked", "in the model", tuple(asked))
 
 
