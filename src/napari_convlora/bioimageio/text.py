@@ -57,6 +57,9 @@ def readme(model: AdaptedSAM, crop_shape: tuple[int, ...]) -> str:
         adapter_text = "no encoder adapter (SAM frozen; HQ-SAM's parts and the head's tokens were trained)"
     hq_text = {"off": "", "sam+hq": " With HQ-SAM's output token and feature fusion: SAM's mask plus the HQ mask.",
                "hq": " With HQ-SAM's output token and feature fusion: the HQ mask alone."}[head.hq]
+    if head.detail:
+        hq_text += (" The masks are corrected at the input's full resolution by a detail head (from the encoder's "
+                    "features and the image) instead of being upsampled from a quarter of it.")
     cited = "\n".join(f"- {text}, doi:{doi}" for text, doi in citations(config))
     base = config.base_checkpoint
     base_text = f"`{base.file_name}` (sha256 `{base.sha256}`)" if base else "a SAM built in memory (no file)"
