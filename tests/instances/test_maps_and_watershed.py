@@ -147,3 +147,27 @@ def test_non_finite_instance_maps_count_as_non_finite_outputs():
 
     out = SegmentationOutput(torch.zeros(1, 1, 4, 4), None, torch.zeros(()), torch.full((1, 3, 16, 16), float("nan")))
     assert not bool(outputs_finite(out))
+
+
+def test_sam_refinement_polls_stop_between_planes(tiny_checkpoint):
+    """A stop asked while SAM refines a stack's objects ends it at the next plane (it did not poll before)."""
+    from helpers import make_model
+
+    from napari_convlora.prediction.sam_refined import refine_with_sam
+    from napari_convlora.prediction.tiling import PredictionCancelled
+
+    model = make_model(tiny_checkpoint, input_size=64).eval()
+    ids = np.zeros((64, 64), np.uint32)
+    ids[10:20, 10:20] = 1
+    image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    asked = []
+
+    def stop_on_second_plane() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(PredictionCancelled):
+        refine_with_sam(model, image, None, {0: ids, 1: ids, 2: ids}, "cpu", stop_on_second_plane)
+    assert len(asked) == 2
+    done = refine_with_sam(model, image, None, {0: ids, 1: ids}, "cpu", lambda: False)
+    assert set(done) == {0, 1}

@@ -133,7 +133,8 @@ def segment_job(
 ) -> Generator[Message, None, SegmentResult]:
     """Every box, point group and coarse object of ``planes`` (default all) as one instance, with the adapted
     model and (``compare``) with the SAM that was loaded (its adapters off); ``through_stack`` carries each object
-    through the stack (``self_training.through_stack``) and the result replaces the planes the objects reach."""
+    through the stack (``self_training.through_stack``): the planes asked for are replaced, the other planes the
+    objects reach (``SegmentResult.added``) keep their objects and the new ones fill their free pixels."""
     isolate_triton()  # before torch: see native_libs
     from ..self_training.prompting import segment_weak_labels
     from ..self_training.through_stack import segment_through_stack

@@ -37,6 +37,10 @@ from .sam_files import checkpoint_identity, extract_sam_state, load_base, read_t
 METADATA_KEY = "napari_convlora"
 
 
+#: The state-dict prefix of SAM's decoder as loaded (``AdaptedSAM.sam_decoder_as_loaded``), which bundles saved
+#: before it existed lack.
+DECODER_AS_LOADED = "sam_decoder_as_loaded."
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -247,6 +251,9 @@ def load_model(
         tensors = files_v1.convert_tensors(tensors)
         model = _check_bundle_or_adapter(path, record, config, tensors, base, check_base_hash)
     model.load_state_dict(tensors, strict=False)
+    if record["format"] == BUNDLE_FORMAT and not any(k.startswith(DECODER_AS_LOADED) for k in tensors):
+        # a bundle saved before it held SAM's decoder as loaded: the one it holds is all there is
+        model.sam_decoder_as_loaded.load_state_dict(model.sam.mask_decoder.state_dict())
     setattr(model, _FILE_ATTRIBUTE, path)
     return model.eval()
 
@@ -283,7 +290,7 @@ def _check_bundle_or_adapter(path: Path, record: dict[str, Any], config: ModelCo
         _check_bundle_geometry(tensors, config, path)  # before building a model of the size the record claims
         model = AdaptedSAM(build_sam(config.base), config)
         _check_tensor_keys(model, tensors, path, adapter=False)
-        missing = set(model.state_dict()) - set(tensors)
+        missing = {k for k in set(model.state_dict()) - set(tensors) if not k.startswith(DECODER_AS_LOADED)}
         if record.get("format_version") == 1:
             missing -= files_v1.lost_in_v1_bundles(model)
             model.prompt_head.unavailable = files_v1.V1_BUNDLE_PROMPTS

@@ -24,7 +24,10 @@ attention can run through PyTorch's fused attention, a forward bound on SAM's ``
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import weakref
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +78,10 @@ class AdaptedSAM(nn.Module):
         self.sam = sam
         _SAMS_IN_MODELS.add(sam)
         sam.requires_grad_(False)
+        # SAM's mask decoder as loaded: the prompt-free head trains parts of the live one, after which it no longer
+        # answers point and box prompts (promptable_decoder_as_loaded); saved in bundles, rebuilt from the base
+        # for adapter files.
+        self.sam_decoder_as_loaded = copy.deepcopy(sam.mask_decoder).requires_grad_(False)
         resize_sam_input(sam, config.input_size)
         set_fast_attention(sam.image_encoder, "auto")  # a runtime choice (not saved): SDPA where it pays
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
@@ -169,6 +176,21 @@ class AdaptedSAM(nn.Module):
         """Conv-LoRA's load-balancing losses of the last forward, summed over layers (0 without Conv-LoRA)."""
         losses = [layer.balance_loss for _, layer in adapter_layers(self.sam) if layer.balance_loss is not None]
         return torch.stack(losses).sum() if losses else self.pixel_mean.new_zeros(())
+
+    @contextlib.contextmanager
+    def promptable_decoder_as_loaded(self) -> Iterator[None]:
+        """While the block runs, SAM's mask decoder holds the weights it was loaded with, then the trained ones
+        again: for SAM's promptable path on the adapted encoder (segment everything, SAM-refined objects). The
+        prompt-free head trains SAM's decoder transformer, upscaling, first hypernetwork MLP and IoU token; the
+        decoder trained so answered no point prompt of the nuclei benchmark (segment everything 0 objects found,
+        SAM-refined F1 0.25), the one as loaded on the same adapted encoder did (0.41 and 0.78; BENCHMARKS.md)."""
+        decoder = self.sam.mask_decoder
+        trained = {name: t.detach().clone() for name, t in decoder.state_dict().items()}
+        decoder.load_state_dict(self.sam_decoder_as_loaded.state_dict())
+        try:
+            yield
+        finally:
+            decoder.load_state_dict(trained)
 
     # ---- forward -----------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> ImageFeatures:

@@ -2,7 +2,8 @@
 instance labels.
 
 ``segment_anything.SamAutomaticMaskGenerator`` runs on the model's own ``Sam`` (its image encoder carries the
-adapters, so the masks come from the adapted encoder; the promptable decoder is SAM's, without HQ fusion): a grid of
+adapters, so the masks come from the adapted encoder; the decoder is SAM's as loaded, not the one the prompt-free
+head trained (``AdaptedSAM.promptable_decoder_as_loaded``), without HQ fusion): a grid of
 point prompts, masks kept by predicted IoU and stability (SAM's thresholds for its checkpoints, lower ones for small
 bases: ``config.suggestions.everything_thresholds``), non-maximum suppression of their boxes. Images larger than
 the model's input are covered with SAM's own crop layers (layer i: 2^i x 2^i overlapping crops, each seen at the
@@ -89,7 +90,7 @@ def segment_everything(model: AdaptedSAM, image: np.ndarray, layout: ImageLayout
         box_nms_thresh=BOX_NMS_THRESH,
         crop_n_layers=crop_layers_for(sam_planes.shape, model.config.input_size))
     found: dict[int, np.ndarray] = {}
-    with _model_normalisation(model):
+    with _model_normalisation(model), model.promptable_decoder_as_loaded():
         for done, index in enumerate(chosen):
             if should_stop is not None and should_stop():
                 raise PredictionCancelled()

@@ -179,7 +179,8 @@ def predict_image(
             # the maps are back at the plane's size: a model pixel is 1 / rescale of the plane's pixels
             objects[z] = instances_from_maps(maps, model.config.instances, scale=1.0 / model.config.input.rescale)
     if method == "sam_refined":  # every plane's objects in one pass: one embedding cache, one label array
-        for z, found in refine_with_sam(model, image, layout, {z: objects[z] for z in chosen}, device).items():
+        for z, found in refine_with_sam(model, image, layout, {z: objects[z] for z in chosen}, device,
+                                        should_stop).items():
             objects[z] = found
     if method == "everything":
         for z, found in segment_everything(model, image, layout, planes=chosen, device=device,

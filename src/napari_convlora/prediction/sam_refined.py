@@ -1,5 +1,6 @@
 """SAM-refined instances (issue 23, item 2): the instance head's objects become prompts for SAM's promptable decoder
-on the adapted encoder, micro-sam's "automatic prompt generation" (numpy, scipy, torch through the prompting core).
+(as loaded, not as the prompt-free head trained it: ``AdaptedSAM.promptable_decoder_as_loaded``) on the adapted
+encoder, micro-sam's "automatic prompt generation" (numpy, scipy, torch through the prompting core).
 
 Each object of the head gives one prompt: its bounding box and one positive point at its innermost pixel (the
 farthest from its edge). The prompts of a plane are decoded window by window from cached embeddings
@@ -10,6 +11,8 @@ masks overlap the pixel goes to the mask with the higher logit, so a duplicate m
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -18,6 +21,7 @@ from ..data import ImageLayout
 from ..modeling import AdaptedSAM
 from ..self_training.prompting import EmbeddingCache, segment_weak_labels
 from ..weak import WeakLabels, WeakObject
+from .tiling import PredictionCancelled
 
 
 def object_prompts(objects: np.ndarray, plane: tuple[int, ...] = ()) -> list[WeakObject]:
@@ -37,18 +41,24 @@ def object_prompts(objects: np.ndarray, plane: tuple[int, ...] = ()) -> list[Wea
 
 
 def refine_with_sam(model: AdaptedSAM, image: np.ndarray, layout: ImageLayout | None,
-                    objects: dict[int, np.ndarray], device: str | torch.device = "cpu") -> dict[int, np.ndarray]:
+                    objects: dict[int, np.ndarray], device: str | torch.device = "cpu",
+                    should_stop: Callable[[], bool] | None = None) -> dict[int, np.ndarray]:
     """The head's objects of some planes (flat plane index -> Y x X ids) -> SAM's masks of them (same keys, Y x X
     uint32 ids 1..N in prompt order, 0 background; see the module), all planes in one pass over one embedding cache.
     ``image`` and ``layout`` as for ``predict_image``; a model that rescales images is refused (ValueError), as
-    prompting is."""
+    prompting is. ``should_stop`` is polled before each plane (``PredictionCancelled``)."""
     cache = EmbeddingCache(model, image, layout, device)
     leading = cache.planes.leading
     planes = {index: tuple(int(i) for i in np.unravel_index(index, leading)) if leading else ()
               for index in objects}
     prompts = {planes[index]: object_prompts(ids, planes[index]) for index, ids in objects.items() if ids.any()}
     shape = tuple(leading) + tuple(cache.plane_shape)
-    labels, _ = segment_weak_labels(cache, WeakLabels(shape, prompts), planes=list(prompts))
+    def check(done: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise PredictionCancelled()
+
+    with model.promptable_decoder_as_loaded():  # the decoder the prompt-free head trained answers no prompt well
+        labels, _ = segment_weak_labels(cache, WeakLabels(shape, prompts), planes=list(prompts), on_plane=check)
     return {index: _consecutive(labels[plane] if plane else labels) for index, plane in planes.items()}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -137,8 +137,10 @@ def segment_prompt(cache: EmbeddingCache, index: int, prompt: CropPrompt, adapte
 
 
 def segment_weak_labels(cache: EmbeddingCache, weak: WeakLabels, planes: Sequence[tuple[int, ...]] | None = None,
-                        adapters: bool = True, positive: int = 5, negative: int = 5) -> tuple[np.ndarray, list[WeakObject]]:
-    """Every weak label's object of the chosen planes (default all) as one instance.
+                        adapters: bool = True, positive: int = 5, negative: int = 5,
+                        on_plane: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[WeakObject]]:
+    """Every weak label's object of the chosen planes (default all) as one instance. ``on_plane(done, total)`` is
+    called before each plane (progress; it may raise to stop).
 
     Returns:
         (instance labels of the image's spatial shape, int32, 0 background and object k + 1 for ``objects[k]``;
@@ -148,7 +150,10 @@ def segment_weak_labels(cache: EmbeddingCache, weak: WeakLabels, planes: Sequenc
     labels = np.zeros(shape, np.int32)
     objects: list[WeakObject] = []
     size = cache.model.config.input_size
-    for plane in planes if planes is not None else weak.planes():
+    chosen = list(planes) if planes is not None else weak.planes()
+    for done, plane in enumerate(chosen):
+        if on_plane is not None:
+            on_plane(done, len(chosen))
         plane = tuple(plane)
         index = weak.flat_plane_index(plane)
         best = np.full(cache.plane_shape, -np.inf, np.float32)

@@ -27,7 +27,7 @@ from scipy import ndimage
 from ..constants import STACK_IOU
 from ..weak import WeakLabels, WeakObject
 from .crops import CropPrompt
-from .prompting import grid_window, segment_in_window, segment_weak_labels
+from .prompting import EmbeddingCache, grid_window, segment_in_window, segment_weak_labels
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.count_nonzero(a & b) / union if union else 0.0
 
 
-def segment_through_stack(cache, weak: WeakLabels, planes: Sequence[tuple[int, ...]] | None = None,
+def segment_through_stack(cache: EmbeddingCache, weak: WeakLabels, planes: Sequence[tuple[int, ...]] | None = None,
                           adapters: bool = True, iou_threshold: float = STACK_IOU,
                           on_plane: Callable[[int, int], None] | None = None
                           ) -> tuple[np.ndarray, list[WeakObject], list[StackSpan]]:
@@ -124,7 +124,7 @@ def segment_through_stack(cache, weak: WeakLabels, planes: Sequence[tuple[int, .
     return labels, objects, [spans[k] for k in sorted(spans)]
 
 
-def _carry(cache, index: int, out: np.ndarray, active: dict[int, np.ndarray], has_prompts: bool,
+def _carry(cache: EmbeddingCache, index: int, out: np.ndarray, active: dict[int, np.ndarray], has_prompts: bool,
            iou_threshold: float, adapters: bool) -> None:
     """Decode the ``active`` objects (label -> previous plane's mask) on flat plane ``index``, write those that go
     on into ``out`` (this plane's labels) and keep them in ``active`` with their new masks; drop the others."""
