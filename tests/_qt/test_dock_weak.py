@@ -216,6 +216,12 @@ def test_through_stack_carries_a_box_to_the_planes_around_it_and_keeps_what_they
         assert np.count_nonzero((data[z] == new[0]) & ball) > 0.8 * np.count_nonzero(ball), z
     assert (data[3, 140:150, 180:190] == 5).all()  # the other plane keeps what it held
     assert not (data[14] == new[0]).any()  # past the object's end
+    assert dock.segment_prompts() is not None  # again: the object is replaced on every plane, not doubled
+    _wait_idle(dock, qtbot)
+    data = viewer.layers["balls instances"].data
+    again = [i for i in np.unique(data[7]) if i not in (0, 5)]
+    assert len(again) == 1 and set(np.unique(data[2:13])) - {0, 5} == {again[0]}  # the old id is gone everywhere
+    assert (data[3, 140:150, 180:190] == 5).all()
 
     viewer.add_image(image[7], name="one plane")
     viewer.add_shapes([[[50, 40], [50, 101], [111, 101], [111, 40]]], shape_type="rectangle", name="flat box")

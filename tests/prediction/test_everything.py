@@ -51,10 +51,14 @@ def test_masks_become_one_instance_image_smaller_masks_on_top():
     small[5:9, 5:9] = True
     speck = np.zeros((20, 20), bool)
     speck[0, 0] = True
+    inner_speck = np.zeros((20, 20), bool)
+    inner_speck[14, 14] = True
     out = masks_to_instances([{"segmentation": small, "area": 16}, {"segmentation": big, "area": 256},
-                              {"segmentation": speck, "area": 1}], (20, 20), min_size=2)
+                              {"segmentation": speck, "area": 1}, {"segmentation": inner_speck, "area": 1}],
+                             (20, 20), min_size=2)
     assert out.dtype == np.uint32 and out[6, 6] == 2 and out[12, 12] == 1  # the small one stays visible
-    assert out[0, 0] == 0 and set(np.unique(out)) == {0, 1, 2}  # the speck is under min_size; ids consecutive
+    assert out[0, 0] == 0 and set(np.unique(out)) == {0, 1, 2}  # the specks are under min_size; ids consecutive
+    assert out[14, 14] == 1  # a speck left out leaves no hole in the mask under it
     assert masks_to_instances([], (4, 4)).max() == 0
 
 
@@ -65,7 +69,7 @@ def test_thresholds_follow_the_base_and_large_planes_get_crop_layers():
     assert crop_layers_for((1024, 1024), 256) == 2 and crop_layers_for((20000, 20000), 256) == 3
 
 
-def test_what_cannot_work_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+def test_what_cannot_work_is_refused_in_one_line(tiny_checkpoint):
     rescaled = make_model(tiny_checkpoint, input_size=64, input=InputSpec(rescale=0.5))
     image = np.zeros((64, 64), np.float32)
     with pytest.raises(ValueError, match="rescales images"):

@@ -106,8 +106,8 @@ def write_prompted_instances(viewer, image: Image, labels: np.ndarray, classes: 
                              planes: Sequence[int] | None, name: str, added: Sequence[int] = ()) -> Labels:
     """Add or update the instances Labels layer ``name`` (ids 1..n of ``labels``, int32). With ``planes`` (flat
     indices), an existing layer keeps its other planes and the new objects take ids after the ids kept; on the
-    planes ``added`` (objects carried through a stack) it also keeps what it holds and the new objects fill the
-    pixels no object holds; without ``planes``, its data are replaced. The layer's metadata keeps each id's class
+    planes ``added`` (objects carried through a stack) it keeps what it holds but the objects of the replaced planes,
+    and the new objects fill the pixels no object holds; without ``planes``, its data are replaced. The layer's metadata keeps each id's class
     (None: no class)."""
     layer = viewer.layers[name] if name in viewer.layers else None
     fits = isinstance(layer, Labels) and layer.data.shape == labels.shape
@@ -116,8 +116,12 @@ def write_prompted_instances(viewer, image: Image, labels: np.ndarray, classes: 
     elif fits:
         data = np.asarray(layer.data).astype(np.int32, copy=True)
         flat, new = data.reshape(-1, *data.shape[-2:]), labels.reshape(-1, *labels.shape[-2:])
+        replaced = np.unique(np.concatenate([flat[plane].ravel() for plane in planes])) if planes else []
+        replaced = [int(i) for i in replaced if i > 0]
         for plane in planes:
             flat[plane] = 0
+        for plane in added:  # an object replaced on its own plane goes on the planes it was carried to, too
+            flat[plane][np.isin(flat[plane], replaced)] = 0
         offset = int(data.max(initial=0))
         present = set(np.unique(data).tolist())
         kept = {i: c for i, c in _classes(layer).items() if i in present}

@@ -92,8 +92,10 @@ class PredictPanel(QGroupBox):
         for name in INSTANCE_METHODS:
             self.instance_method.addItem(INSTANCE_METHOD_LABELS[name], name)
         self.instance_method.setToolTip("how objects are found: the model's instance head (trained from instance "
-                                        "labels: touching objects apart), connected components of each class, or "
-                                        "auto (the head when the model has one)")
+                                        "labels: touching objects apart), the head's objects refined by SAM's "
+                                        "prompts, connected components of each class, segment everything (SAM's "
+                                        "grid of point prompts: no instance labels needed), or auto (the head when "
+                                        "the model has one)")
         self.instance_method.setEnabled(False)
         self.instances.toggled.connect(self.instance_method.setEnabled)
         self.predict = _button("Predict", "segment the chosen image with the current model; writes '<image> "

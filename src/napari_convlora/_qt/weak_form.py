@@ -89,7 +89,7 @@ class WeakForm(QWidget):
         self.through_stack = QCheckBox("through stack")
         self.through_stack.setToolTip("carry each prompted object to the neighbouring planes (its mask's box and "
                                       "innermost point as the next plane's prompt) until it ends: one id per object "
-                                      "through the stack; the planes it reaches are replaced")
+                                      "through the stack; other planes it reaches keep their objects")
         self.compare = QCheckBox("compare with unadapted")
         self.compare.setToolTip("also segment the prompts with the SAM that was loaded (adapters off) into "
                                 "'<image> instances (unadapted)'")

@@ -37,8 +37,8 @@ from .sam_files import checkpoint_identity, extract_sam_state, load_base, read_t
 METADATA_KEY = "napari_convlora"
 
 
-#: The state-dict prefix of SAM's decoder as loaded (``AdaptedSAM.sam_decoder_as_loaded``), which bundles saved
-#: before it existed lack.
+#: The prefix of SAM's decoder as loaded (``AdaptedSAM.decoder_as_loaded``) in a bundle's tensors; bundles saved
+#: before it existed lack them.
 DECODER_AS_LOADED = "sam_decoder_as_loaded."
 
 def package_version() -> str:
@@ -118,7 +118,8 @@ def save_adapter(model: AdaptedSAM, path: str | os.PathLike) -> Path:
 
 def save_bundle(model: AdaptedSAM, path: str | os.PathLike) -> Path:
     """Write one self-contained file: base SAM, adapters and head (not merged), and the config."""
-    return _write(dict(model.state_dict()), model, BUNDLE_FORMAT, path)
+    as_loaded = {DECODER_AS_LOADED + name: t for name, t in model.decoder_as_loaded.items()}
+    return _write(dict(model.state_dict()) | as_loaded, model, BUNDLE_FORMAT, path)
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -239,8 +240,9 @@ def load_model(
     config = model_config(record, path)
     current = record.get("format_version") != 1
     if current:  # names and shapes from the file's header: a misshapen tensor is refused before any is read
-        model = _check_bundle_or_adapter(path, record, config, _header_tensors(path), base, check_base_hash)
-    tensors = load_file(str(path), device="cpu")
+        header = _without_decoder_as_loaded(_header_tensors(path))[0]
+        model = _check_bundle_or_adapter(path, record, config, header, base, check_base_hash)
+    tensors, as_loaded = _without_decoder_as_loaded(load_file(str(path), device="cpu"))
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(
@@ -251,11 +253,21 @@ def load_model(
         tensors = files_v1.convert_tensors(tensors)
         model = _check_bundle_or_adapter(path, record, config, tensors, base, check_base_hash)
     model.load_state_dict(tensors, strict=False)
-    if record["format"] == BUNDLE_FORMAT and not any(k.startswith(DECODER_AS_LOADED) for k in tensors):
-        # a bundle saved before it held SAM's decoder as loaded: the one it holds is all there is
-        model.sam_decoder_as_loaded.load_state_dict(model.sam.mask_decoder.state_dict())
+    if record["format"] == BUNDLE_FORMAT:
+        # SAM's decoder as loaded; a bundle saved before it carried one has only the decoder it trained
+        model.decoder_as_loaded = as_loaded or {name: t.detach().clone()
+                                                for name, t in model.sam.mask_decoder.state_dict().items()}
     setattr(model, _FILE_ATTRIBUTE, path)
     return model.eval()
+
+
+def _without_decoder_as_loaded(tensors: dict[str, torch.Tensor]
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A file's tensors split into the model's state dict and SAM's decoder as loaded (a bundle's
+    ``sam_decoder_as_loaded.*``, named without the prefix)."""
+    model = {k: v for k, v in tensors.items() if not k.startswith(DECODER_AS_LOADED)}
+    as_loaded = {k[len(DECODER_AS_LOADED):]: v for k, v in tensors.items() if k.startswith(DECODER_AS_LOADED)}
+    return model, as_loaded
 
 
 def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -290,7 +302,7 @@ def _check_bundle_or_adapter(path: Path, record: dict[str, Any], config: ModelCo
         _check_bundle_geometry(tensors, config, path)  # before building a model of the size the record claims
         model = AdaptedSAM(build_sam(config.base), config)
         _check_tensor_keys(model, tensors, path, adapter=False)
-        missing = {k for k in set(model.state_dict()) - set(tensors) if not k.startswith(DECODER_AS_LOADED)}
+        missing = set(model.state_dict()) - set(tensors)
         if record.get("format_version") == 1:
             missing -= files_v1.lost_in_v1_bundles(model)
             model.prompt_head.unavailable = files_v1.V1_BUNDLE_PROMPTS

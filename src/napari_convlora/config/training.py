@@ -58,8 +58,8 @@ class TrainRecipe:
         the field existed had none.
     detail_head: ``"on"`` corrects the masks at the input's full resolution (``HeadConfig.detail``,
         ``modeling/detail_head.py``; for structures a few pixels wide), ``"off"`` upsamples SAM's quarter-resolution
-        masks; ``"auto"`` (the default): on for small bases (input side <= 512), where a quarter of the input
-        is too coarse, off otherwise. Runs saved before the field existed had none.
+        masks; ``"auto"`` (the default): on for inputs of 512 px or less (the built-in model's 256 px, SAM at 256 or
+        512 px on a CPU), where a quarter of the input is too coarse, off otherwise (SAM at its own 1024 px). Runs saved before the field existed had none.
     val_fraction: share of the labelled area held out for validation (ignored with explicit validation images).
     steps or epochs: how long to train (an epoch tiles every training plane once); neither: 10 epochs.
     batch_size x grad_accum: patches per optimizer step.

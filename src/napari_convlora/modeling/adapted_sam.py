@@ -25,7 +25,6 @@ attention can run through PyTorch's fused attention, a forward bound on SAM's ``
 from __future__ import annotations
 
 import contextlib
-import copy
 import weakref
 from typing import Iterator
 
@@ -78,10 +77,12 @@ class AdaptedSAM(nn.Module):
         self.sam = sam
         _SAMS_IN_MODELS.add(sam)
         sam.requires_grad_(False)
-        # SAM's mask decoder as loaded: the prompt-free head trains parts of the live one, after which it no longer
-        # answers point and box prompts (promptable_decoder_as_loaded); saved in bundles, rebuilt from the base
-        # for adapter files.
-        self.sam_decoder_as_loaded = copy.deepcopy(sam.mask_decoder).requires_grad_(False)
+        # SAM's mask decoder as loaded (CPU copies, outside the module tree: not in the state dict, so Model Zoo
+        # packages and DDP see the model as before): the prompt-free head trains parts of the live one, after which
+        # it no longer answers point and box prompts (promptable_decoder_as_loaded). Bundles carry it
+        # (checkpoints.model_files); adapter files rebuild it from their base.
+        self.decoder_as_loaded: dict[str, torch.Tensor] = {
+            name: t.detach().to("cpu", copy=True) for name, t in sam.mask_decoder.state_dict().items()}
         resize_sam_input(sam, config.input_size)
         set_fast_attention(sam.image_encoder, "auto")  # a runtime choice (not saved): SDPA where it pays
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(-1, 1, 1), persistent=False)
@@ -186,8 +187,8 @@ class AdaptedSAM(nn.Module):
         SAM-refined F1 0.25), the one as loaded on the same adapted encoder did (0.41 and 0.78; BENCHMARKS.md)."""
         decoder = self.sam.mask_decoder
         trained = {name: t.detach().clone() for name, t in decoder.state_dict().items()}
-        decoder.load_state_dict(self.sam_decoder_as_loaded.state_dict())
         try:
+            decoder.load_state_dict(self.decoder_as_loaded)
             yield
         finally:
             decoder.load_state_dict(trained)

@@ -45,10 +45,12 @@ def crop_layers_for(plane_shape: tuple[int, int], input_size: int) -> int:
 
 def masks_to_instances(masks: list[dict], plane_shape: tuple[int, int], min_size: int = 0) -> np.ndarray:
     """The generator's records (``segmentation`` Y x X bool, ``area``) -> Y x X uint32 ids 1..N, larger masks painted
-    first; a mask left with fewer than ``min_size`` visible pixels is dropped, ids consecutive."""
+    first; a mask smaller than ``min_size`` is left out before painting (it leaves no hole in the mask under it),
+    one left with fewer than ``min_size`` visible pixels after it is dropped; ids consecutive."""
     out = np.zeros(plane_shape, np.uint32)
     next_id = 0
-    for record in sorted(masks, key=lambda r: -int(r["area"])):
+    kept = [r for r in masks if int(r["area"]) >= min_size]
+    for record in sorted(kept, key=lambda r: -int(r["area"])):
         next_id += 1
         out[record["segmentation"]] = next_id
     if next_id == 0:
@@ -81,9 +83,11 @@ def segment_everything(model: AdaptedSAM, image: np.ndarray, layout: ImageLayout
                          f"({model.config.input.rescale}); choose another instance method")
     if points_per_side < 1:
         raise ValueError(f"points per side must be >= 1, got {points_per_side}")
+    if model.prompt_head.unavailable:  # a version-1 bundle lacks SAM's mask tokens: no prompt can be answered
+        raise ValueError(model.prompt_head.unavailable)
     sam_planes = SamPlanes(image, layout or ImageLayout(), model.config.input)
     chosen = list(range(len(sam_planes))) if planes is None else sam_planes.check_indices(planes)
-    sam = model.sam.to(device).eval()
+    sam = model.to(device).eval().sam
     iou, stability = everything_thresholds(sum(p.numel() for p in sam.parameters()))
     generator = SamAutomaticMaskGenerator(
         sam, points_per_side=points_per_side, pred_iou_thresh=iou, stability_score_thresh=stability,

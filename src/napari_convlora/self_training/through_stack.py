@@ -7,7 +7,8 @@ Planes are taken along the last leading axis of the image (z of a ``Z x Y x X`` 
 
 - its mask is empty, or overlaps the previous plane's mask with IoU below ``iou_threshold`` (the object ended,
   or SAM's answer jumped to something else), or
-- more than half of its mask lies on an object the user prompted on that plane (that prompt takes over).
+- more than half of its mask lies on another object there (one the user prompted on that plane, or one carried
+  there from the other side: that object takes over).
 
 An object keeps its id through the stack (one 3D instance). On a plane, a prompted object's pixels are never
 taken by a carried one; carried objects decoded on the same plane share it by their logits (as prompted objects
@@ -96,8 +97,7 @@ def segment_through_stack(cache: EmbeddingCache, weak: WeakLabels, planes: Seque
         if np.any(labels[plane] == k):
             seeds.setdefault(plane[:-1], []).append((plane[-1], k))
     spans = {k: StackSpan(k, tuple(obj.plane), obj.plane[-1], obj.plane[-1]) for k, obj in enumerate(objects, 1)}
-    prompted = {tuple(obj.plane) for obj in objects}
-    total = sum(max(z for z, _ in group) - min(z for z, _ in group) + depth for group in seeds.values())
+    total = sum(max(z for z, _ in group) - min(z for z, _ in group) + depth + 1 for group in seeds.values())
     done = 0
     for outer, group in seeds.items():
         for step in (1, -1):
@@ -110,8 +110,7 @@ def segment_through_stack(cache: EmbeddingCache, weak: WeakLabels, planes: Seque
                 plane = outer + (z,)
                 out = labels[plane]
                 if active:
-                    _carry(cache, weak.flat_plane_index(plane), out, active, plane in prompted, iou_threshold,
-                           adapters)
+                    _carry(cache, weak.flat_plane_index(plane), out, active, iou_threshold, adapters)
                     for k in active:
                         spans[k].first, spans[k].last = min(spans[k].first, z), max(spans[k].last, z)
                 while pending and pending[0][0] == z:
@@ -124,7 +123,7 @@ def segment_through_stack(cache: EmbeddingCache, weak: WeakLabels, planes: Seque
     return labels, objects, [spans[k] for k in sorted(spans)]
 
 
-def _carry(cache: EmbeddingCache, index: int, out: np.ndarray, active: dict[int, np.ndarray], has_prompts: bool,
+def _carry(cache: EmbeddingCache, index: int, out: np.ndarray, active: dict[int, np.ndarray],
            iou_threshold: float, adapters: bool) -> None:
     """Decode the ``active`` objects (label -> previous plane's mask) on flat plane ``index``, write those that go
     on into ``out`` (this plane's labels) and keep them in ``active`` with their new masks; drop the others."""
@@ -143,7 +142,7 @@ def _carry(cache: EmbeddingCache, index: int, out: np.ndarray, active: dict[int,
         for (k, _), logit in zip(items, logits[:, :h, :w]):
             mask = np.zeros(shape, bool)
             mask[top : top + h, left : left + w] = logit > 0
-            taken = has_prompts and np.count_nonzero(mask & owned) * 2 > np.count_nonzero(mask)
+            taken = np.count_nonzero(mask & owned) * 2 > np.count_nonzero(mask)
             if not mask.any() or taken or _iou(mask, active[k]) < iou_threshold:
                 del active[k]
                 continue
