@@ -41,10 +41,17 @@ def random_points(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.
 
 
 def central_point(mask: np.ndarray) -> np.ndarray:
-    """The mask's pixel farthest from its boundary (x, y), float32: the usual single-point prompt in evaluation."""
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(distance)), mask.shape)
-    return np.array([x + 0.5, y + 0.5], dtype=np.float32)
+    """The centre (x, y), float32, of a non-empty mask's pixel farthest from its boundary (of several, the one
+    nearest the mask's centroid: the middle of a bar, not its end): the usual single-point prompt. Computed inside
+    the mask's box (everything outside it is background)."""
+    ys, xs = np.nonzero(mask)
+    y0, x0 = ys.min(), xs.min()
+    crop = mask[y0 : ys.max() + 1, x0 : xs.max() + 1]
+    distance = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+    deepest = np.argwhere(distance == distance.max())
+    centroid = np.array([ys.mean() - y0, xs.mean() - x0])
+    y, x = deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))]
+    return np.array([x0 + x + 0.5, y0 + y + 0.5], dtype=np.float32)
 
 
 def correction_point(prediction: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:

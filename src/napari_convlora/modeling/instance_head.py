@@ -8,16 +8,14 @@ touching nuclei by itself).
 
 from __future__ import annotations
 
-import torch
-
-from .features import ImageFeatures
 from .full_resolution import STEM_CHANNELS, FullResolutionMaps
 
 __all__ = ["STEM_CHANNELS", "InstanceHead"]
 
 
 class InstanceHead(FullResolutionMaps):
-    """Maps an image's features to three logit maps (foreground, centre, depth) at the input's resolution.
+    """Maps an image's features to three logit maps B x 3 x S x S (foreground, centre, depth) at the input's
+    resolution (``forward(features, normalised)``, as :class:`FullResolutionMaps`).
 
     Args:
         embed_dim: D, the channels of the neck's embedding (SAM's decoder width).
@@ -26,9 +24,3 @@ class InstanceHead(FullResolutionMaps):
 
     def __init__(self, embed_dim: int, vit_dim: int) -> None:
         super().__init__(embed_dim, vit_dim, out_channels=3)
-
-    def forward(self, features: ImageFeatures, normalised: torch.Tensor,  # type: ignore[override]
-                extra: torch.Tensor | None = None) -> torch.Tensor:
-        """features, normalised: as :class:`FullResolutionMaps` -> B x 3 x 16g x 16g logits (foreground, centre,
-        depth)."""
-        return super().forward(features, normalised)

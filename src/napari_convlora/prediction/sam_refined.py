@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 
 from ..data import ImageLayout
+from ..data.prompts import central_point
 from ..modeling import AdaptedSAM
 from ..self_training.prompting import EmbeddingCache, segment_weak_labels
 from ..weak import WeakLabels, WeakObject
@@ -26,15 +27,14 @@ from .tiling import PredictionCancelled
 
 def object_prompts(objects: np.ndarray, plane: tuple[int, ...] = ()) -> list[WeakObject]:
     """One box prompt with a positive point per object of ``objects`` (Y x X ids, 0 background), in id order:
-    the box on pixel edges (``x0, y0, x1, y1``), the point at the centre of the object's innermost pixel."""
+    the box on pixel edges (``x0, y0, x1, y1``), the point at its centre (``data.prompts.central_point``)."""
     prompts = []
     for index, found in enumerate(ndimage.find_objects(objects), start=1):
         if found is None:
             continue
         rows, cols = found
-        mask = np.pad(objects[found] == index, 1)
-        inner = np.unravel_index(np.argmax(ndimage.distance_transform_edt(mask)), mask.shape)
-        point = np.array([[cols.start + inner[1] - 1 + 0.5, rows.start + inner[0] - 1 + 0.5]], np.float32)
+        corner = np.array([cols.start, rows.start], np.float32)
+        point = (central_point(objects[found] == index) + corner)[None]
         box = np.array([cols.start, rows.start, cols.stop, rows.stop], np.float32)
         prompts.append(WeakObject(plane, "box", box=box, positive=point, source=f"object {index}"))
     return prompts

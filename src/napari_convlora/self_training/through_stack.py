@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..constants import STACK_IOU
+from ..data.prompts import central_point, mask_box
 from ..weak import WeakLabels, WeakObject
 from .crops import CropPrompt
 from .prompting import EmbeddingCache, grid_window, segment_in_window, segment_weak_labels
@@ -44,19 +44,9 @@ class StackSpan:
 
 def mask_prompt(mask: np.ndarray, top: int, left: int) -> CropPrompt:
     """A plane's bool mask (``Y x X``, not empty) as the prompt of the next plane, in the coordinates of the window
-    at (top, left): its bounding box on pixel edges and a positive point at the centre of its innermost pixel (the
-    largest distance to the background; of several, the one nearest the mask's centroid)."""
-    rows, cols = np.nonzero(mask)
-    box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
-    r0, c0 = rows.min(), cols.min()
-    crop = np.pad(mask[r0 : rows.max() + 1, c0 : cols.max() + 1], 1)
-    depth = ndimage.distance_transform_edt(crop)
-    deepest = np.argwhere(depth == depth.max())  # of these, the one nearest the mask's centroid
-    centroid = np.array([rows.mean() - r0 + 1, cols.mean() - c0 + 1])
-    r, c = deepest[int(np.argmin(((deepest - centroid) ** 2).sum(axis=1)))]
-    point = np.array([[c0 + c - 1 + 0.5, r0 + r - 1 + 0.5]], np.float32)
+    at (top, left): its bounding box on pixel edges and a positive point at its centre (``data.prompts``)."""
     shift = np.array([left, top], np.float32)
-    return CropPrompt("box", box - np.tile(shift, 2), point - shift)
+    return CropPrompt("box", mask_box(mask) - np.tile(shift, 2), central_point(mask)[None] - shift)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
