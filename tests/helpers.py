@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from napari_convlora import AdaptedSAM, load_base
 from napari_convlora.config import AdapterConfig, HeadConfig, InputSpec, ModelConfig
 from napari_convlora.checkpoints.sam_files import BaseSam
 
 HEAD_FIELDS = {"num_mask_tokens", "class_names", "class_values", "label_mode", "background_value", "hq", "multiclass",
-               "detail"}
+               "detail", "detail_context"}
 
 
 def make_model(
@@ -73,3 +74,23 @@ def ball_stack(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     image = (20 + 150 * first + 120 * second + rng.normal(0, 8, first.shape)).astype(np.float32)
     return image, (first * 1 + second * 2).astype(np.uint8)
+
+
+def local_contrast(scene) -> float:
+    """Median over objects of (mean inside - mean of the background 2-6 px around it), in the channel where the
+    step is largest, as a fraction of 255 (signed: positive when objects are brighter)."""
+    inst = scene.instances
+    dist, (iy, ix) = ndimage.distance_transform_edt(inst == 0, return_indices=True)
+    nearest = inst[iy, ix]
+    ring = (inst == 0) & (dist > 2) & (dist <= 6)
+    n = len(scene.classes) + 1
+    inside_count = np.maximum(np.bincount(inst.ravel(), minlength=n), 1)
+    ring_count = np.bincount(nearest[ring], minlength=n)
+    steps = []
+    for channel in np.moveaxis(scene.image.astype(np.float64) / 255, -1, 0):
+        inside = np.bincount(inst.ravel(), channel.ravel(), n) / inside_count
+        around = np.bincount(nearest[ring], channel[ring], n) / np.maximum(ring_count, 1)
+        steps.append((inside - around)[1:])
+    steps = np.array(steps)
+    per_object = steps[np.abs(steps).argmax(0), np.arange(steps.shape[1])][ring_count[1:] > 20]
+    return float(np.median(per_object))

@@ -13,27 +13,9 @@ from napari_convlora.pretraining import (HELD_OUT_TEXTURE, MIN_AREA, SHIFTS, TRA
 from napari_convlora.pretraining import synthetic as syn
 from napari_convlora.pretraining.shapes import SHAPE_CLASSES
 
+from helpers import local_contrast
+
 SEEDS = range(12)  # paired clean/shifted draws per shift
-
-
-def local_contrast(scene: Scene) -> float:
-    """Median over objects of (mean inside - mean of the background 2-6 px around it), in the channel where the
-    step is largest, as a fraction of 255 (signed: positive when objects are brighter)."""
-    inst = scene.instances
-    dist, (iy, ix) = ndimage.distance_transform_edt(inst == 0, return_indices=True)
-    nearest = inst[iy, ix]
-    ring = (inst == 0) & (dist > 2) & (dist <= 6)
-    n = len(scene.classes) + 1
-    inside_count = np.maximum(np.bincount(inst.ravel(), minlength=n), 1)
-    ring_count = np.bincount(nearest[ring], minlength=n)
-    steps = []
-    for channel in np.moveaxis(scene.image.astype(np.float64) / 255, -1, 0):
-        inside = np.bincount(inst.ravel(), channel.ravel(), n) / inside_count
-        around = np.bincount(nearest[ring], channel[ring], n) / np.maximum(ring_count, 1)
-        steps.append((inside - around)[1:])
-    steps = np.array(steps)
-    per_object = steps[np.abs(steps).argmax(0), np.arange(steps.shape[1])][ring_count[1:] > 20]
-    return float(np.median(per_object))
 
 
 def edge_gradient(scene: Scene) -> float:

@@ -656,3 +656,37 @@ def test_an_optimizer_state_of_another_model_is_refused_in_one_line(tmp_path):
     with pytest.raises(TrainingError, match=r"run.safetensors: its training state holds the optimizer of another "
                                             r"model"):
         restore_optimizer(mine, schedule, state, tmp_path / "run.safetensors")
+
+
+def test_a_detail_head_saved_before_its_context_pyramid_resumes_and_trains_further(tmp_path, tiny_checkpoint, cells,
+                                                                                   monkeypatch):
+    """A model of the previous version (a detail head without ``detail_context``) keeps its own architecture when
+    a run resumes it or starts from it: its weights decide, as for every other field of its head."""
+    import dataclasses
+
+    from napari_convlora.training import loop
+
+    recipe = _recipe(steps=4, val_every=2)
+    assert recipe.trains_detail_head  # 128 px: the detail head is on
+    new_config = loop.model_config_for
+
+    def older(*args, **kwargs):
+        config = new_config(*args, **kwargs)
+        return dataclasses.replace(config, head=dataclasses.replace(config.head, detail_context=False))
+
+    monkeypatch.setattr(loop, "model_config_for", older)
+    part = tmp_path / "older.safetensors"
+    stop = threading.Event()
+    drain(train(tiny_checkpoint, cells, part, recipe, CPU, stop=stop), stop_at=2, stop=stop)
+    monkeypatch.setattr(loop, "model_config_for", new_config)
+    assert load_model(part, tiny_checkpoint).detail_head.maps.context is None
+
+    events, model = drain(train(tiny_checkpoint, cells, tmp_path / "resumed.safetensors", recipe, CPU,
+                                resume_from=part))
+    assert events[-1].kind == "finished" and model.detail_head.maps.context is None
+    start, _ = loop.init_recipe(part, recipe)
+    events, model = drain(train(tiny_checkpoint, _prepare(start), tmp_path / "again.safetensors", start, CPU,
+                                init_from=part))
+    assert events[-1].kind == "finished" and model.config.head.detail_context is False
+    events, fresh = drain(train(tiny_checkpoint, cells, tmp_path / "fresh.safetensors", recipe, CPU))
+    assert fresh.detail_head.maps.context is not None  # a new run gets the pyramid

@@ -111,6 +111,9 @@ class HeadConfig:
     detail: the masks are corrected at the input's full resolution by a detail head
         (``modeling/detail_head.py``) instead of being upsampled from a quarter of it; models saved before the
         field existed have none.
+    detail_context: the detail head also reads each pixel's surroundings at the image's own resolution (a small
+        pyramid on its image stem, ``full_resolution.LocalContext``; issue 22: tiny lesions); detail heads saved
+        before the field existed have none.
     """
 
     num_classes: int = 2
@@ -122,6 +125,7 @@ class HeadConfig:
     hq: str = field(default="off", metadata=ADDED_LATER)
     multiclass: str = field(default="matched", metadata=ADDED_LATER)
     detail: bool = field(default=False, metadata=ADDED_LATER)
+    detail_context: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.hq not in HQ_MODES:

@@ -100,7 +100,8 @@ class AdaptedSAM(nn.Module):
         self.instance_head = (InstanceHead(config.base.prompt_embed_dim, config.base.encoder_embed_dim)
                               if config.instances is not None else None)
         self.detail_head = (DetailHead(config.base.prompt_embed_dim, config.base.encoder_embed_dim,
-                                       config.head.num_mask_tokens) if config.head.detail else None)
+                                       config.head.num_mask_tokens, context=config.head.detail_context)
+                            if config.head.detail else None)
         self._early_capture: BlockOutputCapture | None = None
         self.capture_early_feature(self._reads_early_feature)
         if config.promptable is not None:  # WeSAM trains the adapters only: the prompt-free head stays as built

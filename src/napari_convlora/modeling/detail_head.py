@@ -24,11 +24,13 @@ class DetailHead(nn.Module):
 
     Args:
         embed_dim: D, the neck's channels. vit_dim: C, the encoder's width. num_masks: Q, the head's mask tokens.
+        context: also read each pixel's surroundings at full resolution (``full_resolution.LocalContext``).
     """
 
-    def __init__(self, embed_dim: int, vit_dim: int, num_masks: int) -> None:
+    def __init__(self, embed_dim: int, vit_dim: int, num_masks: int, context: bool = False) -> None:
         super().__init__()
-        self.maps = FullResolutionMaps(embed_dim, vit_dim, out_channels=num_masks, extra_channels=num_masks)
+        self.maps = FullResolutionMaps(embed_dim, vit_dim, out_channels=num_masks, extra_channels=num_masks,
+                                      context=context)
         last = self.maps.fuse[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)

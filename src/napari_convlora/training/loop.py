@@ -63,6 +63,7 @@ def model_config_for(base: BaseSam, recipe: TrainRecipe, encoding: LabelEncoding
         label_mode=encoding.mode,
         background_value=encoding.background_value,
         hq=recipe.hq, multiclass=recipe.multiclass_head, detail=recipe.trains_detail_head,
+        detail_context=recipe.trains_detail_head,
     )
     return ModelConfig(base=base.architecture, adapter=recipe.adapter, head=head, input_size=recipe.input_size,
                        input=dataclasses.replace(recipe.input), base_checkpoint=base.checkpoint,

@@ -127,10 +127,13 @@ def _check_class_values(trained: tuple[int, ...], encoding: LabelEncoding) -> No
 
 
 def _differing_fields(found: ModelConfig, expected: ModelConfig) -> list[str]:
-    """The fields in which two model configs differ, but for the base checkpoint and the instance head's
-    post-processing (chosen on validation as a run goes; only whether there is an instance head counts)."""
+    """The fields in which two model configs differ, but for the base checkpoint, the instance head's
+    post-processing (chosen on validation as a run goes; only whether there is an instance head counts) and
+    whether a detail head has its context pyramid (``HeadConfig.detail_context``: a model saved before the
+    pyramid keeps its own detail head when a run resumes it or starts from it; its weights decide)."""
     found, expected = (dataclasses.replace(c, base_checkpoint=None,
-                                           instances=None if c.instances is None else InstanceConfig())
+                                           instances=None if c.instances is None else InstanceConfig(),
+                                           head=dataclasses.replace(c.head, detail_context=False))
                        for c in (found, expected))
     return [f.name for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(expected, f.name)]
 
