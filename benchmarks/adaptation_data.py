@@ -130,14 +130,19 @@ def _package_folder(package: str) -> Path | None:
     return None if spec is None or spec.origin is None else Path(spec.origin).parent
 
 
-def load_nuclei() -> Family:
+def nuclei_image() -> tuple[np.ndarray, np.ndarray]:
+    """The whole stardist nuclei image and its instance ids (int32, 0 background)."""
     folder = _package_folder("stardist")
     if folder is None or not (folder / "data" / "images" / "img2d.tif").is_file():
         raise FamilyUnavailable("stardist is not installed (pip install --no-deps stardist): no nuclei image")
     import tifffile
 
-    image = tifffile.imread(folder / "data" / "images" / "img2d.tif")
-    mask = tifffile.imread(folder / "data" / "images" / "mask2d.tif").astype(np.int32)
+    return (tifffile.imread(folder / "data" / "images" / "img2d.tif"),
+            tifffile.imread(folder / "data" / "images" / "mask2d.tif").astype(np.int32))
+
+
+def load_nuclei() -> Family:
+    image, mask = nuclei_image()
     half = image.shape[1] // 2
     right = mask[:, half:]
     held = HeldOut(image[:, half:], (right > 0).astype(np.uint8), right > 0, right)

@@ -101,3 +101,27 @@ def test_the_demo_starts_from_the_built_in_model_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Base model: the built-in small SAM (3.8 M parameters, 256 px), pretrained in this repository" in out
     assert "official" in out and (tmp_path / "test_overlay.png").is_file()
+
+
+def test_a_pretraining_run_stopped_and_resumed_trains_the_same_weights_as_one_that_never_stopped(tmp_path):
+    import torch
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_small_sam.py"), "--steps", "3",
+                               "--pool", "4", "--eval-scenes", "1", "--threads", "1", "--warmup", "1", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run("--out", str(tmp_path / "straight.pth"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = run("--out", str(tmp_path / "resumed.pth"), "--stop-at", "2")
+    assert stopped.returncode == 0 and "continue with --resume" in stopped.stdout
+    assert not (tmp_path / "resumed.pth").exists() and (tmp_path / "resumed.pth.state.pt").exists()
+    other = run("--out", str(tmp_path / "resumed.pth"), "--resume", "--lr", "1e-3")
+    assert other.returncode == 1 and "needs the settings it started with (lr 0.0008 -> 0.001)" in other.stderr
+    assert "Traceback" not in other.stderr
+    resumed = run("--out", str(tmp_path / "resumed.pth"), "--resume")
+    assert resumed.returncode == 0 and "resuming at step 2" in resumed.stdout, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "straight.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "resumed.json").read_text())["scenes"] == "mixed"

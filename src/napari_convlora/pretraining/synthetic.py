@@ -260,6 +260,17 @@ def _degrade(image: np.ndarray, look: _Look, rng: np.random.Generator) -> np.nda
     return out if out.ndim == 3 else np.repeat(out[:, :, None], 3, axis=2)
 
 
+def finish(image: np.ndarray, rng: np.random.Generator, weakest_contrast: float) -> np.ndarray:
+    """Blur, noise and salt-and-pepper drawn from the pretraining ranges (``BLUR_SIGMA_RANGE``, ``NOISE_STD_RANGE``)
+    on a float32 image in [0, 1] (Y x X or Y x X x 3) -> Y x X x 3 uint8, for scenes drawn elsewhere than here
+    (``imaging_cells``, ``imaging_tissue``). ``weakest_contrast``: the smallest step between an object and what
+    surrounds it; the noise is kept at or below ``weakest_contrast / MIN_SNR``, so no pretraining scene reaches the
+    contrast-to-noise ratios of the "noise" shift."""
+    look = _draw_look(rng, image.shape[0] / REFERENCE_SIZE)
+    look = replace(look, colour=image.ndim == 3, noise_std=min(look.noise_std, weakest_contrast / MIN_SNR))
+    return _degrade(image.astype(np.float32), look, rng)
+
+
 def _scene(rng: np.random.Generator, size: int, textures: tuple[str, ...], shift: str | None) -> Scene:
     """Draw a scene; a layout that leaves no object visible (rare) is redrawn. Separate generators for the
     layout, the look, the textures, the noise and the shift keep a shifted scene's layout equal to the clean one's."""
