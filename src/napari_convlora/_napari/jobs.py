@@ -67,6 +67,8 @@ class PredictResult:
     instances: np.ndarray | None = None
     #: How the objects were found ("head", "sam_refined" or "components"), when asked for.
     instance_method: str | None = None
+    #: Each pixel's uncertainty (uint8, 0 sure to 255 all classes alike, the labels' shape; ``Prediction``).
+    uncertainty: np.ndarray | None = None
 
 
 @dataclass
@@ -291,11 +293,12 @@ def predict_job(
     try:
         prediction = predict_image(model, image.image, ImageLayout(rgb=image.rgb), planes=planes, device=device,
                                    progress=progress, should_stop=stop.is_set, instances=instances,
-                                   instance_method=instance_method)
+                                   instance_method=instance_method, uncertainty=True)
     except PredictionCancelled:
         return None
     return PredictResult(image.name, prediction.labels, planes, head.class_values, head.class_names,
-                         head.background_value, prediction.instances, prediction.instance_method)
+                         head.background_value, prediction.instances, prediction.instance_method,
+                         prediction.uncertainty)
 
 
 def predict_files_job(

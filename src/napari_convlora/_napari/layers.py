@@ -5,6 +5,7 @@ Nothing here imports torch or Qt. Jobs never see a layer: they get the copies ma
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -174,6 +175,19 @@ def _plane_view(array: np.ndarray, plane: int) -> np.ndarray:
     return array.reshape(-1, *array.shape[-2:])[plane]
 
 
+@contextmanager
+def selection_kept(viewer) -> Iterator[None]:
+    """Leave the viewer's selected layers as they were (adding a layer selects it)."""
+    selected, active = set(viewer.layers.selection), viewer.layers.selection.active
+    try:
+        yield
+    finally:
+        viewer.layers.selection.clear()
+        viewer.layers.selection.update({layer for layer in selected if layer in viewer.layers})
+        if active is not None and active in viewer.layers:
+            viewer.layers.selection.active = active
+
+
 def write_prediction(
     viewer,
     image: Image,
@@ -210,9 +224,10 @@ def write_prediction(
     if fits:
         layer.data = labels
     else:
-        if layer is not None:
-            viewer.layers.remove(layer)
-        layer = viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate)
+        with selection_kept(viewer):  # the user's brush stays on the layer they were painting
+            if layer is not None:
+                viewer.layers.remove(layer)
+            layer = viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate)
     layer.colormap = class_colormap(class_values, background_value, colours)
     layer.features = features
     layer.metadata[METADATA_KEY] = {"image": image.name, "planes": done}
@@ -240,9 +255,10 @@ def write_instances(viewer, image: Image, instances: np.ndarray, planes: Sequenc
             layer.data = instances
         layer.refresh()
         return layer
-    if layer is not None:
-        viewer.layers.remove(layer)
-    return viewer.add_labels(instances, name=name, scale=image.scale, translate=image.translate)
+    with selection_kept(viewer):
+        if layer is not None:
+            viewer.layers.remove(layer)
+        return viewer.add_labels(instances, name=name, scale=image.scale, translate=image.translate)
 
 
 def _predicted_planes(layer: Labels) -> list[int] | None:

@@ -47,7 +47,7 @@ class AdvancedOptions(Container):
                                             "instead of upsampling SAM's quarter-resolution masks: for "
                                             "structures a few pixels wide (membranes, small lesions); auto: on "
                                             "for inputs of 512 px or less, such as the built-in model's")
-        self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads",
+        self.threads = SpinBox(value=0, min=0, max=256, label="CPU threads (0 = automatic)",
                                tooltip="CPU threads for torch; 0: automatic (torch's default, fewer when other "
                                        "processes keep the CPUs busy, which would slow training down many times)")
         self.low_memory = CheckBox(value=False, label="less GPU memory",

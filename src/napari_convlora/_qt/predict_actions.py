@@ -13,6 +13,7 @@ from .._napari import block_predict, jobs
 from .._napari.layers import (CopyPlan, class_colours, copy_image, copy_pair, copy_plane, copy_prediction,
                               current_plane, find_labels_for, held_lazily, instances_name, plan_copy, prediction_name,
                               training_colours, write_instances, write_prediction)
+from .._napari.uncertainty_layers import labelled_pixels, uncertainty_name, write_suggestions, write_uncertainty
 from ..data.labels import SPARSE_MODES
 from ..io.safety import check_outputs_are_not_inputs
 from ..config.choices import INSTANCE_METHOD_LABELS
@@ -61,13 +62,40 @@ class PredictActions:
                                  result.background_value, result.planes, colours)
         if result.instances is not None:
             write_instances(self.viewer, image, result.instances, result.planes)
+        if result.uncertainty is not None:
+            write_uncertainty(self.viewer, image, result.uncertainty, result.planes)
         predicted = result.labels if result.planes is None else \
             result.labels.reshape(-1, *result.labels.shape[-2:])[result.planes]
         counts = class_pixel_counts(predicted, result.class_values)
         written = f"wrote '{layer.name}'" + (
-            f" and '{instances_name(image.name)}' ({INSTANCE_METHOD_LABELS[result.instance_method]})"
-            if result.instances is not None else "")
+            f", '{instances_name(image.name)}' ({INSTANCE_METHOD_LABELS[result.instance_method]})"
+            if result.instances is not None else "") + (
+            f" and '{uncertainty_name(image.name)}'" if result.uncertainty is not None else "")
         self._report(result, layer.name, counts, colours, written)
+
+    def suggest_where_to_label(self) -> int | None:
+        """Mark where labelling the plane shown of the chosen image would help most; returns how many regions."""
+        name = self.predict_image.current()
+        if name is None:
+            return self._refuse("choose an Image layer to predict")
+        image = self.viewer.layers[name]
+        unsure = self.viewer.layers[uncertainty_name(name)] if uncertainty_name(name) in self.viewer.layers else None
+        if not isinstance(unsure, Image):
+            return self._refuse(f"predict '{name}' first: suggestions follow its '{uncertainty_name(name)}' layer")
+        plane = current_plane(self.viewer, image)
+        labels = find_labels_for(self.viewer, name, self.data_form.pairs())
+        try:
+            labelled = labelled_pixels(labels, plane, self.data_form.mode())
+            points = write_suggestions(self.viewer, image, unsure, plane, labelled)
+        except ValueError as error:
+            return self._refuse(str(error))
+        where = "" if plane is None else f" of plane {plane}"
+        if len(points.data) == 0:
+            self.say(f"'{name}'{where}: the model is sure everywhere nobody labelled; nothing to suggest")
+        else:
+            self.say(f"marked {len(points.data)} regions{where} of '{name}' where labelling would help most in "
+                     f"'{points.name}' (most uncertain first)")
+        return len(points.data)
 
     def _class_colours(self, result: AnyPrediction) -> dict[int, str]:
         """The colours of the classes of a prediction: those of the training labels of its image, if any."""

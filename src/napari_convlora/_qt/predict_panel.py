@@ -77,7 +77,8 @@ class StoreField(QWidget):
 
 
 class PredictPanel(QGroupBox):
-    """Predict, Predict files…, Copy to training labels (with how), Evaluate, Save, Export and Model Zoo export."""
+    """Predict, Predict files…, Suggest where to label, Copy to training labels (with how), Evaluate, Save, Export
+    and Model Zoo export."""
 
     def __init__(self, images, labels, parent: QWidget | None = None) -> None:
         super().__init__("Predict", parent)
@@ -103,6 +104,11 @@ class PredictPanel(QGroupBox):
                                           "Zarr, multiscale) block by block into a Zarr store (see 'large "
                                           "images to')")
         self.store = StoreField()
+        self.suggest = _button("Suggest where to label", "mark the few regions of the plane shown where the last "
+                                                         "prediction of the chosen image is least sure (its "
+                                                         "'<image> uncertainty' layer) and nothing is labelled yet: "
+                                                         "a Points layer '<image> suggestions'; label there, train "
+                                                         "again")
         self.predict_files = _button("Predict files…", "segment image files (TIFF, PNG, …) without opening them: "
                                                        "choose the files, then a folder for the label images")
         self.copy = _button("Copy to training labels", "copy the prediction into the Labels layer paired with "
@@ -139,13 +145,14 @@ class PredictPanel(QGroupBox):
         grid = QGridLayout()
         grid.addWidget(self.predict, 0, 0)
         grid.addWidget(self.predict_files, 0, 1)
-        grid.addWidget(self.copy, 1, 0)
-        grid.addWidget(self.copy_mode, 1, 1)
-        grid.addWidget(self.evaluate_labels, 2, 0)
-        grid.addWidget(self.evaluate, 2, 1)
-        grid.addWidget(self.save, 3, 0)
-        grid.addWidget(self.export, 3, 1)
-        grid.addWidget(self.model_zoo, 4, 0, 1, 2)
+        grid.addWidget(self.suggest, 1, 0, 1, 2)
+        grid.addWidget(self.copy, 2, 0)
+        grid.addWidget(self.copy_mode, 2, 1)
+        grid.addWidget(self.evaluate_labels, 3, 0)
+        grid.addWidget(self.evaluate, 3, 1)
+        grid.addWidget(self.save, 4, 0)
+        grid.addWidget(self.export, 4, 1)
+        grid.addWidget(self.model_zoo, 5, 0, 1, 2)
         column = QVBoxLayout(self)
         column.addLayout(top)
         column.addWidget(self.store)

@@ -78,12 +78,15 @@ class ProgressView(QWidget):
         self.timer.setSingleShot(True)
         self.timer.timeout.connect(self._tick)
         self.running = False
+        self.activity: Any = None  # napari's progress in its activity dock, while a job runs
+        self.activity_text = "napari-convlora"
         self.warned_slow = False
         self.best: tuple[int, float] | None = None  # (step, selection score) of the best validation of the run
         self.best_file = ""
 
     # ---- jobs --------------------------------------------------------------------------------
     def start_training(self) -> None:
+        self.activity_text = "napari-convlora: training"
         self.progress.setFormat("%v / %m")
         self.tile_progress = jobs.TileProgress()
         self.warned_slow = False
@@ -92,6 +95,8 @@ class ProgressView(QWidget):
     def start_prediction(self, text: str = "predicting · %p%") -> jobs.TileProgress:
         """Returns the progress record for the prediction job to fill in; ``text``: the bar's format."""
         self.tile_progress = jobs.TileProgress(text=text)
+        first = text.split(" · ")[0]
+        self.activity_text = "napari-convlora: " + (first if "%" not in first else "predicting")
         self.progress.setFormat(text)
         return self.tile_progress
 
@@ -100,10 +105,36 @@ class ProgressView(QWidget):
         if running and not self.running:
             self.pacer.reset()
             self.timer.start(self.pacer.interval_ms)
+            self._open_activity()
         elif not running:
             self.timer.stop()
             self.draw()
+            if self.running and self.progress.maximum() > 0:  # no time left to tell once it has ended
+                ended = "done" if self.progress.value() >= self.progress.maximum() else "ended"
+                training = self.progress.format().startswith(("step", "%v"))
+                self.progress.setFormat(f"{ended} · step %v / %m" if training else f"{ended} · %p%")
+            self.close_activity()
         self.running = running
+
+    def _open_activity(self) -> None:
+        """The same progress in napari's activity dock (``napari.utils.progress``), updated when drawing."""
+        from napari.utils import progress
+
+        self.close_activity()
+        self.activity = progress(total=0, desc=self.activity_text)
+
+    def close_activity(self, *_: Any) -> None:
+        """End the activity dock's entry of the job, if one is open."""
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
+
+    def _update_activity(self, done: int, total: int) -> None:
+        if self.activity is not None and total > 0:
+            if self.activity.total != total:
+                self.activity.total = total
+            if done != self.activity.n:
+                self.activity.update(done - self.activity.n)
 
     # ---- recording ---------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -162,6 +193,7 @@ class ProgressView(QWidget):
         if self.last_step is not None:  # training
             event, self.last_step = self.last_step, None
             self.progress.setValue(event.step)
+            self._update_activity(event.step, self.progress.maximum())
             parts = ["step %v / %m", rate_text(self.steps_per_s(event)), f"loss {event.loss:.4f}", eta_text(event.eta_s)]
             self.progress.setFormat(" · ".join(p for p in parts if p))
         elif self.tile_progress.total:  # prediction
@@ -169,6 +201,7 @@ class ProgressView(QWidget):
                 self.progress.setFormat(self.tile_progress.text)
             self.progress.setRange(0, self.tile_progress.total)
             self.progress.setValue(self.tile_progress.done)
+            self._update_activity(self.tile_progress.done, self.tile_progress.total)
         self.progress.setUpdatesEnabled(True)  # schedules the repaint
 
     @staticmethod

@@ -6,6 +6,8 @@ and writes predictions back as Labels on the main thread. Nothing here imports t
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,7 @@ class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
         self.copy_button.clicked.connect(lambda: self.copy_to_training_labels())
         self.panel.evaluate.clicked.connect(lambda: self.evaluate())
         self.panel.predict_files.clicked.connect(lambda: self.predict_files())
+        self.panel.suggest.clicked.connect(lambda: self.suggest_where_to_label())
         self.save_button.clicked.connect(lambda: self.save())
         self.export_button.clicked.connect(lambda: self.save(bundle=True))
         self.panel.model_zoo.clicked.connect(lambda: self.export_model_zoo())
@@ -119,6 +122,8 @@ class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
         for layer in self.viewer.layers:
             layer.events.name.connect(self._layers_changed)
         self.destroyed.connect(self.compute.stop_all)  # the dock is gone: stop (training saves)
+        # and leave nothing in napari's activity dock: a plain callable, since the view (a child) is deleted first
+        self.destroyed.connect(functools.partial(ProgressView.close_activity, self.view))
 
     def _names(self, kind: type) -> Any:
         return lambda: [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]
@@ -160,6 +165,7 @@ class ConvLoRAWidget(PredictActions, WeakActions, PromptActions, QWidget):
                        self.panel.predict_files, self.panel.model_zoo):
             button.setEnabled(idle and self.model is not None)
         self.copy_button.setEnabled(idle)
+        self.panel.suggest.setEnabled(idle)
         self.model_form.builtin.setEnabled(idle)
         self.view.set_running(what in ("train", "predict", "adapt"))
         self._set_weak_busy(what)

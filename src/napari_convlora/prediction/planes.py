@@ -27,6 +27,7 @@ from ..modeling import AdaptedSAM
 from .everything import segment_everything
 from .sam_refined import refine_with_sam
 from .tiling import instances_from_labels, predict_tiled, probabilities_to_labels
+from .uncertainty import UNCERTAINTY_SCALE, uncertainty_map
 
 
 @dataclass
@@ -38,12 +39,16 @@ class Prediction:
     objects on).
     instance_method: how the objects were found ("head", "sam_refined", "components" or "everything";
         ``INSTANCE_METHODS``), or
-    None."""
+    None.
+    uncertainty: the spatial shape, uint8, ``uncertainty.uncertainty_map`` times ``UNCERTAINTY_SCALE`` (0 sure, 255
+        all classes equally likely; one byte a pixel, as the labels; planes not predicted hold 0), when asked
+        for."""
 
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     instances: np.ndarray | None = None
     instance_method: str | None = None
+    uncertainty: np.ndarray | None = None
 
 
 def make_prob_fn(model: AdaptedSAM, device: torch.device, maps: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -118,6 +123,7 @@ def predict_image(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     instance_method: str = "auto",
+    uncertainty: bool = False,
 ) -> Prediction:
     """Segment an image as a napari layer holds it (2D, RGB, multichannel, stack or time series).
 
@@ -134,6 +140,8 @@ def predict_image(
             ``Prediction.instance_method`` says which ran.
         progress: ``progress(done, total)`` in tiles over all planes.
         should_stop: polled between tile batches; raises ``PredictionCancelled`` when it returns True.
+        uncertainty: also return each pixel's uncertainty (``Prediction.uncertainty``; computed band by band, so
+            it costs one byte per pixel, not K floats).
 
     Raises:
         NonFiniteProbabilities: (a ValueError) the model's probabilities are NaN or infinite, say a model saved by a
@@ -153,6 +161,7 @@ def predict_image(
     k, (y, x) = model.num_classes, sam_planes.shape
     labels = np.zeros((len(sam_planes), y, x), dtype=label_dtype(values))
     probabilities = np.zeros((k, len(sam_planes), y, x), dtype=np.float32) if return_probabilities else None
+    unsure = np.zeros((len(sam_planes), y, x), dtype=np.uint8) if uncertainty else None
     head = method in ("head", "sam_refined")
     found_by_id = head or method == "everything"  # objects as id images per plane (not components of the labels)
     maps = np.zeros((3, y, x), dtype=np.float32) if head else None
@@ -170,6 +179,8 @@ def predict_image(
             labels[z, rows] = probabilities_to_labels(band[:k], values)
             if probabilities is not None:
                 probabilities[:, z, rows] = band[:k]
+            if unsure is not None:
+                unsure[z, rows] = np.rint(uncertainty_map(band[:k]) * UNCERTAINTY_SCALE)
             if maps is not None:
                 maps[:, rows] = band[k:]
 
@@ -200,7 +211,8 @@ def predict_image(
     elif found_by_id:
         inst = objects.reshape(spatial)
         inst = inst.astype(np.uint16) if next_id < 2**16 else inst
-    return Prediction(labels, probabilities, inst, method)
+    return Prediction(labels, probabilities, inst, method,
+                      None if unsure is None else unsure.reshape(spatial))
 
 
 def instance_method_for(model: AdaptedSAM, asked: str, instances_3d: bool = False) -> str:
