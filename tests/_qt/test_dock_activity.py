@@ -49,3 +49,15 @@ def test_training_and_prediction_report_to_the_activity_dock_and_the_bar_ends_do
 def test_the_threads_field_says_that_zero_is_automatic(dock):
     threads = dock.data_form.options.threads
     assert threads.value == 0 and threads.label == "CPU threads (0 = automatic)"
+
+
+def test_the_activity_entry_ends_when_the_dock_is_destroyed_mid_job(dock, qtbot):
+    """The dock's children are deleted before its ``destroyed`` signal: the entry is closed by a plain callable."""
+    dock.data_form.length.setValue(100_000)
+    dock.train()
+    qtbot.waitUntil(lambda: dock.events_seen.count("step") >= 1, timeout=60_000)
+    view, compute = dock.view, dock.compute
+    assert view.activity is not None
+    dock.destroyed.emit()  # what Qt emits when the dock goes (it also stops the job: training saves)
+    assert view.activity is None
+    qtbot.waitUntil(lambda: not compute.busy, timeout=60_000)
